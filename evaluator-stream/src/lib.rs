@@ -1,0 +1,75 @@
+//! Kafka consumer group that evaluates alert rules on the telemetry stream.
+//!
+//! This crate is a library with a thin `main.rs`, so tests run the service in-process
+//! through [`run`]. At this stage it serves its admin endpoints (`/metrics`, `/healthz`,
+//! `/readyz`) and probes its dependencies; the pipeline stage itself is the subject of
+//! issue #6.
+
+use clap::Parser;
+use plumbing::admin::{self, Health};
+use plumbing::config::{DatabaseArgs, KafkaArgs, ObservabilityArgs};
+use plumbing::Shutdown;
+use tracing::info;
+
+/// Name in logs, traces, metrics and `system_metrics`.
+pub const SERVICE: &str = "evaluator-stream";
+
+/// Errors of the service.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Plumbing(#[from] plumbing::Error),
+}
+
+/// Configuration, from flags or the environment.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "evaluator-stream", version, about = "Kafka consumer group that evaluates alert rules on the telemetry stream")]
+pub struct Config {
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    #[command(flatten)]
+    pub observability: ObservabilityArgs,
+}
+
+/// Runs the service until `shutdown` is cancelled.
+pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), Error> {
+    let health = Health::new(&["database", "kafka"]);
+    let pool = plumbing::db::pool(&config.database, SERVICE)?;
+    let (listener, addr) = admin::bind(config.observability.admin_listen).await?;
+    info!(%addr, "admin endpoints listening");
+    let probes = [
+        plumbing::probe::spawn_database_probe(pool.clone(), health.clone(), shutdown.clone()),
+        plumbing::probe::spawn_kafka_probe(config.kafka.clone(), health.clone(), shutdown.clone()),
+    ];
+    admin::serve(listener, admin::router(health)?, shutdown).await?;
+    for probe in probes {
+        let _ = probe.await;
+    }
+    pool.close().await;
+    info!("stopped");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_reads_the_shared_variable_names() {
+        let config = Config::try_parse_from([
+            "evaluator-stream",
+            "--database-url",
+            "postgres://u:p@db/fleet",
+            "--kafka-bootstrap-servers",
+            "k:9092",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
+        .unwrap();
+        assert_eq!(config.database.database_url, "postgres://u:p@db/fleet");
+        assert_eq!(config.kafka.bootstrap_servers, "k:9092");
+        assert_eq!(config.kafka.telemetry_topic, "telemetry.v1");
+    }
+}

@@ -1,0 +1,28 @@
+//! Mechanics shared by every fleetstream service, and nothing about any one of them.
+//!
+//! # Layout
+//!
+//! * [`config`]: clap argument groups with the same flag and environment-variable names in
+//!   every service (`DATABASE_URL`, `KAFKA_BOOTSTRAP_SERVERS`, `TELEMETRY_TOPIC`, ...).
+//! * [`observability`]: `tracing` subscriber, OTLP export when `OTEL_EXPORTER_OTLP_ENDPOINT` is
+//!   set, the Prometheus recorder.
+//! * [`admin`]: the `/metrics`, `/healthz`, `/readyz` endpoints every service serves.
+//! * [`shutdown`]: SIGTERM/SIGINT as a cancellation token passed to `run`.
+//! * [`kafka`]: librdkafka client settings and topic administration.
+//! * [`db`]: the PostgreSQL pool.
+//! * [`probe`]: background readiness probes for the database and the brokers.
+//! * `testing` (feature `testing`): a fresh migrated database and fresh topics per test.
+
+pub mod admin;
+pub mod config;
+pub mod db;
+pub mod error;
+pub mod kafka;
+pub mod observability;
+pub mod probe;
+pub mod shutdown;
+#[cfg(feature = "testing")]
+pub mod testing;
+
+pub use error::Error;
+pub use shutdown::{shutdown_signal, Shutdown};

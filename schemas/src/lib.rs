@@ -1,0 +1,26 @@
+//! The contracts of fleetstream: what crosses a process boundary.
+//!
+//! # Layout
+//!
+//! * [`avro`]: framing (single-object encoding and the Confluent wire format), schema lookup by
+//!   fingerprint or registry id, resolution of older versions to the newest.
+//! * [`telemetry`] and [`alert`]: the `Telemetry` and `AlertEvent` records and their codecs over
+//!   every shipped `.avsc` version under `schemas/avro`.
+//! * [`storage`]: the embedded SQL migrations (`schemas/migrations`), the two storage layouts
+//!   (TimescaleDB, plain PostgreSQL) and their policies, partition upkeep.
+//! * [`topics`]: default topic names and the header names on the wire.
+//!
+//! Every service depends on this crate; it depends on no service.
+
+pub mod alert;
+pub mod avro;
+pub mod error;
+pub mod storage;
+pub mod telemetry;
+pub mod topics;
+
+pub use alert::{alert_codec, AlertEvent};
+pub use avro::{AvroRecord, Codec, Framing, SchemaSource};
+pub use error::{DecodeError, EncodeError, SchemaError, StorageError};
+pub use storage::{migrate, Layout, LayoutChoice, StorageOptions};
+pub use telemetry::{message_key, telemetry_codec, MetricValue, Telemetry};
