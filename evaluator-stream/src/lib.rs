@@ -23,7 +23,11 @@ pub enum Error {
 
 /// Configuration, from flags or the environment.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "evaluator-stream", version, about = "Kafka consumer group that evaluates alert rules on the telemetry stream")]
+#[command(
+    name = "evaluator-stream",
+    version,
+    about = "Kafka consumer group that evaluates alert rules on the telemetry stream"
+)]
 pub struct Config {
     #[command(flatten)]
     pub database: DatabaseArgs,

@@ -23,7 +23,11 @@ pub enum Error {
 
 /// Configuration, from flags or the environment.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "ingest-producer", version, about = "Edge gateway: HTTP ingest of device readings into Kafka as Avro; device simulator")]
+#[command(
+    name = "ingest-producer",
+    version,
+    about = "Edge gateway: HTTP ingest of device readings into Kafka as Avro; device simulator"
+)]
 pub struct Config {
     #[command(flatten)]
     pub database: DatabaseArgs,

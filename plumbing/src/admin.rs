@@ -57,11 +57,7 @@ impl Health {
     }
 
     fn snapshot(&self) -> Readiness {
-        let checks = self
-            .checks
-            .read()
-            .map(|c| c.clone())
-            .unwrap_or_default();
+        let checks = self.checks.read().map(|c| c.clone()).unwrap_or_default();
         Readiness {
             ready: checks.values().all(|ok| *ok),
             checks,

@@ -24,7 +24,11 @@ pub struct DatabaseArgs {
 #[derive(Debug, Clone, Args)]
 pub struct KafkaArgs {
     /// Comma-separated `host:port` list.
-    #[arg(long = "kafka-bootstrap-servers", env = "KAFKA_BOOTSTRAP_SERVERS", default_value = "127.0.0.1:9092")]
+    #[arg(
+        long = "kafka-bootstrap-servers",
+        env = "KAFKA_BOOTSTRAP_SERVERS",
+        default_value = "127.0.0.1:9092"
+    )]
     pub bootstrap_servers: String,
     /// Topic of telemetry readings.
     #[arg(long = "telemetry-topic", env = "TELEMETRY_TOPIC", default_value = schemas::topics::TELEMETRY_TOPIC)]
@@ -131,7 +135,11 @@ pub fn parse_duration(input: &str) -> Result<Duration, String> {
         "m" => value * 60.0,
         "h" => value * 3600.0,
         "d" => value * 86_400.0,
-        other => return Err(format!("unknown duration unit `{other}` in `{input}` (use ms, s, m, h or d)")),
+        other => {
+            return Err(format!(
+                "unknown duration unit `{other}` in `{input}` (use ms, s, m, h or d)"
+            ))
+        }
     };
     if !seconds.is_finite() || seconds < 0.0 {
         return Err(format!("`{input}` is not a non-negative duration"));

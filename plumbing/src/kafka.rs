@@ -60,7 +60,8 @@ fn merge(mut defaults: ClientConfig, overrides: ClientConfig) -> ClientConfig {
 /// Creates each `(topic, partitions)` that does not exist yet (replication factor from the
 /// broker's default). Existing topics are left as they are.
 pub async fn ensure_topics(args: &KafkaArgs, topics: &[(&str, i32)]) -> Result<(), Error> {
-    let admin: AdminClient<DefaultClientContext> = base_config(args, "fleetstream-admin").create()?;
+    let admin: AdminClient<DefaultClientContext> =
+        base_config(args, "fleetstream-admin").create()?;
     let new_topics: Vec<NewTopic<'_>> = topics
         .iter()
         .map(|(name, partitions)| NewTopic::new(name, *partitions, TopicReplication::Fixed(-1)))
@@ -86,7 +87,8 @@ pub async fn delete_topics(args: &KafkaArgs, topics: &[&str]) -> Result<(), Erro
     if topics.is_empty() {
         return Ok(());
     }
-    let admin: AdminClient<DefaultClientContext> = base_config(args, "fleetstream-admin").create()?;
+    let admin: AdminClient<DefaultClientContext> =
+        base_config(args, "fleetstream-admin").create()?;
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
     for result in admin.delete_topics(topics, &options).await? {
         match result {

@@ -44,7 +44,10 @@ impl Drop for TelemetryGuard {
 }
 
 /// Installs the tracing subscriber (and OTLP export when configured) for `service`.
-pub fn init_telemetry(service: &'static str, args: &ObservabilityArgs) -> Result<TelemetryGuard, Error> {
+pub fn init_telemetry(
+    service: &'static str,
+    args: &ObservabilityArgs,
+) -> Result<TelemetryGuard, Error> {
     let filter = EnvFilter::try_new(&args.log_filter).map_err(|err| Error::Config {
         name: "RUST_LOG",
         reason: err.to_string(),
@@ -102,7 +105,9 @@ pub fn prometheus() -> Result<PrometheusHandle, Error> {
         .get_or_init(|| {
             PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".to_owned()), SECONDS_BUCKETS)
-                .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("_rows".to_owned()), SIZE_BUCKETS))
+                .and_then(|b| {
+                    b.set_buckets_for_metric(Matcher::Suffix("_rows".to_owned()), SIZE_BUCKETS)
+                })
                 .and_then(|b| {
                     b.set_buckets_for_metric(Matcher::Suffix("_messages".to_owned()), SIZE_BUCKETS)
                 })

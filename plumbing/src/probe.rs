@@ -14,7 +14,11 @@ use crate::Shutdown;
 const PROBE_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Keeps check `database` true while `SELECT 1` succeeds.
-pub fn spawn_database_probe(pool: PgPool, health: Health, shutdown: Shutdown) -> tokio::task::JoinHandle<()> {
+pub fn spawn_database_probe(
+    pool: PgPool,
+    health: Health,
+    shutdown: Shutdown,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         loop {
             let ok = match sqlx::query("SELECT 1").execute(&pool).await {
@@ -34,9 +38,14 @@ pub fn spawn_database_probe(pool: PgPool, health: Health, shutdown: Shutdown) ->
 }
 
 /// Keeps check `kafka` true while the brokers answer a metadata request for the telemetry topic.
-pub fn spawn_kafka_probe(args: KafkaArgs, health: Health, shutdown: Shutdown) -> tokio::task::JoinHandle<()> {
+pub fn spawn_kafka_probe(
+    args: KafkaArgs,
+    health: Health,
+    shutdown: Shutdown,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let consumer: Result<BaseConsumer, _> = crate::kafka::base_config(&args, "fleetstream-probe").create();
+        let consumer: Result<BaseConsumer, _> =
+            crate::kafka::base_config(&args, "fleetstream-probe").create();
         let consumer = match consumer {
             Ok(consumer) => std::sync::Arc::new(consumer),
             Err(err) => {

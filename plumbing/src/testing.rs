@@ -36,7 +36,9 @@ async fn servers() -> anyhow::Result<&'static Servers> {
         .get_or_try_init(|| async {
             match (
                 std::env::var("DATABASE_URL").ok().filter(|v| !v.is_empty()),
-                std::env::var("KAFKA_BOOTSTRAP_SERVERS").ok().filter(|v| !v.is_empty()),
+                std::env::var("KAFKA_BOOTSTRAP_SERVERS")
+                    .ok()
+                    .filter(|v| !v.is_empty()),
             ) {
                 (Some(database_url), Some(kafka_bootstrap)) => Ok(Servers {
                     database_url,
@@ -223,7 +225,9 @@ impl TestDb {
             .max_connections(max)
             .after_connect(move |conn, _meta| {
                 Box::pin(async move {
-                    sqlx::query(&format!("SET ROLE {role}")).execute(conn).await?;
+                    sqlx::query(&format!("SET ROLE {role}"))
+                        .execute(conn)
+                        .await?;
                     Ok(())
                 })
             })
@@ -236,20 +240,21 @@ impl Drop for TestDb {
     fn drop(&mut self) {
         let admin_url = self.admin_url.clone();
         let name = self.name.clone();
-        let pool = self.pool.clone();
-        // Drop runs outside any runtime guarantee, so a short-lived runtime on its own thread
-        // closes the pool and drops the database.
+        // Drop may run on the test's own (blocked) runtime, whose reactor the pool's sockets
+        // belong to, so the pool is not closed from here: a short-lived runtime on its own
+        // thread drops the database WITH (FORCE), which ends those connections server-side.
         let cleanup = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build();
             if let Ok(runtime) = runtime {
                 runtime.block_on(async move {
-                    pool.close().await;
                     if let Ok(mut admin) = PgConnection::connect(&admin_url).await {
-                        let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
-                            .execute(&mut admin)
-                            .await;
+                        let _ = sqlx::query(&format!(
+                            "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
+                        ))
+                        .execute(&mut admin)
+                        .await;
                     }
                 });
             }

@@ -25,7 +25,11 @@ pub enum Error {
 
 /// Command line.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "query-api", version, about = "fleetstream query and provisioning API")]
+#[command(
+    name = "query-api",
+    version,
+    about = "fleetstream query and provisioning API"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -62,7 +66,8 @@ pub async fn run(cli: Cli, shutdown: Shutdown) -> Result<(), Error> {
     let pool = plumbing::db::pool(&cli.database, SERVICE)?;
     let (listener, addr) = admin::bind(cli.observability.admin_listen).await?;
     info!(%addr, "admin endpoints listening");
-    let probe = plumbing::probe::spawn_database_probe(pool.clone(), health.clone(), shutdown.clone());
+    let probe =
+        plumbing::probe::spawn_database_probe(pool.clone(), health.clone(), shutdown.clone());
     admin::serve(listener, admin::router(health)?, shutdown).await?;
     let _ = probe.await;
     pool.close().await;

@@ -63,7 +63,10 @@ impl AvroRecord for AlertEvent {
                 "metric".into(),
                 fields::nullable(self.metric.clone().map(Value::String)),
             ),
-            ("value".into(), fields::nullable(self.value.map(Value::Double))),
+            (
+                "value".into(),
+                fields::nullable(self.value.map(Value::Double)),
+            ),
             (
                 "threshold".into(),
                 fields::nullable(self.threshold.map(Value::Double)),

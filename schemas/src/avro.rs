@@ -88,7 +88,10 @@ impl<T> fmt::Debug for Codec<T> {
         known.sort_unstable();
         f.debug_struct("Codec")
             .field("current", &self.current_name)
-            .field("fingerprint", &format_args!("{:016x}", self.current_fingerprint))
+            .field(
+                "fingerprint",
+                &format_args!("{:016x}", self.current_fingerprint),
+            )
             .field("known", &known)
             .field("confluent_ids", &self.confluent_ids)
             .finish()
@@ -352,7 +355,10 @@ pub(crate) mod fields {
         }
     }
 
-    pub(crate) fn opt_double(field: &'static str, value: Value) -> Result<Option<f64>, DecodeError> {
+    pub(crate) fn opt_double(
+        field: &'static str,
+        value: Value,
+    ) -> Result<Option<f64>, DecodeError> {
         match unwrap_union(value) {
             Value::Null => Ok(None),
             Value::Double(v) => Ok(Some(v)),

@@ -118,11 +118,10 @@ pub async fn stored_layout(conn: &mut PgConnection) -> Result<Option<Layout>, St
     if !exists {
         return Ok(None);
     }
-    let value: Option<String> = sqlx::query_scalar(
-        "SELECT value FROM fleetstream_settings WHERE key = 'storage_layout'",
-    )
-    .fetch_optional(conn)
-    .await?;
+    let value: Option<String> =
+        sqlx::query_scalar("SELECT value FROM fleetstream_settings WHERE key = 'storage_layout'")
+            .fetch_optional(conn)
+            .await?;
     Ok(match value.as_deref() {
         Some("timescaledb") => Some(Layout::TimescaleDb),
         Some("postgres") => Some(Layout::Postgres),
@@ -183,7 +182,9 @@ async fn migrate_locked(
             .execute(&mut *conn)
             .await?;
     }
-    MIGRATOR.run(&mut *conn).await?;
+    // `run_direct`, not `run`: the latter's generic `Acquire` bound makes callers' futures
+    // fail to be `Send` (a rustc limitation with higher-ranked lifetimes).
+    MIGRATOR.run_direct(&mut *conn).await?;
     apply_policies(conn, layout, options).await?;
     info!(%layout, "database migrated");
     Ok(layout)
@@ -208,7 +209,7 @@ async fn apply_policies(
     for (key, age) in settings {
         sqlx::query(
             "INSERT INTO fleetstream_settings (key, value) \
-             VALUES ($1, make_interval(secs => $2)::text) \
+             VALUES ($1, justify_hours(make_interval(secs => $2))::text) \
              ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, updated_at = now() \
              WHERE fleetstream_settings.value::interval <> EXCLUDED.value::interval",
         )
@@ -220,8 +221,18 @@ async fn apply_policies(
     match layout {
         Layout::TimescaleDb => {
             let policies = [
-                ("telemetry", "policy_compression", "compress_after", options.compress_after),
-                ("telemetry", "policy_retention", "drop_after", options.telemetry_retention),
+                (
+                    "telemetry",
+                    "policy_compression",
+                    "compress_after",
+                    options.compress_after,
+                ),
+                (
+                    "telemetry",
+                    "policy_retention",
+                    "drop_after",
+                    options.telemetry_retention,
+                ),
                 (
                     "system_metrics",
                     "policy_retention",
@@ -270,11 +281,11 @@ async fn set_timescale_policy(
     let (remove, add) = match proc_name {
         "policy_compression" => (
             "SELECT remove_compression_policy($1::regclass, if_exists => true)",
-            "SELECT add_compression_policy($1::regclass, compress_after => make_interval(secs => $2))",
+            "SELECT add_compression_policy($1::regclass, compress_after => justify_hours(make_interval(secs => $2)))",
         ),
         _ => (
             "SELECT remove_retention_policy($1::regclass, if_exists => true)",
-            "SELECT add_retention_policy($1::regclass, drop_after => make_interval(secs => $2))",
+            "SELECT add_retention_policy($1::regclass, drop_after => justify_hours(make_interval(secs => $2)))",
         ),
     };
     sqlx::query(remove).bind(table).execute(&mut *conn).await?;
@@ -283,7 +294,12 @@ async fn set_timescale_policy(
         .bind(interval_secs(age))
         .execute(&mut *conn)
         .await?;
-    info!(table, proc_name, age_secs = age.as_secs(), "timescaledb policy set");
+    info!(
+        table,
+        proc_name,
+        age_secs = age.as_secs(),
+        "timescaledb policy set"
+    );
     Ok(())
 }
 

@@ -50,7 +50,11 @@ impl MetricValue {
             Value::Double(v) => Ok(MetricValue::Double(v)),
             Value::Float(v) => Ok(MetricValue::Double(f64::from(v))),
             Value::String(s) => Ok(MetricValue::String(s)),
-            other => Err(fields::wrong("metrics", "null, boolean, long, double or string", &other)),
+            other => Err(fields::wrong(
+                "metrics",
+                "null, boolean, long, double or string",
+                &other,
+            )),
         }
     }
 

@@ -6,14 +6,20 @@ use std::collections::BTreeMap;
 use apache_avro::Schema;
 use chrono::{TimeZone, Utc};
 use schemas::avro::{fingerprint, CONFLUENT_MAGIC, SINGLE_OBJECT_MAGIC};
-use schemas::{alert_codec, telemetry_codec, AlertEvent, Codec, DecodeError, MetricValue, SchemaSource, Telemetry};
+use schemas::{
+    alert_codec, telemetry_codec, AlertEvent, Codec, DecodeError, MetricValue, SchemaSource,
+    Telemetry,
+};
 
 fn reading() -> Telemetry {
     let mut metrics = BTreeMap::new();
     metrics.insert("temperature".to_owned(), MetricValue::Double(21.5));
     metrics.insert("door_open".to_owned(), MetricValue::Bool(false));
     metrics.insert("rssi".to_owned(), MetricValue::Long(-71));
-    metrics.insert("firmware".to_owned(), MetricValue::String("1.4.2".to_owned()));
+    metrics.insert(
+        "firmware".to_owned(),
+        MetricValue::String("1.4.2".to_owned()),
+    );
     metrics.insert("error_code".to_owned(), MetricValue::Null);
     Telemetry {
         tenant_id: "acme".to_owned(),
@@ -60,7 +66,10 @@ fn confluent_id_of_an_unknown_schema_is_refused() {
     let mut codec = Codec::<Telemetry>::new(schemas::telemetry::TELEMETRY_SCHEMAS[0], &[]).unwrap();
     assert!(!codec.register_confluent_id(3, 0xdead_beef));
     let bytes = codec.encode_confluent(&reading(), 99).unwrap();
-    assert!(matches!(codec.decode(&bytes), Err(DecodeError::UnknownSchemaId(99))));
+    assert!(matches!(
+        codec.decode(&bytes),
+        Err(DecodeError::UnknownSchemaId(99))
+    ));
 }
 
 #[test]
@@ -104,7 +113,10 @@ fn message_written_with_an_older_version_decodes_with_the_current_reader() {
     // the current reader.
     let v1_writer = telemetry_codec().unwrap();
     let v2_reader = Codec::<Telemetry>::new(V2, schemas::telemetry::TELEMETRY_SCHEMAS).unwrap();
-    assert_ne!(v1_writer.current_fingerprint(), v2_reader.current_fingerprint());
+    assert_ne!(
+        v1_writer.current_fingerprint(),
+        v2_reader.current_fingerprint()
+    );
     let bytes = v1_writer.encode(&reading()).unwrap();
     assert_eq!(v2_reader.decode(&bytes).unwrap(), reading());
 }
@@ -132,7 +144,8 @@ fn an_incompatible_version_is_refused_when_the_codec_is_built() {
         json: r#"{"type":"record","name":"Telemetry","namespace":"io.fleetstream","fields":[
             {"name":"tenant_id","type":"long"}]}"#,
     };
-    let err = Codec::<Telemetry>::new(schemas::telemetry::TELEMETRY_SCHEMAS[0], &[incompatible]).unwrap_err();
+    let err = Codec::<Telemetry>::new(schemas::telemetry::TELEMETRY_SCHEMAS[0], &[incompatible])
+        .unwrap_err();
     assert!(err.to_string().contains("telemetry.bad"), "{err}");
 }
 
@@ -141,16 +154,37 @@ fn malformed_inputs_are_typed_errors() {
     let codec = telemetry_codec().unwrap();
     let good = codec.encode(&reading()).unwrap();
 
-    assert!(matches!(codec.decode(&[]), Err(DecodeError::Truncated { len: 0, .. })));
-    assert!(matches!(codec.decode(&[0xC3]), Err(DecodeError::Truncated { len: 1, .. })));
-    assert!(matches!(codec.decode(&good[..7]), Err(DecodeError::Truncated { len: 7, .. })));
-    assert!(matches!(codec.decode(&[0x00, 0x01]), Err(DecodeError::Truncated { len: 2, .. })));
-    assert!(matches!(codec.decode(b"{\"json\":1}"), Err(DecodeError::BadMagic(_))));
-    assert!(matches!(codec.decode(&[0xC3, 0x02, 0, 0, 0, 0, 0, 0, 0, 0]), Err(DecodeError::BadMagic(_))));
+    assert!(matches!(
+        codec.decode(&[]),
+        Err(DecodeError::Truncated { len: 0, .. })
+    ));
+    assert!(matches!(
+        codec.decode(&[0xC3]),
+        Err(DecodeError::Truncated { len: 1, .. })
+    ));
+    assert!(matches!(
+        codec.decode(&good[..7]),
+        Err(DecodeError::Truncated { len: 7, .. })
+    ));
+    assert!(matches!(
+        codec.decode(&[0x00, 0x01]),
+        Err(DecodeError::Truncated { len: 2, .. })
+    ));
+    assert!(matches!(
+        codec.decode(b"{\"json\":1}"),
+        Err(DecodeError::BadMagic(_))
+    ));
+    assert!(matches!(
+        codec.decode(&[0xC3, 0x02, 0, 0, 0, 0, 0, 0, 0, 0]),
+        Err(DecodeError::BadMagic(_))
+    ));
 
     let mut unknown = good.clone();
     unknown[2..10].copy_from_slice(&0x0123_4567_89ab_cdefu64.to_le_bytes());
-    assert!(matches!(codec.decode(&unknown), Err(DecodeError::UnknownFingerprint(0x0123_4567_89ab_cdef))));
+    assert!(matches!(
+        codec.decode(&unknown),
+        Err(DecodeError::UnknownFingerprint(0x0123_4567_89ab_cdef))
+    ));
 
     // Body cut short anywhere: never a panic, always an error.
     for cut in 10..good.len() {
@@ -159,7 +193,10 @@ fn malformed_inputs_are_typed_errors() {
 
     let mut trailing = good.clone();
     trailing.extend_from_slice(&[1, 2, 3]);
-    assert!(matches!(codec.decode(&trailing), Err(DecodeError::TrailingBytes(3))));
+    assert!(matches!(
+        codec.decode(&trailing),
+        Err(DecodeError::TrailingBytes(3))
+    ));
 
     // Wrong types: a body whose first field is a long where a string length is expected is
     // caught, as is a huge length prefix (no giant allocation).
@@ -170,7 +207,10 @@ fn malformed_inputs_are_typed_errors() {
     // A union index outside the union (site_id has two branches).
     let mut bad_union = good[..10].to_vec();
     bad_union.extend_from_slice(&[0x08, b'a', b'c', b'm', b'e', 0x02, b'd', 0x0a]);
-    assert!(matches!(codec.decode(&bad_union), Err(DecodeError::Body(_))));
+    assert!(matches!(
+        codec.decode(&bad_union),
+        Err(DecodeError::Body(_))
+    ));
 }
 
 #[test]

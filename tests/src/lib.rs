@@ -1,2 +1,56 @@
-//! End-to-end tests live in `tests/tests/`; they start services through their `run`
-//! functions against real Kafka and PostgreSQL (see `plumbing::testing`).
+//! Support for the end-to-end tests in `tests/tests/`, which start services through their
+//! `run` functions against real Kafka and PostgreSQL (see `plumbing::testing`).
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// A free loopback address for a service's admin listener.
+pub fn free_addr() -> std::io::Result<SocketAddr> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    listener.local_addr()
+}
+
+/// `GET path` over plain HTTP/1.1; returns (status, body). Enough for admin endpoints.
+pub async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    let mut stream = TcpStream::connect(addr).await?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).await?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// Polls `GET path` until it answers `status`, or fails after `timeout` with the last answer.
+pub async fn wait_for_status(
+    addr: SocketAddr,
+    path: &str,
+    status: u16,
+    timeout: Duration,
+) -> Result<String, String> {
+    let deadline = Instant::now() + timeout;
+    let mut last = String::from("no answer");
+    while Instant::now() < deadline {
+        match http_get(addr, path).await {
+            Ok((code, body)) if code == status => return Ok(body),
+            Ok((code, body)) => last = format!("{code} {body}"),
+            Err(err) => last = err.to_string(),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err(format!(
+        "{path} did not answer {status} within {timeout:?}; last: {last}"
+    ))
+}

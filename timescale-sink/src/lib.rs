@@ -23,7 +23,11 @@ pub enum Error {
 
 /// Configuration, from flags or the environment.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "timescale-sink", version, about = "Kafka consumer group that bulk-COPYs telemetry into PostgreSQL/TimescaleDB exactly once")]
+#[command(
+    name = "timescale-sink",
+    version,
+    about = "Kafka consumer group that bulk-COPYs telemetry into PostgreSQL/TimescaleDB exactly once"
+)]
 pub struct Config {
     #[command(flatten)]
     pub database: DatabaseArgs,

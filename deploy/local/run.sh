@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# deploy/local/run.sh — README's run command: starts PostgreSQL and Kafka (deps.sh up), builds
+# the services in release mode, migrates the database and runs all four services in the
+# foreground until Ctrl-C (then stops them cleanly). Logs: $FLEETSTREAM_STATE/logs/<service>.log.
+#
+# Ports: ingest-producer admin 9101, timescale-sink 9102, evaluator-stream 9103,
+# query-api 9104 (each serves /metrics, /healthz, /readyz).
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+cd "$ROOT"
+STATE=${FLEETSTREAM_STATE:-/var/lib/fleetstream}
+LOGS="$STATE/logs"
+mkdir -p "$LOGS"
+
+bash deploy/local/deps.sh up >/dev/null
+eval "$(bash deploy/local/deps.sh env)"
+# shellcheck source=deploy/local/toolchain.sh
+source deploy/local/toolchain.sh
+
+cargo build --locked --release --bins
+BIN="$CARGO_TARGET_DIR/release"
+
+"$BIN/query-api" migrate
+
+pids=()
+stop() {
+    printf '[run] stopping\n' >&2
+    for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+    wait || true
+}
+trap stop INT TERM
+
+start() {
+    local name=$1 port=$2
+    shift 2
+    ADMIN_LISTEN="127.0.0.1:$port" "$BIN/$name" "$@" >>"$LOGS/$name.log" 2>&1 &
+    pids+=("$!")
+    printf '[run] %s started (pid %s, admin http://127.0.0.1:%s, log %s)\n' "$name" "$!" "$port" "$LOGS/$name.log" >&2
+}
+start ingest-producer 9101
+start timescale-sink 9102
+start evaluator-stream 9103
+start query-api 9104
+printf '[run] all services running; Ctrl-C stops them\n' >&2
+wait
