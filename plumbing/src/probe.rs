@@ -78,3 +78,35 @@ pub fn spawn_kafka_probe(
         }
     })
 }
+
+/// Serves the admin endpoints on `listen` with a `database` check (and a `kafka` check when
+/// `kafka` is given) until `shutdown`, then waits for the probes and closes the pool.
+pub async fn serve_admin_with_probes(
+    listen: std::net::SocketAddr,
+    pool: PgPool,
+    kafka: Option<KafkaArgs>,
+    shutdown: Shutdown,
+) -> Result<(), crate::Error> {
+    let checks: &[&'static str] = if kafka.is_some() {
+        &["database", "kafka"]
+    } else {
+        &["database"]
+    };
+    let health = Health::new(checks);
+    let (listener, addr) = crate::admin::bind(listen).await?;
+    tracing::info!(%addr, "admin endpoints listening");
+    let mut probes = vec![spawn_database_probe(
+        pool.clone(),
+        health.clone(),
+        shutdown.clone(),
+    )];
+    if let Some(kafka) = kafka {
+        probes.push(spawn_kafka_probe(kafka, health.clone(), shutdown.clone()));
+    }
+    crate::admin::serve(listener, crate::admin::router(health)?, shutdown).await?;
+    for probe in probes {
+        let _ = probe.await;
+    }
+    pool.close().await;
+    Ok(())
+}

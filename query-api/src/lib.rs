@@ -6,7 +6,6 @@
 //! command that brings a database to the current schema; the API itself is issue #7.
 
 use clap::{Parser, Subcommand};
-use plumbing::admin::{self, Health};
 use plumbing::config::{DatabaseArgs, ObservabilityArgs, StorageArgs};
 use plumbing::Shutdown;
 use tracing::info;
@@ -62,15 +61,10 @@ pub async fn main(cli: Cli, shutdown: Shutdown) -> Result<(), Error> {
 
 /// Serves until `shutdown` is cancelled.
 pub async fn run(cli: Cli, shutdown: Shutdown) -> Result<(), Error> {
-    let health = Health::new(&["database"]);
     let pool = plumbing::db::pool(&cli.database, SERVICE)?;
-    let (listener, addr) = admin::bind(cli.observability.admin_listen).await?;
-    info!(%addr, "admin endpoints listening");
-    let probe =
-        plumbing::probe::spawn_database_probe(pool.clone(), health.clone(), shutdown.clone());
-    admin::serve(listener, admin::router(health)?, shutdown).await?;
-    let _ = probe.await;
-    pool.close().await;
+    plumbing::probe::serve_admin_with_probes(cli.observability.admin_listen, pool, None, shutdown)
+        .await?;
+    info!("stopped");
     Ok(())
 }
 

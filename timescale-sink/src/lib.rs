@@ -6,7 +6,6 @@
 //! issue #4.
 
 use clap::Parser;
-use plumbing::admin::{self, Health};
 use plumbing::config::{DatabaseArgs, KafkaArgs, ObservabilityArgs};
 use plumbing::Shutdown;
 use tracing::info;
@@ -39,19 +38,14 @@ pub struct Config {
 
 /// Runs the service until `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), Error> {
-    let health = Health::new(&["database", "kafka"]);
     let pool = plumbing::db::pool(&config.database, SERVICE)?;
-    let (listener, addr) = admin::bind(config.observability.admin_listen).await?;
-    info!(%addr, "admin endpoints listening");
-    let probes = [
-        plumbing::probe::spawn_database_probe(pool.clone(), health.clone(), shutdown.clone()),
-        plumbing::probe::spawn_kafka_probe(config.kafka.clone(), health.clone(), shutdown.clone()),
-    ];
-    admin::serve(listener, admin::router(health)?, shutdown).await?;
-    for probe in probes {
-        let _ = probe.await;
-    }
-    pool.close().await;
+    plumbing::probe::serve_admin_with_probes(
+        config.observability.admin_listen,
+        pool,
+        Some(config.kafka),
+        shutdown,
+    )
+    .await?;
     info!("stopped");
     Ok(())
 }
