@@ -3,11 +3,13 @@
 //! This crate is a library with a thin `main.rs`, so tests run the service in-process
 //! through [`run`]. At this stage it serves its admin endpoints (`/metrics`, `/healthz`,
 //! `/readyz`) and probes its dependencies; the pipeline stage itself is the subject of
-//! issue #4.
+//! issue #4; its hand-written binary COPY encoder ([`copy_writer`]) is in place.
 
 use clap::Parser;
 use plumbing::config::{DatabaseArgs, KafkaArgs, ObservabilityArgs};
 use plumbing::Shutdown;
+
+pub mod copy_writer;
 use tracing::info;
 
 /// Name in logs, traces, metrics and `system_metrics`.
