@@ -263,6 +263,20 @@ EOF
         else
             log "PostgreSQL $PG_VER/$PG_CLUSTER already running"
         fi
+        # A postmaster that was killed (-9) can leave a pid file whose process is gone or a
+        # zombie: the cluster looks "running" but never answers. Restart it in that case.
+        local probe_deadline=$((SECONDS + 10))
+        until pg_isready -q -h "$PG_HOST" -p "$PG_PORT" -t 2; do
+            if ((SECONDS >= probe_deadline)); then
+                log "PostgreSQL $PG_VER/$PG_CLUSTER looks running but does not answer: restarting it"
+                pg_ctlcluster "$PG_VER" "$PG_CLUSTER" stop -m immediate >&2 2>&1 || true
+                rm -f "/var/lib/postgresql/$PG_VER/$PG_CLUSTER/postmaster.pid"
+                without_extra_fds pg_ctlcluster "$PG_VER" "$PG_CLUSTER" start >&2 ||
+                    pg_fail "pg_ctlcluster $PG_VER $PG_CLUSTER start failed"
+                break
+            fi
+            sleep 0.5
+        done
     else
         log "starting PostgreSQL $PG_VER/$PG_CLUSTER (log: $(pg_logfile))"
         without_extra_fds pg_ctlcluster "$PG_VER" "$PG_CLUSTER" start >&2 || pg_fail "pg_ctlcluster $PG_VER $PG_CLUSTER start failed"
