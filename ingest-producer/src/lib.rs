@@ -1,24 +1,47 @@
-//! Edge gateway: HTTP ingest of device readings into Kafka as Avro; device simulator.
+//! Edge gateway: HTTP ingest of device readings into Kafka as Avro.
 //!
-//! This crate is a library with a thin `main.rs`, so tests run the service in-process
-//! through [`run`]. At this stage it serves its admin endpoints (`/metrics`, `/healthz`,
-//! `/readyz`) and probes its dependencies; the pipeline stage itself is the subject of
-//! issue #5.
+//! Devices and gateways `POST /v1/telemetry` one JSON object, a JSON array or NDJSON with a
+//! bearer token; each message is validated, checked against what the token may write, rate
+//! limited, encoded with the shipped Avro schema and produced to `telemetry.v1` under key
+//! `tenant/device`. The reply (`202` with the accepted count) is sent only after Kafka
+//! acknowledged every accepted message.
+//!
+//! # Layout
+//!
+//! * [`http`]: the route, the request flow and the reply shapes.
+//! * [`message`]: body formats and per-message validation (schema, limits, time window).
+//! * [`credentials`]: device and gateway tokens (hashes) and devices, cached from PostgreSQL
+//!   and refreshed by LISTEN/NOTIFY and a periodic reload.
+//! * [`rate_limit`]: token buckets per device and per tenant.
+//! * [`producer`]: the idempotent `acks=all` producer and its delivery guarantee.
+//! * [`error`]: [`Error`] for the service, [`Rejection`] for refused requests and messages.
+//! * [`metrics`]: the `fleetstream_ingest_*` metrics.
+//!
+//! The library runs in-process from tests through [`run`] or [`http::router`].
 
-use clap::Parser;
-use plumbing::config::{DatabaseArgs, KafkaArgs, ObservabilityArgs};
+pub mod credentials;
+pub mod error;
+pub mod http;
+pub mod message;
+pub mod metrics;
+pub mod producer;
+pub mod rate_limit;
+
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::time::Duration;
+
+use clap::{Args, Parser};
+use plumbing::admin::Health;
+use plumbing::config::{parse_duration, DatabaseArgs, KafkaArgs, ObservabilityArgs};
 use plumbing::Shutdown;
+use tokio::net::TcpListener;
 use tracing::info;
+
+pub use error::{Error, Rejection};
 
 /// Name in logs, traces, metrics and `system_metrics`.
 pub const SERVICE: &str = "ingest-producer";
-
-/// Errors of the service.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error(transparent)]
-    Plumbing(#[from] plumbing::Error),
-}
 
 /// Configuration, from flags or the environment.
 #[derive(Debug, Clone, Parser)]
@@ -34,20 +57,158 @@ pub struct Config {
     pub kafka: KafkaArgs,
     #[command(flatten)]
     pub observability: ObservabilityArgs,
+    #[command(flatten)]
+    pub ingest: IngestArgs,
 }
 
-/// Runs the service until `shutdown` is cancelled.
+/// The ingest endpoint's address and limits.
+#[derive(Debug, Clone, Args)]
+pub struct IngestArgs {
+    /// Address of `POST /v1/telemetry`.
+    #[arg(long, env = "HTTP_LISTEN", default_value = "127.0.0.1:8080")]
+    pub http_listen: SocketAddr,
+    /// Largest request body in bytes (1 MiB holds a few thousand readings).
+    #[arg(long, env = "MAX_BODY_BYTES", default_value_t = 1 << 20)]
+    pub max_body_bytes: usize,
+    /// How far ahead of the ingest clock a reading's `time` may be.
+    #[arg(long, env = "MAX_CLOCK_SKEW", default_value = "5m", value_parser = parse_duration)]
+    pub max_clock_skew: Duration,
+    /// Readings older than this are refused (they would fall to retention at once).
+    #[arg(long, env = "TELEMETRY_RETENTION", default_value = "90d", value_parser = parse_duration)]
+    pub telemetry_retention: Duration,
+    /// Sustained messages per second per device (a device normally sends one every 5 s).
+    #[arg(long, env = "DEVICE_RATE_LIMIT", default_value_t = nz(10))]
+    pub device_rate_limit: NonZeroU32,
+    /// Messages a device may send at once (catching up after an outage).
+    #[arg(long, env = "DEVICE_RATE_BURST", default_value_t = nz(100))]
+    pub device_rate_burst: NonZeroU32,
+    /// Sustained messages per second per tenant.
+    #[arg(long, env = "TENANT_RATE_LIMIT", default_value_t = nz(50_000))]
+    pub tenant_rate_limit: NonZeroU32,
+    /// Messages a tenant may send at once.
+    #[arg(long, env = "TENANT_RATE_BURST", default_value_t = nz(100_000))]
+    pub tenant_rate_burst: NonZeroU32,
+    /// Full reload of tokens and devices, besides reloads on NOTIFY.
+    #[arg(long, env = "CREDENTIALS_REFRESH_INTERVAL", default_value = "30s", value_parser = parse_duration)]
+    pub credentials_refresh_interval: Duration,
+    /// Longest wait for Kafka to acknowledge a message before answering 503
+    /// (`message.timeout.ms`).
+    #[arg(long, env = "KAFKA_DELIVERY_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub kafka_delivery_timeout: Duration,
+}
+
+const fn nz(value: u32) -> NonZeroU32 {
+    match NonZeroU32::new(value) {
+        Some(v) => v,
+        None => NonZeroU32::MIN,
+    }
+}
+
+impl IngestArgs {
+    /// The request limits.
+    pub fn settings(&self) -> http::IngestSettings {
+        http::IngestSettings {
+            max_body_bytes: self.max_body_bytes,
+            time_limits: message::TimeLimits {
+                max_future: self.max_clock_skew,
+                retention: self.telemetry_retention,
+            },
+        }
+    }
+
+    /// The rate-limit buckets.
+    pub fn rate_limits(&self) -> rate_limit::RateLimits {
+        rate_limit::RateLimits::new(
+            rate_limit::Limit {
+                per_second: self.device_rate_limit,
+                burst: self.device_rate_burst,
+            },
+            rate_limit::Limit {
+                per_second: self.tenant_rate_limit,
+                burst: self.tenant_rate_burst,
+            },
+        )
+    }
+}
+
+/// Runs the service until `shutdown` is cancelled, binding `HTTP_LISTEN`.
 pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), Error> {
+    let (listener, _) = plumbing::admin::bind(config.ingest.http_listen).await?;
+    run_on(listener, config, shutdown).await
+}
+
+/// Runs the service on an already bound HTTP listener (tests bind port 0).
+pub async fn run_on(
+    listener: TcpListener,
+    config: Config,
+    shutdown: Shutdown,
+) -> Result<(), Error> {
+    metrics::describe();
     let pool = plumbing::db::pool(&config.database, SERVICE)?;
-    plumbing::probe::serve_admin_with_probes(
-        config.observability.admin_listen,
-        pool,
-        Some(config.kafka),
-        shutdown,
-    )
-    .await?;
+    let health = Health::new(&["database", "kafka", "credentials"]);
+    let credentials = credentials::Credentials::default();
+    let producer = producer::Producer::new(
+        &config.kafka,
+        &config.observability.instance(),
+        config.ingest.kafka_delivery_timeout,
+    )?;
+    let app = http::App::new(
+        credentials.clone(),
+        producer,
+        config.ingest.rate_limits(),
+        config.ingest.settings(),
+    );
+
+    let (admin_listener, admin_addr) =
+        plumbing::admin::bind(config.observability.admin_listen).await?;
+    info!(%admin_addr, "admin endpoints listening");
+    let tasks = vec![
+        plumbing::probe::spawn_database_probe(pool.clone(), health.clone(), shutdown.clone()),
+        plumbing::probe::spawn_kafka_probe(config.kafka.clone(), health.clone(), shutdown.clone()),
+        credentials::spawn_refresher(
+            credentials,
+            pool.clone(),
+            config.ingest.credentials_refresh_interval,
+            health.clone(),
+            shutdown.clone(),
+        ),
+        spawn_bucket_cleanup(app.clone(), shutdown.clone()),
+    ];
+    let admin = plumbing::admin::serve(
+        admin_listener,
+        plumbing::admin::router(health)?,
+        shutdown.clone(),
+    );
+    let addr = listener.local_addr().map_err(plumbing::Error::from)?;
+    info!(%addr, "ingest listening");
+    let ingest = async {
+        axum::serve(listener, http::router(app.clone()))
+            .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+            .await
+            .map_err(plumbing::Error::from)
+    };
+    let (admin, ingest) = tokio::join!(admin, ingest);
+    admin?;
+    ingest?;
+    for task in tasks {
+        let _ = task.await;
+    }
+    app.flush(Duration::from_secs(10));
+    pool.close().await;
     info!("stopped");
     Ok(())
+}
+
+/// Forgets full rate-limit buckets every minute, so memory follows active devices.
+fn spawn_bucket_cleanup(app: http::App, shutdown: Shutdown) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(60)) => app.rate_limits().forget_idle(),
+            }
+        }
+    })
 }
 
 #[cfg(test)]
@@ -64,10 +225,23 @@ mod tests {
             "k:9092",
             "--admin-listen",
             "127.0.0.1:0",
+            "--http-listen",
+            "0.0.0.0:8081",
+            "--device-rate-limit",
+            "2",
+            "--telemetry-retention",
+            "7d",
         ])
         .unwrap();
         assert_eq!(config.database.database_url, "postgres://u:p@db/fleet");
         assert_eq!(config.kafka.bootstrap_servers, "k:9092");
         assert_eq!(config.kafka.telemetry_topic, "telemetry.v1");
+        assert_eq!(config.ingest.http_listen.port(), 8081);
+        assert_eq!(config.ingest.device_rate_limit.get(), 2);
+        assert_eq!(config.ingest.max_body_bytes, 1 << 20);
+        assert_eq!(
+            config.ingest.telemetry_retention,
+            Duration::from_secs(7 * 86_400)
+        );
     }
 }

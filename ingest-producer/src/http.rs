@@ -1,0 +1,435 @@
+//! `POST /v1/telemetry`: authenticate, read the body within its limit, validate each message,
+//! authorize it against the token, take rate-limit cells, produce, and answer only after
+//! Kafka acknowledged every accepted message.
+//!
+//! Replies:
+//! * a single JSON object: `202 {"accepted":1}`, or the refusal's status with
+//!   `{"error","field","index"}`;
+//! * a batch (array or NDJSON): `202 {"accepted":n,"rejected":m,"errors":[…]}` when at least
+//!   one message was accepted (each error is `{"error","field","index","status"}`); when none
+//!   was, the same body with the first error's status. With `?atomic=true` any refusal
+//!   rejects the whole batch and nothing is produced.
+//! * request-level refusals (401, 413, 415, malformed JSON, tenant rate limit) are one
+//!   `{"error","field","index"}` object. 429 and 503 carry `Retry-After`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use chrono::Utc;
+use futures::StreamExt;
+use rand::Rng;
+use schemas::Telemetry;
+use serde::Serialize;
+use tracing::error;
+
+use crate::credentials::Credentials;
+use crate::error::{retry_after_header, Rejection};
+use crate::message::{parse_body, validate, Format, TimeLimits};
+use crate::producer::{Outgoing, Producer};
+use crate::rate_limit::RateLimits;
+
+/// Limits applied to every request.
+#[derive(Debug, Clone, Copy)]
+pub struct IngestSettings {
+    /// Largest accepted body; larger ones get `413` without being read past the limit.
+    pub max_body_bytes: usize,
+    /// Allowed range of `time`.
+    pub time_limits: TimeLimits,
+}
+
+/// Everything a request needs, shared by all of them.
+#[derive(Debug, Clone)]
+pub struct App {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    credentials: Credentials,
+    producer: Producer,
+    rate_limits: RateLimits,
+    settings: IngestSettings,
+}
+
+impl App {
+    pub fn new(
+        credentials: Credentials,
+        producer: Producer,
+        rate_limits: RateLimits,
+        settings: IngestSettings,
+    ) -> Self {
+        App {
+            inner: Arc::new(Inner {
+                credentials,
+                producer,
+                rate_limits,
+                settings,
+            }),
+        }
+    }
+
+    /// The rate-limit buckets (for periodic cleanup).
+    pub fn rate_limits(&self) -> &RateLimits {
+        &self.inner.rate_limits
+    }
+
+    /// Waits up to `timeout` for queued messages (at shutdown).
+    pub fn flush(&self, timeout: Duration) {
+        self.inner.producer.flush(timeout);
+    }
+}
+
+/// The ingest routes.
+pub fn router(app: App) -> Router {
+    Router::new()
+        .route("/v1/telemetry", post(ingest))
+        .with_state(app)
+        .layer(tower_http::trace::TraceLayer::new_for_http())
+}
+
+/// One refused message of a batch.
+#[derive(Debug, Serialize)]
+struct BatchError {
+    error: String,
+    field: Option<String>,
+    index: Option<usize>,
+    status: u16,
+}
+
+#[derive(Debug, Serialize)]
+struct BatchReply {
+    accepted: usize,
+    rejected: usize,
+    errors: Vec<BatchError>,
+}
+
+#[derive(Debug, Serialize)]
+struct SingleReply {
+    accepted: usize,
+}
+
+struct InFlight;
+
+impl InFlight {
+    fn enter() -> Self {
+        crate::metrics::in_flight(1.0);
+        InFlight
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        crate::metrics::in_flight(-1.0);
+    }
+}
+
+async fn ingest(State(app): State<App>, uri: Uri, headers: HeaderMap, body: Body) -> Response {
+    let started = Instant::now();
+    let _in_flight = InFlight::enter();
+    let response = match handle(&app, &uri, &headers, body).await {
+        Ok(response) => response,
+        Err(rejection) => {
+            crate::metrics::rejected(rejection.code, 1);
+            rejection.into_response()
+        }
+    };
+    crate::metrics::request(response.status().as_u16(), started.elapsed());
+    response
+}
+
+/// Request-level refusals are `Err`; per-message outcomes are in the `Ok` response.
+async fn handle(
+    app: &App,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, Rejection> {
+    let inner = &app.inner;
+    let atomic = atomic_mode(uri)?;
+    let authorization = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    let principal = inner.credentials.authenticate(authorization)?;
+    let content_type = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .map(|v| v.to_str().unwrap_or("invalid"));
+    let format = Format::from_content_type(content_type)?;
+    let bytes = read_limited(headers, body, inner.settings.max_body_bytes).await?;
+    let parsed = parse_body(format, &bytes)?;
+    drop(bytes);
+
+    let received_at = Utc::now();
+    let mut outcomes: Vec<Result<Telemetry, Rejection>> = parsed
+        .messages
+        .into_iter()
+        .enumerate()
+        .map(|(index, message)| {
+            message
+                .and_then(|value| validate(value, received_at, inner.settings.time_limits))
+                .and_then(|reading| {
+                    let (tenant_id, device_id, registered_site) = inner.credentials.authorize(
+                        &principal,
+                        reading.tenant_id.as_deref(),
+                        reading.device_id.as_deref(),
+                    )?;
+                    Ok(Telemetry {
+                        tenant_id,
+                        device_id,
+                        site_id: reading.site_id.or(registered_site),
+                        msg_type: reading.msg_type,
+                        seq: reading.seq,
+                        time: reading.time,
+                        received_at,
+                        metrics: reading.metrics,
+                    })
+                })
+                .map_err(|rejection| rejection.at(index))
+        })
+        .collect();
+
+    if atomic && outcomes.iter().any(Result::is_err) {
+        return Ok(reply(parsed.batch, outcomes, true));
+    }
+    let valid = outcomes.iter().filter(|o| o.is_ok()).count();
+    if let Err(wait) = inner.rate_limits.check_tenant(principal.tenant_id(), valid) {
+        crate::metrics::rejected("rate_limited", valid.saturating_sub(1));
+        return Err(Rejection::rate_limited("tenant", wait));
+    }
+    limit_devices(&inner.rate_limits, &mut outcomes);
+    if atomic && outcomes.iter().any(Result::is_err) {
+        return Ok(reply(parsed.batch, outcomes, true));
+    }
+
+    let codec = schemas::telemetry_codec().map_err(|err| {
+        error!(error = %err, "telemetry codec unavailable");
+        Rejection::internal()
+    })?;
+    let mut outgoing = Vec::with_capacity(valid);
+    let mut positions = Vec::with_capacity(valid);
+    for (position, outcome) in outcomes.iter_mut().enumerate() {
+        let Ok(telemetry) = outcome else { continue };
+        match codec.encode(telemetry) {
+            Ok(payload) => {
+                outgoing.push(Outgoing {
+                    key: telemetry.key(),
+                    payload,
+                });
+                positions.push(position);
+            }
+            Err(err) => {
+                error!(error = %err, "cannot encode a validated reading");
+                *outcome = Err(Rejection::internal().at(position));
+            }
+        }
+    }
+    let traceparent = traceparent(headers);
+    let delivered = inner.producer.send_all(&outgoing, &traceparent).await;
+    for (position, result) in positions.into_iter().zip(delivered) {
+        if let Err(rejection) = result {
+            outcomes[position] = Err(rejection.at(position));
+        }
+    }
+    Ok(reply(parsed.batch, outcomes, false))
+}
+
+/// Takes each device's cells; a device over its limit has all its messages refused.
+fn limit_devices(rate_limits: &RateLimits, outcomes: &mut [Result<Telemetry, Rejection>]) {
+    let mut per_device: HashMap<(&str, &str), usize> = HashMap::new();
+    for telemetry in outcomes.iter().flatten() {
+        *per_device
+            .entry((&telemetry.tenant_id, &telemetry.device_id))
+            .or_default() += 1;
+    }
+    let limited: HashMap<(String, String), Duration> = per_device
+        .into_iter()
+        .filter_map(|((tenant, device), n)| {
+            rate_limits
+                .check_device(tenant, device, n)
+                .err()
+                .map(|wait| ((tenant.to_owned(), device.to_owned()), wait))
+        })
+        .collect();
+    if limited.is_empty() {
+        return;
+    }
+    for (index, outcome) in outcomes.iter_mut().enumerate() {
+        let wait = match outcome {
+            Ok(t) => limited
+                .get(&(t.tenant_id.clone(), t.device_id.clone()))
+                .copied(),
+            Err(_) => None,
+        };
+        if let Some(wait) = wait {
+            *outcome = Err(Rejection::rate_limited("device", wait)
+                .field("device_id")
+                .at(index));
+        }
+    }
+}
+
+/// Builds the reply; with `none_accepted` (atomic refusal) valid messages count as not
+/// accepted either.
+fn reply(
+    batch: bool,
+    outcomes: Vec<Result<Telemetry, Rejection>>,
+    none_accepted: bool,
+) -> Response {
+    let mut accepted = 0;
+    let mut errors = Vec::new();
+    for outcome in outcomes {
+        match outcome {
+            Ok(_) if !none_accepted => accepted += 1,
+            Ok(_) => {}
+            Err(rejection) => errors.push(rejection),
+        }
+    }
+    let not_accepted = if none_accepted {
+        errors.len().max(1)
+    } else {
+        errors.len()
+    };
+    crate::metrics::accepted(accepted);
+    for rejection in &errors {
+        crate::metrics::rejected(rejection.code, 1);
+    }
+    if none_accepted {
+        let untouched = not_accepted.saturating_sub(errors.len());
+        crate::metrics::rejected("atomic", untouched);
+    }
+    if !batch {
+        return match errors.into_iter().next() {
+            None => (StatusCode::ACCEPTED, Json(SingleReply { accepted })).into_response(),
+            Some(rejection) => rejection.into_response(),
+        };
+    }
+    let status = match errors.first() {
+        Some(first) if accepted == 0 => first.status,
+        _ => StatusCode::ACCEPTED,
+    };
+    let retry_after = errors.iter().filter_map(|e| e.retry_after).max();
+    let body = BatchReply {
+        accepted,
+        rejected: errors.len(),
+        errors: errors
+            .into_iter()
+            .map(|e| BatchError {
+                status: e.status.as_u16(),
+                error: e.error,
+                field: e.field,
+                index: e.index,
+            })
+            .collect(),
+    };
+    let mut response = (status, Json(body)).into_response();
+    if let Some(wait) = retry_after {
+        response
+            .headers_mut()
+            .insert("retry-after", retry_after_header(wait));
+    }
+    response
+}
+
+fn atomic_mode(uri: &Uri) -> Result<bool, Rejection> {
+    let Some(query) = uri.query() else {
+        return Ok(false);
+    };
+    let mut atomic = false;
+    for pair in query.split('&') {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, "true"));
+        if key == "atomic" {
+            atomic = match value {
+                "true" | "1" => true,
+                "false" | "0" => false,
+                _ => {
+                    return Err(
+                        Rejection::bad_request("atomic must be true or false").field("atomic")
+                    )
+                }
+            };
+        }
+    }
+    Ok(atomic)
+}
+
+/// Reads at most `limit` bytes: a declared length over it is refused before reading, a
+/// streamed body as soon as it passes the limit.
+async fn read_limited(headers: &HeaderMap, body: Body, limit: usize) -> Result<Vec<u8>, Rejection> {
+    let declared = headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|len| len > limit) {
+        return Err(Rejection::too_large(limit));
+    }
+    let mut bytes = Vec::with_capacity(declared.unwrap_or(0).min(limit));
+    let mut stream = body.into_data_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|_| Rejection::bad_request("cannot read the body"))?;
+        if bytes.len() + chunk.len() > limit {
+            return Err(Rejection::too_large(limit));
+        }
+        bytes.extend_from_slice(&chunk);
+    }
+    Ok(bytes)
+}
+
+/// The request's W3C trace id (a new one when absent or malformed) with a new span id.
+fn traceparent(headers: &HeaderMap) -> String {
+    let mut rng = rand::rng();
+    let incoming = headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| is_traceparent(v));
+    let (trace_id, flags) = match incoming {
+        Some(v) => (v[3..35].to_owned(), v[53..55].to_owned()),
+        None => (
+            format!("{:032x}", rng.random::<u128>() | 1),
+            "01".to_owned(),
+        ),
+    };
+    format!("00-{trace_id}-{:016x}-{flags}", rng.random::<u64>() | 1)
+}
+
+fn is_traceparent(value: &str) -> bool {
+    let bytes = value.as_bytes();
+    bytes.len() == 55
+        && value.starts_with("00-")
+        && bytes[35] == b'-'
+        && bytes[52] == b'-'
+        && value[3..35].bytes().all(|b| b.is_ascii_hexdigit())
+        && value[36..52].bytes().all(|b| b.is_ascii_hexdigit())
+        && value[53..55].bytes().all(|b| b.is_ascii_hexdigit())
+        && &value[3..35] != "00000000000000000000000000000000"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_valid_traceparent_keeps_its_trace_id() {
+        let mut headers = HeaderMap::new();
+        let incoming = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        headers.insert("traceparent", incoming.parse().unwrap());
+        let out = traceparent(&headers);
+        assert!(is_traceparent(&out));
+        assert_eq!(&out[..36], &incoming[..36]);
+        let fresh = traceparent(&HeaderMap::new());
+        assert!(is_traceparent(&fresh));
+    }
+
+    #[test]
+    fn atomic_is_a_boolean_query_parameter() {
+        assert!(!atomic_mode(&"/v1/telemetry".parse().unwrap()).unwrap());
+        assert!(atomic_mode(&"/v1/telemetry?atomic=true".parse().unwrap()).unwrap());
+        assert!(!atomic_mode(&"/v1/telemetry?atomic=0".parse().unwrap()).unwrap());
+        assert!(atomic_mode(&"/v1/telemetry?atomic=maybe".parse().unwrap()).is_err());
+    }
+}

@@ -1,0 +1,72 @@
+//! The crate's metrics, each described once, written from one place.
+//!
+//! * `fleetstream_ingest_messages_total{outcome="accepted"|"rejected", reason}`
+//! * `fleetstream_ingest_requests_total{status}`
+//! * `fleetstream_ingest_request_duration_seconds` (histogram)
+//! * `fleetstream_ingest_produce_duration_seconds` (histogram, enqueue → last ack of a request)
+//! * `fleetstream_ingest_in_flight_requests` (gauge)
+//! * `fleetstream_ingest_credentials_devices` (gauge, devices in the credentials cache)
+
+use std::time::Duration;
+
+use metrics::{
+    counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit,
+};
+
+const MESSAGES: &str = "fleetstream_ingest_messages_total";
+const REQUESTS: &str = "fleetstream_ingest_requests_total";
+const REQUEST_DURATION: &str = "fleetstream_ingest_request_duration_seconds";
+const PRODUCE_DURATION: &str = "fleetstream_ingest_produce_duration_seconds";
+const IN_FLIGHT: &str = "fleetstream_ingest_in_flight_requests";
+const CREDENTIALS: &str = "fleetstream_ingest_credentials_devices";
+
+/// Registers help texts (call once at start).
+pub fn describe() {
+    describe_counter!(
+        MESSAGES,
+        Unit::Count,
+        "Messages received, by outcome and rejection reason"
+    );
+    describe_counter!(
+        REQUESTS,
+        Unit::Count,
+        "HTTP ingest requests, by status code"
+    );
+    describe_histogram!(
+        REQUEST_DURATION,
+        Unit::Seconds,
+        "Ingest request latency, body read to reply"
+    );
+    describe_histogram!(
+        PRODUCE_DURATION,
+        Unit::Seconds,
+        "Time from enqueueing a request's messages to their last Kafka acknowledgement"
+    );
+    describe_gauge!(IN_FLIGHT, Unit::Count, "Ingest requests being handled");
+    describe_gauge!(CREDENTIALS, Unit::Count, "Devices in the credentials cache");
+}
+
+pub(crate) fn accepted(n: usize) {
+    counter!(MESSAGES, "outcome" => "accepted", "reason" => "").increment(n as u64);
+}
+
+pub(crate) fn rejected(reason: &'static str, n: usize) {
+    counter!(MESSAGES, "outcome" => "rejected", "reason" => reason).increment(n as u64);
+}
+
+pub(crate) fn request(status: u16, elapsed: Duration) {
+    counter!(REQUESTS, "status" => status.to_string()).increment(1);
+    histogram!(REQUEST_DURATION).record(elapsed.as_secs_f64());
+}
+
+pub(crate) fn produce_duration(elapsed: Duration) {
+    histogram!(PRODUCE_DURATION).record(elapsed.as_secs_f64());
+}
+
+pub(crate) fn in_flight(delta: f64) {
+    gauge!(IN_FLIGHT).increment(delta);
+}
+
+pub(crate) fn credentials_loaded(devices: usize) {
+    gauge!(CREDENTIALS).set(devices as f64);
+}

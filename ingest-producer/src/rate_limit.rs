@@ -1,0 +1,105 @@
+//! Token buckets per device and per tenant (GCRA, `governor`).
+//!
+//! A request first takes one cell per message from its tenant's bucket (all or nothing), then
+//! each device's messages from that device's bucket. Buckets idle longer than their refill
+//! time are forgotten by [`RateLimits::forget_idle`], so memory follows active devices.
+
+use std::num::NonZeroU32;
+use std::time::Duration;
+
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+
+/// Rate and burst of one kind of bucket.
+#[derive(Debug, Clone, Copy)]
+pub struct Limit {
+    /// Sustained messages per second.
+    pub per_second: NonZeroU32,
+    /// Messages that may arrive at once.
+    pub burst: NonZeroU32,
+}
+
+/// The per-device and per-tenant buckets.
+#[derive(Debug)]
+pub struct RateLimits {
+    devices: DefaultKeyedRateLimiter<(String, String)>,
+    tenants: DefaultKeyedRateLimiter<String>,
+    clock: DefaultClock,
+}
+
+impl RateLimits {
+    pub fn new(device: Limit, tenant: Limit) -> Self {
+        let quota = |limit: Limit| Quota::per_second(limit.per_second).allow_burst(limit.burst);
+        let clock = DefaultClock::default();
+        RateLimits {
+            devices: RateLimiter::keyed(quota(device)),
+            tenants: RateLimiter::keyed(quota(tenant)),
+            clock,
+        }
+    }
+
+    /// Takes `n` messages from the tenant's bucket, or says how long to wait.
+    pub fn check_tenant(&self, tenant: &str, n: usize) -> Result<(), Duration> {
+        let Some(n) = cells(n) else { return Ok(()) };
+        match self.tenants.check_key_n(&tenant.to_owned(), n) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(not_until)) => Err(not_until.wait_time_from(self.clock.now())),
+            // More messages than the burst: they can never pass at once.
+            Err(_) => Err(Duration::from_secs(1)),
+        }
+    }
+
+    /// Takes `n` messages from the device's bucket, or says how long to wait.
+    pub fn check_device(&self, tenant: &str, device: &str, n: usize) -> Result<(), Duration> {
+        let Some(n) = cells(n) else { return Ok(()) };
+        match self
+            .devices
+            .check_key_n(&(tenant.to_owned(), device.to_owned()), n)
+        {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(not_until)) => Err(not_until.wait_time_from(self.clock.now())),
+            Err(_) => Err(Duration::from_secs(1)),
+        }
+    }
+
+    /// Drops buckets that are full again (indistinguishable from new ones).
+    pub fn forget_idle(&self) {
+        self.devices.retain_recent();
+        self.tenants.retain_recent();
+        self.devices.shrink_to_fit();
+        self.tenants.shrink_to_fit();
+    }
+}
+
+fn cells(n: usize) -> Option<NonZeroU32> {
+    NonZeroU32::new(u32::try_from(n).unwrap_or(u32::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limit(per_second: u32, burst: u32) -> Limit {
+        Limit {
+            per_second: NonZeroU32::new(per_second).unwrap(),
+            burst: NonZeroU32::new(burst).unwrap(),
+        }
+    }
+
+    #[test]
+    fn a_device_gets_its_burst_then_waits() {
+        let limits = RateLimits::new(limit(1, 3), limit(1000, 1000));
+        assert!(limits.check_device("t", "d", 3).is_ok());
+        let wait = limits.check_device("t", "d", 1).unwrap_err();
+        assert!(wait > Duration::ZERO && wait <= Duration::from_secs(1));
+        assert!(limits.check_device("t", "other", 1).is_ok());
+    }
+
+    #[test]
+    fn a_tenant_bucket_is_all_or_nothing() {
+        let limits = RateLimits::new(limit(1000, 1000), limit(1, 5));
+        assert!(limits.check_tenant("t", 6).is_err());
+        assert!(limits.check_tenant("t", 5).is_ok());
+        assert!(limits.check_tenant("t", 1).is_err());
+    }
+}

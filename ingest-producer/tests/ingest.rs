@@ -1,0 +1,839 @@
+//! `POST /v1/telemetry` against a real Kafka broker and PostgreSQL: what is accepted lands on
+//! the topic exactly once, correctly keyed and decodable; what is refused gets its documented
+//! status and body and puts nothing on the topic.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::num::NonZeroU32;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use axum::Router;
+use chrono::Utc;
+use ingest_producer::credentials::{token_hash, Credentials};
+use ingest_producer::http::{router, App, IngestSettings};
+use ingest_producer::message::TimeLimits;
+use ingest_producer::producer::Producer;
+use ingest_producer::rate_limit::{Limit, RateLimits};
+use plumbing::config::KafkaArgs;
+use plumbing::testing::{TestDb, TestTopics};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::{Offset, TopicPartitionList};
+use schemas::{LayoutChoice, MetricValue, Telemetry};
+use serde_json::{json, Value};
+use tower::ServiceExt;
+
+const PARTITIONS: i32 = 4;
+const MAX_BODY: usize = 8192;
+
+/// A migrated database with two tenants, their devices and tokens; topics; a router.
+struct Fixture {
+    _db: TestDb,
+    topics: TestTopics,
+    router: Router,
+}
+
+async fn seed(db: &TestDb) -> Result<()> {
+    let statements = [
+        "INSERT INTO tenants (tenant_id, name) VALUES ('acme', 'Acme'), ('globex', 'Globex')",
+        "INSERT INTO sites (tenant_id, site_id, name) VALUES ('acme', 'plant-1', 'Plant 1')",
+    ];
+    for sql in statements {
+        sqlx::query(sql).execute(&db.pool).await?;
+    }
+    for (tenant, device, site, token, status) in [
+        ("acme", "d1", Some("plant-1"), "tok-d1", "active"),
+        ("acme", "d2", None, "tok-d2", "active"),
+        ("acme", "off", None, "tok-off", "disabled"),
+        ("globex", "g1", None, "tok-g1", "active"),
+    ] {
+        sqlx::query(
+            "INSERT INTO devices (tenant_id, device_id, site_id, token_hash, status) \
+             VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(tenant)
+        .bind(device)
+        .bind(site)
+        .bind(token_hash(token))
+        .bind(status)
+        .execute(&db.pool)
+        .await?;
+    }
+    for (tenant, token, revoked) in [
+        ("acme", "gw-acme", false),
+        ("acme", "gw-revoked", true),
+        ("globex", "gw-globex", false),
+    ] {
+        sqlx::query(
+            "INSERT INTO gateway_tokens (tenant_id, name, token_hash, revoked_at) \
+             VALUES ($1, 'gw', $2, CASE WHEN $3 THEN now() END)",
+        )
+        .bind(tenant)
+        .bind(token_hash(token))
+        .bind(revoked)
+        .execute(&db.pool)
+        .await?;
+    }
+    Ok(())
+}
+
+fn limit(per_second: u32, burst: u32) -> Limit {
+    Limit {
+        per_second: NonZeroU32::new(per_second).unwrap(),
+        burst: NonZeroU32::new(burst).unwrap(),
+    }
+}
+
+fn settings() -> IngestSettings {
+    IngestSettings {
+        max_body_bytes: MAX_BODY,
+        time_limits: TimeLimits {
+            max_future: Duration::from_secs(300),
+            retention: Duration::from_secs(90 * 86_400),
+        },
+    }
+}
+
+impl Fixture {
+    async fn new() -> Result<Self> {
+        Self::with_limits(limit(1000, 1000), limit(100_000, 100_000)).await
+    }
+
+    async fn with_limits(device: Limit, tenant: Limit) -> Result<Self> {
+        let db = TestDb::new(LayoutChoice::Postgres).await?;
+        seed(&db).await?;
+        let topics = TestTopics::new(PARTITIONS).await?;
+        // Ingest reads credentials as fleet_writer, as in production.
+        let writer = db.role_pool("fleet_writer", 2).await?;
+        let credentials = Credentials::default();
+        credentials.reload(&writer).await?;
+        let producer = Producer::new(&topics.args, "ingest-test", Duration::from_secs(10))?;
+        let app = App::new(
+            credentials,
+            producer,
+            RateLimits::new(device, tenant),
+            settings(),
+        );
+        Ok(Fixture {
+            _db: db,
+            router: router(app),
+            topics,
+        })
+    }
+
+    async fn post(&self, token: Option<&str>, content_type: &str, body: impl Into<Body>) -> Reply {
+        self.post_to("/v1/telemetry", token, content_type, body)
+            .await
+    }
+
+    async fn post_to(
+        &self,
+        uri: &str,
+        token: Option<&str>,
+        content_type: &str,
+        body: impl Into<Body>,
+    ) -> Reply {
+        send(&self.router, uri, token, content_type, body.into()).await
+    }
+
+    async fn post_json(&self, token: &str, body: Value) -> Reply {
+        self.post(Some(token), "application/json", body.to_string())
+            .await
+    }
+}
+
+#[derive(Debug)]
+struct Reply {
+    status: StatusCode,
+    retry_after: Option<String>,
+    body: Value,
+}
+
+async fn send(
+    router: &Router,
+    uri: &str,
+    token: Option<&str>,
+    content_type: &str,
+    body: Body,
+) -> Reply {
+    let mut request = Request::post(uri).header("content-type", content_type);
+    if let Some(token) = token {
+        request = request.header("authorization", format!("Bearer {token}"));
+    }
+    let response = router
+        .clone()
+        .oneshot(request.body(body).unwrap())
+        .await
+        .unwrap();
+    let status = response.status();
+    let retry_after = response
+        .headers()
+        .get("retry-after")
+        .map(|v| v.to_str().unwrap().to_owned());
+    let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
+        .await
+        .unwrap();
+    let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    Reply {
+        status,
+        retry_after,
+        body,
+    }
+}
+
+fn error(message: &str, field: Option<&str>, index: Option<usize>) -> Value {
+    json!({"error": message, "field": field, "index": index})
+}
+
+/// Messages on the topic (sum of high watermarks; every produced message counts, there are
+/// no transaction markers).
+async fn topic_count(args: &KafkaArgs) -> i64 {
+    let args = args.clone();
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = plumbing::kafka::base_config(&args, "ingest-test-count")
+            .create()
+            .unwrap();
+        (0..PARTITIONS)
+            .map(|p| {
+                let (low, high) = consumer
+                    .fetch_watermarks(&args.telemetry_topic, p, Duration::from_secs(10))
+                    .unwrap();
+                high - low
+            })
+            .sum()
+    })
+    .await
+    .unwrap()
+}
+
+/// A message read back from the topic.
+#[derive(Debug)]
+struct Consumed {
+    key: String,
+    partition: i32,
+    traceparent: Option<String>,
+    telemetry: Telemetry,
+}
+
+/// Reads every message of the topic (polling until the watermark count is reached or a
+/// deadline passes).
+async fn consume_all(args: &KafkaArgs) -> Vec<Consumed> {
+    let expected = topic_count(args).await;
+    let args = args.clone();
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = plumbing::kafka::consumer_config(
+            &args,
+            "ingest-test-consumer",
+            &plumbing::testing::unique_name("g"),
+        )
+        .create()
+        .unwrap();
+        let mut assignment = TopicPartitionList::new();
+        for p in 0..PARTITIONS {
+            assignment
+                .add_partition_offset(&args.telemetry_topic, p, Offset::Beginning)
+                .unwrap();
+        }
+        consumer.assign(&assignment).unwrap();
+        let codec = schemas::telemetry_codec().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut out = Vec::new();
+        while (out.len() as i64) < expected && Instant::now() < deadline {
+            let Some(message) = consumer.poll(Duration::from_millis(200)) else {
+                continue;
+            };
+            let message = message.unwrap();
+            let traceparent = message.headers().and_then(|headers| {
+                headers
+                    .iter()
+                    .find(|h| h.key == "traceparent")
+                    .and_then(|h| h.value)
+                    .map(|v| String::from_utf8(v.to_vec()).unwrap())
+            });
+            out.push(Consumed {
+                key: String::from_utf8(message.key().unwrap().to_vec()).unwrap(),
+                partition: message.partition(),
+                traceparent,
+                telemetry: codec.decode(message.payload().unwrap()).unwrap(),
+            });
+        }
+        out
+    })
+    .await
+    .unwrap()
+}
+
+/// Java's `murmur2` (the default partitioner's hash), as a reference for placement.
+fn murmur2(data: &[u8]) -> i32 {
+    let seed: u32 = 0x9747_b28c;
+    let m: u32 = 0x5bd1_e995;
+    let r = 24;
+    let len = data.len();
+    let mut h: u32 = seed ^ (len as u32);
+    let chunks = len / 4;
+    for i in 0..chunks {
+        let mut k = u32::from_le_bytes(data[i * 4..i * 4 + 4].try_into().unwrap());
+        k = k.wrapping_mul(m);
+        k ^= k >> r;
+        k = k.wrapping_mul(m);
+        h = h.wrapping_mul(m);
+        h ^= k;
+    }
+    let tail = &data[chunks * 4..];
+    if tail.len() >= 3 {
+        h ^= u32::from(tail[2]) << 16;
+    }
+    if tail.len() >= 2 {
+        h ^= u32::from(tail[1]) << 8;
+    }
+    if !tail.is_empty() {
+        h ^= u32::from(tail[0]);
+        h = h.wrapping_mul(m);
+    }
+    h ^= h >> 13;
+    h = h.wrapping_mul(m);
+    h ^= h >> 15;
+    h as i32
+}
+
+fn expected_partition(key: &str) -> i32 {
+    (murmur2(key.as_bytes()) & 0x7fff_ffff) % PARTITIONS
+}
+
+fn reading(device: &str, seq: i64) -> Value {
+    json!({"device_id": device, "seq": seq, "metrics": {"temp": 20.5, "ok": true, "n": seq}})
+}
+
+#[tokio::test]
+async fn accepted_messages_are_on_the_topic_exactly_once_keyed_and_decodable() -> Result<()> {
+    let fx = Fixture::new().await?;
+    let before = Utc::now();
+    let batch: Vec<Value> = (0..20)
+        .map(|seq| reading(if seq % 2 == 0 { "d1" } else { "d2" }, seq))
+        .collect();
+    let reply = fx.post_json("gw-acme", Value::Array(batch)).await;
+    assert_eq!(reply.status, StatusCode::ACCEPTED, "{:?}", reply.body);
+    assert_eq!(
+        reply.body,
+        json!({"accepted": 20, "rejected": 0, "errors": []})
+    );
+    let consumed = consume_all(&fx.topics.args).await;
+    assert_eq!(consumed.len(), 20);
+    assert_eq!(topic_count(&fx.topics.args).await, 20);
+    let mut seen = BTreeMap::new();
+    for message in &consumed {
+        let t = &message.telemetry;
+        assert_eq!(message.key, format!("{}/{}", t.tenant_id, t.device_id));
+        assert_eq!(message.partition, expected_partition(&message.key));
+        assert_eq!(t.tenant_id, "acme");
+        assert!(t.received_at >= before);
+        let traceparent = message.traceparent.as_deref().unwrap();
+        assert_eq!(traceparent.len(), 55);
+        assert!(
+            seen.insert(t.seq, t.clone()).is_none(),
+            "seq {} twice",
+            t.seq
+        );
+    }
+    for seq in 0..20 {
+        let t = &seen[&seq];
+        assert_eq!(t.device_id, if seq % 2 == 0 { "d1" } else { "d2" });
+        assert_eq!(t.metrics["temp"], MetricValue::Double(20.5));
+        assert_eq!(t.metrics["ok"], MetricValue::Bool(true));
+        assert_eq!(t.metrics["n"], MetricValue::Long(seq));
+        assert_eq!(t.msg_type, "telemetry");
+        // The registered site fills in when the message names none.
+        let site = if seq % 2 == 0 {
+            Some("plant-1".to_owned())
+        } else {
+            None
+        };
+        assert_eq!(t.site_id, site);
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_device_token_writes_its_own_device_without_naming_it() -> Result<()> {
+    let fx = Fixture::new().await?;
+    let time = Utc::now() - chrono::Duration::seconds(10);
+    let reply = fx
+        .post_json(
+            "tok-d2",
+            json!({"seq": 7, "time": time.to_rfc3339(), "msg_type": "event", "metrics": {"door": "open"}}),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::ACCEPTED);
+    assert_eq!(reply.body, json!({"accepted": 1}));
+    let consumed = consume_all(&fx.topics.args).await;
+    assert_eq!(consumed.len(), 1);
+    let t = &consumed[0].telemetry;
+    assert_eq!((t.tenant_id.as_str(), t.device_id.as_str()), ("acme", "d2"));
+    assert_eq!(t.msg_type, "event");
+    // Avro carries microseconds.
+    assert_eq!(t.time.timestamp_micros(), time.timestamp_micros());
+    Ok(())
+}
+
+/// name, token, content type, body, expected status, expected body.
+type Case<'a> = (&'a str, Option<&'a str>, &'a str, String, StatusCode, Value);
+
+#[tokio::test]
+async fn each_bad_input_gets_its_status_and_body_and_puts_nothing_on_the_topic() -> Result<()> {
+    let fx = Fixture::new().await?;
+    let json = "application/json";
+    let ok = json!({"seq": 1, "metrics": {"t": 1}}).to_string();
+    let future = (Utc::now() + chrono::Duration::minutes(6)).to_rfc3339();
+    let ancient = (Utc::now() - chrono::Duration::days(91)).to_rfc3339();
+    let many: serde_json::Map<String, Value> =
+        (0..257).map(|i| (format!("m{i}"), json!(i))).collect();
+    let name_pattern = "[A-Za-z0-9_.:-]{1,64}";
+
+    let cases: Vec<Case> = vec![
+        (
+            "no token",
+            None,
+            json,
+            ok.clone(),
+            StatusCode::UNAUTHORIZED,
+            error("missing bearer token", None, None),
+        ),
+        (
+            "unknown token",
+            Some("nope"),
+            json,
+            ok.clone(),
+            StatusCode::UNAUTHORIZED,
+            error("unknown or revoked token", None, None),
+        ),
+        (
+            "revoked gateway token",
+            Some("gw-revoked"),
+            json,
+            ok.clone(),
+            StatusCode::UNAUTHORIZED,
+            error("unknown or revoked token", None, None),
+        ),
+        (
+            "too large",
+            Some("tok-d1"),
+            json,
+            "x".repeat(MAX_BODY + 1),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            error(&format!("body exceeds {MAX_BODY} bytes"), None, None),
+        ),
+        (
+            "unsupported type",
+            Some("tok-d1"),
+            "text/plain",
+            ok.clone(),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            error(
+                "content type must be application/json or application/x-ndjson",
+                None,
+                None,
+            ),
+        ),
+        (
+            "malformed json",
+            Some("tok-d1"),
+            json,
+            r#"{"seq": 1,"#.to_owned(),
+            StatusCode::BAD_REQUEST,
+            error(
+                "malformed json: EOF while parsing a value at line 1 column 10",
+                None,
+                None,
+            ),
+        ),
+        (
+            "non-finite number",
+            Some("tok-d1"),
+            json,
+            r#"{"seq":1,"metrics":{"x":1e999}}"#.to_owned(),
+            StatusCode::BAD_REQUEST,
+            error(
+                "malformed json: number out of range at line 1 column 29",
+                None,
+                None,
+            ),
+        ),
+        (
+            "empty batch",
+            Some("tok-d1"),
+            json,
+            "[]".to_owned(),
+            StatusCode::BAD_REQUEST,
+            error("empty batch", None, None),
+        ),
+        (
+            "not an object",
+            Some("tok-d1"),
+            json,
+            "42".to_owned(),
+            StatusCode::BAD_REQUEST,
+            error("expected a json object", None, Some(0)),
+        ),
+        (
+            "missing seq",
+            Some("tok-d1"),
+            json,
+            json!({"metrics": {}}).to_string(),
+            StatusCode::BAD_REQUEST,
+            error("missing", Some("seq"), Some(0)),
+        ),
+        (
+            "mistyped seq",
+            Some("tok-d1"),
+            json,
+            json!({"seq": 1.5, "metrics": {}}).to_string(),
+            StatusCode::BAD_REQUEST,
+            error("expected a 64-bit integer", Some("seq"), Some(0)),
+        ),
+        (
+            "missing metrics",
+            Some("tok-d1"),
+            json,
+            json!({"seq": 1}).to_string(),
+            StatusCode::BAD_REQUEST,
+            error("missing", Some("metrics"), Some(0)),
+        ),
+        (
+            "unknown field",
+            Some("tok-d1"),
+            json,
+            json!({"seq": 1, "metrics": {}, "temp": 3}).to_string(),
+            StatusCode::BAD_REQUEST,
+            error("unknown field", Some("temp"), Some(0)),
+        ),
+        (
+            "too many metrics",
+            Some("tok-d1"),
+            json,
+            json!({"seq": 1, "metrics": many}).to_string(),
+            StatusCode::BAD_REQUEST,
+            error("more than 256 metrics", Some("metrics"), Some(0)),
+        ),
+        (
+            "bad metric name",
+            Some("tok-d1"),
+            json,
+            json!({"seq": 1, "metrics": {"a/b": 1}}).to_string(),
+            StatusCode::BAD_REQUEST,
+            error(
+                &format!("metric name must match {name_pattern}"),
+                Some("metrics.a/b"),
+                Some(0),
+            ),
+        ),
+        (
+            "long string",
+            Some("tok-d1"),
+            json,
+            json!({"seq": 1, "metrics": {"s": "x".repeat(1025)}}).to_string(),
+            StatusCode::BAD_REQUEST,
+            error("string longer than 1024 bytes", Some("metrics.s"), Some(0)),
+        ),
+        (
+            "future time",
+            Some("tok-d1"),
+            json,
+            json!({"seq": 1, "time": future, "metrics": {}}).to_string(),
+            StatusCode::BAD_REQUEST,
+            error("more than 300s in the future", Some("time"), Some(0)),
+        ),
+        (
+            "ancient time",
+            Some("tok-d1"),
+            json,
+            json!({"seq": 1, "time": ancient, "metrics": {}}).to_string(),
+            StatusCode::BAD_REQUEST,
+            error(
+                "older than the retention window of 7776000s",
+                Some("time"),
+                Some(0),
+            ),
+        ),
+        (
+            "bad time",
+            Some("tok-d1"),
+            json,
+            json!({"seq": 1, "time": "yesterday", "metrics": {}}).to_string(),
+            StatusCode::BAD_REQUEST,
+            error("expected an rfc 3339 timestamp", Some("time"), Some(0)),
+        ),
+        (
+            "device token, other device",
+            Some("tok-d1"),
+            json,
+            json!({"device_id": "d2", "seq": 1, "metrics": {}}).to_string(),
+            StatusCode::FORBIDDEN,
+            error(
+                "device token may only write its own device",
+                Some("device_id"),
+                Some(0),
+            ),
+        ),
+        (
+            "device token, other tenant",
+            Some("tok-d1"),
+            json,
+            json!({"tenant_id": "globex", "seq": 1, "metrics": {}}).to_string(),
+            StatusCode::FORBIDDEN,
+            error(
+                "token may not write this tenant",
+                Some("tenant_id"),
+                Some(0),
+            ),
+        ),
+        (
+            "gateway, other tenant",
+            Some("gw-acme"),
+            json,
+            json!({"tenant_id": "globex", "device_id": "g1", "seq": 1, "metrics": {}}).to_string(),
+            StatusCode::FORBIDDEN,
+            error(
+                "token may not write this tenant",
+                Some("tenant_id"),
+                Some(0),
+            ),
+        ),
+        (
+            "gateway, other tenant's device",
+            Some("gw-acme"),
+            json,
+            json!({"device_id": "g1", "seq": 1, "metrics": {}}).to_string(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            error("unknown device", Some("device_id"), Some(0)),
+        ),
+        (
+            "gateway, no device",
+            Some("gw-acme"),
+            json,
+            json!({"seq": 1, "metrics": {}}).to_string(),
+            StatusCode::BAD_REQUEST,
+            error(
+                "missing (required with a gateway token)",
+                Some("device_id"),
+                Some(0),
+            ),
+        ),
+        (
+            "unknown device",
+            Some("gw-acme"),
+            json,
+            json!({"device_id": "ghost", "seq": 1, "metrics": {}}).to_string(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            error("unknown device", Some("device_id"), Some(0)),
+        ),
+        (
+            "disabled device",
+            Some("gw-acme"),
+            json,
+            json!({"device_id": "off", "seq": 1, "metrics": {}}).to_string(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            error("device disabled", Some("device_id"), Some(0)),
+        ),
+        (
+            "disabled device's own token",
+            Some("tok-off"),
+            json,
+            ok.clone(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            error("device disabled", Some("device_id"), Some(0)),
+        ),
+    ];
+    for (name, token, content_type, body, status, expected) in cases {
+        let reply = fx.post(token, content_type, body).await;
+        assert_eq!(reply.status, status, "{name}: {:?}", reply.body);
+        assert_eq!(reply.body, expected, "{name}");
+    }
+
+    // A streamed body without a declared length is cut off at the limit too.
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+        (0..10).map(|_| Ok(vec![b' '; MAX_BODY / 4])).collect();
+    let reply = fx
+        .post(
+            Some("tok-d1"),
+            json,
+            Body::from_stream(futures::stream::iter(chunks)),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::PAYLOAD_TOO_LARGE);
+
+    assert_eq!(topic_count(&fx.topics.args).await, 0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_mixed_batch_puts_exactly_the_valid_messages() -> Result<()> {
+    let fx = Fixture::new().await?;
+    let batch = json!([
+        reading("d1", 1),
+        {"device_id": "d1", "metrics": {}},
+        reading("d2", 3),
+        reading("ghost", 4),
+        reading("d1", 5),
+    ]);
+    let reply = fx.post_json("gw-acme", batch).await;
+    assert_eq!(reply.status, StatusCode::ACCEPTED);
+    assert_eq!(
+        reply.body,
+        json!({"accepted": 3, "rejected": 2, "errors": [
+            {"error": "missing", "field": "seq", "index": 1, "status": 400},
+            {"error": "unknown device", "field": "device_id", "index": 3, "status": 422},
+        ]})
+    );
+    let mut seqs: Vec<i64> = consume_all(&fx.topics.args)
+        .await
+        .iter()
+        .map(|m| m.telemetry.seq)
+        .collect();
+    seqs.sort_unstable();
+    assert_eq!(seqs, vec![1, 3, 5]);
+    Ok(())
+}
+
+#[tokio::test]
+async fn ndjson_lines_stand_on_their_own() -> Result<()> {
+    let fx = Fixture::new().await?;
+    let body = format!("{}\n{{broken\n\n{}\n", reading("d1", 1), reading("d2", 2));
+    let reply = fx.post(Some("gw-acme"), "application/x-ndjson", body).await;
+    assert_eq!(reply.status, StatusCode::ACCEPTED);
+    assert_eq!(
+        reply.body,
+        json!({"accepted": 2, "rejected": 1, "errors": [
+            {"error": "malformed json: key must be a string at line 1 column 2", "field": null, "index": 1, "status": 400},
+        ]})
+    );
+    assert_eq!(consume_all(&fx.topics.args).await.len(), 2);
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_atomic_batch_with_one_bad_message_puts_nothing() -> Result<()> {
+    let fx = Fixture::new().await?;
+    let batch = json!([reading("d1", 1), reading("ghost", 2), reading("d2", 3)]);
+    let reply = fx
+        .post_to(
+            "/v1/telemetry?atomic=true",
+            Some("gw-acme"),
+            "application/json",
+            batch.to_string(),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(
+        reply.body,
+        json!({"accepted": 0, "rejected": 1, "errors": [
+            {"error": "unknown device", "field": "device_id", "index": 1, "status": 422},
+        ]})
+    );
+    assert_eq!(topic_count(&fx.topics.args).await, 0);
+
+    // Without errors the atomic batch goes through whole.
+    let batch = json!([reading("d1", 1), reading("d2", 3)]);
+    let reply = fx
+        .post_to(
+            "/v1/telemetry?atomic=true",
+            Some("gw-acme"),
+            "application/json",
+            batch.to_string(),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::ACCEPTED);
+    assert_eq!(consume_all(&fx.topics.args).await.len(), 2);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_device_over_its_rate_gets_429_with_retry_after() -> Result<()> {
+    let fx = Fixture::with_limits(limit(1, 3), limit(100_000, 100_000)).await?;
+    for seq in 0..3 {
+        let reply = fx
+            .post_json("tok-d1", json!({"seq": seq, "metrics": {}}))
+            .await;
+        assert_eq!(reply.status, StatusCode::ACCEPTED);
+    }
+    let reply = fx
+        .post_json("tok-d1", json!({"seq": 3, "metrics": {}}))
+        .await;
+    assert_eq!(reply.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(reply.retry_after.as_deref(), Some("1"));
+    assert_eq!(
+        reply.body,
+        error("rate limit exceeded for device", Some("device_id"), Some(0))
+    );
+    // Another device of the same tenant is not affected.
+    let reply = fx
+        .post_json("tok-d2", json!({"seq": 0, "metrics": {}}))
+        .await;
+    assert_eq!(reply.status, StatusCode::ACCEPTED);
+    assert_eq!(topic_count(&fx.topics.args).await, 4);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_tenant_over_its_rate_gets_429_with_retry_after() -> Result<()> {
+    let fx = Fixture::with_limits(limit(1000, 1000), limit(1, 4)).await?;
+    let batch = json!([reading("d1", 1), reading("d2", 2), reading("d1", 3)]);
+    let reply = fx.post_json("gw-acme", batch.clone()).await;
+    assert_eq!(reply.status, StatusCode::ACCEPTED);
+    let reply = fx.post_json("gw-acme", batch).await;
+    assert_eq!(reply.status, StatusCode::TOO_MANY_REQUESTS);
+    assert!(reply.retry_after.is_some());
+    assert_eq!(
+        reply.body,
+        error("rate limit exceeded for tenant", None, None)
+    );
+    // Another tenant has its own bucket.
+    let reply = fx
+        .post_json("tok-g1", json!({"seq": 1, "metrics": {}}))
+        .await;
+    assert_eq!(reply.status, StatusCode::ACCEPTED);
+    assert_eq!(topic_count(&fx.topics.args).await, 4);
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_unreachable_broker_gets_503_after_a_bounded_wait_never_202() -> Result<()> {
+    let db = TestDb::new(LayoutChoice::Postgres).await?;
+    seed(&db).await?;
+    let credentials = Credentials::default();
+    credentials.reload(&db.pool).await?;
+    let mut args = plumbing::testing::kafka_args().await?;
+    // Nothing listens on port 1.
+    args.bootstrap_servers = "127.0.0.1:1".to_owned();
+    let producer = Producer::new(&args, "ingest-test", Duration::from_millis(1500))?;
+    let app = App::new(
+        credentials,
+        producer,
+        RateLimits::new(limit(1000, 1000), limit(1000, 1000)),
+        settings(),
+    );
+    let router = router(app);
+    let started = Instant::now();
+    let reply = send(
+        &router,
+        "/v1/telemetry",
+        Some("tok-d1"),
+        "application/json",
+        Body::from(json!({"seq": 1, "metrics": {}}).to_string()),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(reply.retry_after.as_deref(), Some("5"));
+    assert_eq!(
+        reply.body,
+        error("kafka did not acknowledge the message", None, Some(0))
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    Ok(())
+}
