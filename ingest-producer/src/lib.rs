@@ -143,6 +143,8 @@ pub async fn run_on(
     config: Config,
     shutdown: Shutdown,
 ) -> Result<(), Error> {
+    // The recorder must exist before the descriptions are registered.
+    plumbing::observability::prometheus()?;
     metrics::describe();
     let pool = plumbing::db::pool(&config.database, SERVICE)?;
     let health = Health::new(&["database", "kafka", "credentials"]);
