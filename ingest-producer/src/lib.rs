@@ -16,6 +16,7 @@
 //! * [`producer`]: the idempotent `acks=all` producer and its delivery guarantee.
 //! * [`error`]: [`Error`] for the service, [`Rejection`] for refused requests and messages.
 //! * [`metrics`]: the `fleetstream_ingest_*` metrics.
+//! * [`simulate`]: the `simulate` subcommand, N virtual devices for demos and load tests.
 //!
 //! The library runs in-process from tests through [`run`] or [`http::router`].
 
@@ -26,6 +27,7 @@ pub mod message;
 pub mod metrics;
 pub mod producer;
 pub mod rate_limit;
+pub mod simulate;
 
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
@@ -119,14 +121,8 @@ impl IngestArgs {
     /// The rate-limit buckets.
     pub fn rate_limits(&self) -> rate_limit::RateLimits {
         rate_limit::RateLimits::new(
-            rate_limit::Limit {
-                per_second: self.device_rate_limit,
-                burst: self.device_rate_burst,
-            },
-            rate_limit::Limit {
-                per_second: self.tenant_rate_limit,
-                burst: self.tenant_rate_burst,
-            },
+            rate_limit::Limit::per_second(self.device_rate_limit, self.device_rate_burst),
+            rate_limit::Limit::per_second(self.tenant_rate_limit, self.tenant_rate_burst),
         )
     }
 }

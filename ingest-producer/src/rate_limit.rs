@@ -13,10 +13,20 @@ use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 /// Rate and burst of one kind of bucket.
 #[derive(Debug, Clone, Copy)]
 pub struct Limit {
-    /// Sustained messages per second.
-    pub per_second: NonZeroU32,
+    /// One message is allowed per this period, sustained.
+    pub period: Duration,
     /// Messages that may arrive at once.
     pub burst: NonZeroU32,
+}
+
+impl Limit {
+    /// `per_second` messages per second sustained, `burst` at once.
+    pub fn per_second(per_second: NonZeroU32, burst: NonZeroU32) -> Self {
+        Limit {
+            period: Duration::from_secs_f64(1.0 / f64::from(per_second.get())),
+            burst,
+        }
+    }
 }
 
 /// The per-device and per-tenant buckets.
@@ -29,7 +39,11 @@ pub struct RateLimits {
 
 impl RateLimits {
     pub fn new(device: Limit, tenant: Limit) -> Self {
-        let quota = |limit: Limit| Quota::per_second(limit.per_second).allow_burst(limit.burst);
+        let quota = |limit: Limit| {
+            Quota::with_period(limit.period)
+                .unwrap_or_else(|| Quota::per_second(NonZeroU32::MAX))
+                .allow_burst(limit.burst)
+        };
         let clock = DefaultClock::default();
         RateLimits {
             devices: RateLimiter::keyed(quota(device)),
@@ -80,10 +94,10 @@ mod tests {
     use super::*;
 
     fn limit(per_second: u32, burst: u32) -> Limit {
-        Limit {
-            per_second: NonZeroU32::new(per_second).unwrap(),
-            burst: NonZeroU32::new(burst).unwrap(),
-        }
+        Limit::per_second(
+            NonZeroU32::new(per_second).unwrap(),
+            NonZeroU32::new(burst).unwrap(),
+        )
     }
 
     #[test]

@@ -81,8 +81,16 @@ async fn seed(db: &TestDb) -> Result<()> {
 }
 
 fn limit(per_second: u32, burst: u32) -> Limit {
+    Limit::per_second(
+        NonZeroU32::new(per_second).unwrap(),
+        NonZeroU32::new(burst).unwrap(),
+    )
+}
+
+/// A bucket that does not refill within a test, however slow the machine.
+fn slow_limit(burst: u32) -> Limit {
     Limit {
-        per_second: NonZeroU32::new(per_second).unwrap(),
+        period: Duration::from_secs(3600),
         burst: NonZeroU32::new(burst).unwrap(),
     }
 }
@@ -751,7 +759,7 @@ async fn an_atomic_batch_with_one_bad_message_puts_nothing() -> Result<()> {
 
 #[tokio::test]
 async fn a_device_over_its_rate_gets_429_with_retry_after() -> Result<()> {
-    let fx = Fixture::with_limits(limit(1, 3), limit(100_000, 100_000)).await?;
+    let fx = Fixture::with_limits(slow_limit(3), limit(100_000, 100_000)).await?;
     for seq in 0..3 {
         let reply = fx
             .post_json("tok-d1", json!({"seq": seq, "metrics": {}}))
@@ -762,7 +770,8 @@ async fn a_device_over_its_rate_gets_429_with_retry_after() -> Result<()> {
         .post_json("tok-d1", json!({"seq": 3, "metrics": {}}))
         .await;
     assert_eq!(reply.status, StatusCode::TOO_MANY_REQUESTS);
-    assert_eq!(reply.retry_after.as_deref(), Some("1"));
+    // The next cell is an hour away.
+    assert_eq!(reply.retry_after.as_deref(), Some("3600"));
     assert_eq!(
         reply.body,
         error("rate limit exceeded for device", Some("device_id"), Some(0))
@@ -778,7 +787,7 @@ async fn a_device_over_its_rate_gets_429_with_retry_after() -> Result<()> {
 
 #[tokio::test]
 async fn a_tenant_over_its_rate_gets_429_with_retry_after() -> Result<()> {
-    let fx = Fixture::with_limits(limit(1000, 1000), limit(1, 4)).await?;
+    let fx = Fixture::with_limits(limit(1000, 1000), slow_limit(4)).await?;
     let batch = json!([reading("d1", 1), reading("d2", 2), reading("d1", 3)]);
     let reply = fx.post_json("gw-acme", batch.clone()).await;
     assert_eq!(reply.status, StatusCode::ACCEPTED);
