@@ -1,16 +1,44 @@
 //! Kafka consumer group that bulk-COPYs telemetry into PostgreSQL/TimescaleDB exactly once.
 //!
-//! This crate is a library with a thin `main.rs`, so tests run the service in-process
-//! through [`run`]. At this stage it serves its admin endpoints (`/metrics`, `/healthz`,
-//! `/readyz`) and probes its dependencies; the pipeline stage itself is the subject of
-//! issue #4; its hand-written binary COPY encoder ([`copy_writer`]) is in place.
+//! # Guarantee
+//!
+//! Every message of the topic is stored exactly once in the database, across crashes
+//! (including `kill -9`), database outages, broker restarts and rebalances: each batch's rows
+//! and the offsets after them are one transaction, the offset update is fenced, and on
+//! assignment the consumer starts from the offsets stored in the database. Kafka-side offset
+//! commits are best effort, for lag tools only.
+//!
+//! # Layout
+//!
+//! * [`consumer`]: the group member, its rebalance callbacks and backpressure;
+//! * [`pipeline`]: per-writer batcher (decode, close on size/age) and committer;
+//! * [`batch`]: a batch's rows, dead letters and per-partition offset ranges;
+//! * [`writer`]: one batch, one transaction (fence, COPY, dedupe, bisect, latest);
+//! * [`offsets`]: the fenced offset store; [`copy_writer`]: the binary COPY encoder;
+//! * [`dlq`]: dead letters; [`stats`] and [`metrics`]: figures for Prometheus and
+//!   `system_metrics`; [`maintenance`]: plain-PostgreSQL partition upkeep.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use clap::Parser;
+use plumbing::admin::{self, Health};
 use plumbing::config::{DatabaseArgs, KafkaArgs, ObservabilityArgs};
 use plumbing::Shutdown;
-
-pub mod copy_writer;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::FutureProducer;
 use tracing::info;
+
+pub mod batch;
+pub mod consumer;
+pub mod copy_writer;
+pub mod dlq;
+pub mod maintenance;
+pub mod metrics;
+pub mod offsets;
+pub mod pipeline;
+pub mod stats;
+pub mod writer;
 
 /// Name in logs, traces, metrics and `system_metrics`.
 pub const SERVICE: &str = "timescale-sink";
@@ -20,6 +48,10 @@ pub const SERVICE: &str = "timescale-sink";
 pub enum Error {
     #[error(transparent)]
     Plumbing(#[from] plumbing::Error),
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("consumer thread: {0}")]
+    Thread(String),
 }
 
 /// Configuration, from flags or the environment.
@@ -27,7 +59,7 @@ pub enum Error {
 #[command(
     name = "timescale-sink",
     version,
-    about = "Kafka consumer group that bulk-COPYs telemetry into PostgreSQL/TimescaleDB exactly once"
+    about = "Kafka → PostgreSQL/TimescaleDB, exactly once"
 )]
 pub struct Config {
     #[command(flatten)]
@@ -36,19 +68,188 @@ pub struct Config {
     pub kafka: KafkaArgs,
     #[command(flatten)]
     pub observability: ObservabilityArgs,
+    /// Consumer group (offsets in `consumer_offsets` are kept per group).
+    #[arg(long, env = "SINK_GROUP_ID", default_value = "timescale-sink")]
+    pub group_id: String,
+    /// A batch closes at this many messages. 10,000 rows of binary COPY amortise the
+    /// per-transaction cost while keeping a batch under ~2 MB.
+    #[arg(long, env = "SINK_BATCH_MAX_ROWS", default_value_t = 10_000)]
+    pub batch_max_rows: usize,
+    /// A batch closes at this age, bounding ingest→commit latency at low rates.
+    #[arg(long, env = "SINK_BATCH_MAX_AGE", default_value = "200ms", value_parser = plumbing::config::parse_duration)]
+    pub batch_max_age: Duration,
+    /// Parallel writers, each its own COPY connection (one PostgreSQL backend, one core).
+    #[arg(long, env = "SINK_WRITERS", default_value_t = 2)]
+    pub writers: usize,
+    /// Messages buffered per writer ahead of its batcher; beyond it the consumer pauses.
+    #[arg(long, env = "SINK_WRITER_QUEUE", default_value_t = 20_000)]
+    pub writer_queue: usize,
+    /// Where a partition with no stored offset starts.
+    #[arg(long, env = "SINK_START_FROM", value_enum, default_value_t = consumer::StartFrom::Earliest)]
+    pub start_from: consumer::StartFrom,
+    /// On SIGTERM: time to flush, commit and leave the group before giving up on in-flight
+    /// batches (their offsets are then not stored; they are re-read on restart).
+    #[arg(long, env = "SINK_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = plumbing::config::parse_duration)]
+    pub shutdown_timeout: Duration,
+    /// Plain PostgreSQL layout: partition upkeep interval.
+    #[arg(long, env = "SINK_MAINTENANCE_INTERVAL", default_value = "1h", value_parser = plumbing::config::parse_duration)]
+    pub maintenance_interval: Duration,
+    /// Plain PostgreSQL layout: daily partitions kept ahead of today.
+    #[arg(long, env = "PARTITIONS_AHEAD_DAYS", default_value_t = 3)]
+    pub partitions_ahead_days: u32,
+    /// How often key figures are written to `system_metrics`.
+    #[arg(long, env = "SYSTEM_METRICS_INTERVAL", default_value = "10s", value_parser = plumbing::config::parse_duration)]
+    pub system_metrics_interval: Duration,
 }
 
-/// Runs the service until `shutdown` is cancelled.
+/// Runs the sink until `shutdown` is cancelled: then stops fetching, flushes, commits and
+/// leaves the group within `shutdown_timeout`.
 pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), Error> {
-    let pool = plumbing::db::pool(&config.database, SERVICE)?;
-    plumbing::probe::serve_admin_with_probes(
-        config.observability.admin_listen,
-        pool,
-        Some(config.kafka),
-        shutdown,
-    )
-    .await?;
-    info!("stopped");
+    metrics::describe();
+    let health = Health::new(&["database", "kafka", "assigned"]);
+    let mut pool_args = config.database.clone();
+    // Each writer holds one connection for its transaction; probes, offsets and upkeep share
+    // the rest.
+    pool_args.database_max_connections = pool_args
+        .database_max_connections
+        .max(config.writers as u32 + 3);
+    let pool = plumbing::db::pool(&pool_args, SERVICE)?;
+    let (listener, addr) = admin::bind(config.observability.admin_listen).await?;
+    info!(%addr, "admin endpoints listening");
+    let background = Shutdown::new();
+    let probes = [
+        plumbing::probe::spawn_database_probe(pool.clone(), health.clone(), background.clone()),
+        plumbing::probe::spawn_kafka_probe(
+            config.kafka.clone(),
+            health.clone(),
+            background.clone(),
+        ),
+        tokio::spawn(maintenance::run(
+            pool.clone(),
+            config.partitions_ahead_days,
+            config.maintenance_interval,
+            background.clone(),
+        )),
+    ];
+    let stats = Arc::new(stats::Stats::default());
+    let reporter = tokio::spawn(stats::report(
+        pool.clone(),
+        stats.clone(),
+        config.observability.instance(),
+        config.system_metrics_interval,
+        background.clone(),
+    ));
+    let admin_task = tokio::spawn(admin::serve(
+        listener,
+        admin::router(health.clone())?,
+        background.clone(),
+    ));
+
+    let dlq_producer: FutureProducer =
+        plumbing::kafka::producer_config(&config.kafka, &format!("{SERVICE}-dlq")).create()?;
+    let dlq = dlq::DeadLetterQueue::new(
+        dlq_producer,
+        config.kafka.dlq_topic.clone(),
+        config.kafka.telemetry_topic.clone(),
+    );
+
+    // Set once the consumer exists, so committers can commit offsets to Kafka for lag tools.
+    // Weak: the consumer owns the writers' inputs, so a strong reference from the writers
+    // would keep both alive for ever.
+    let kafka_commit: Arc<
+        std::sync::OnceLock<std::sync::Weak<BaseConsumer<consumer::SinkContext>>>,
+    > = Arc::new(std::sync::OnceLock::new());
+    let give_up = Shutdown::new();
+    let mut writers = Vec::new();
+    let mut tasks = Vec::new();
+    let topic = config.kafka.telemetry_topic.clone();
+    for _ in 0..config.writers.max(1) {
+        let commit_handle = kafka_commit.clone();
+        let commit_topic = topic.clone();
+        let writer = writer::BatchWriter {
+            pool: pool.clone(),
+            group: config.group_id.clone(),
+            topic: topic.clone(),
+            dlq: dlq.clone(),
+            on_committed: Arc::new(move |ranges| {
+                if let Some(consumer) = commit_handle.get().and_then(std::sync::Weak::upgrade) {
+                    consumer::commit_to_kafka(&consumer, &commit_topic, ranges);
+                }
+            }),
+            stats: stats.clone(),
+            min_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(10),
+        };
+        let limits = pipeline::BatchLimits {
+            max_rows: config.batch_max_rows,
+            max_age: config.batch_max_age,
+        };
+        let (input, handles) =
+            pipeline::spawn_writer(writer, limits, config.writer_queue, give_up.clone());
+        writers.push(input);
+        tasks.extend(handles);
+    }
+
+    let context = consumer::SinkContext::new(
+        writers,
+        pool.clone(),
+        tokio::runtime::Handle::current(),
+        config.group_id.clone(),
+        topic.clone(),
+        config.start_from,
+        health.clone(),
+        shutdown.clone(),
+    );
+    let mut consumer_config =
+        plumbing::kafka::consumer_config(&config.kafka, SERVICE, &config.group_id);
+    // Eager protocol: see the `consumer` module for why not cooperative-sticky.
+    consumer_config.set("partition.assignment.strategy", "roundrobin");
+    let consumer: Arc<BaseConsumer<consumer::SinkContext>> =
+        Arc::new(consumer_config.create_with_context(context)?);
+    consumer.subscribe(&[&topic])?;
+    let _ = kafka_commit.set(Arc::downgrade(&consumer));
+    info!(topic = %topic, group = %config.group_id, writers = config.writers, "sink started");
+
+    let poller = consumer.clone();
+    let poll_stats = stats.clone();
+    let shutdown_timeout = config.shutdown_timeout;
+    let thread = std::thread::Builder::new()
+        .name("sink-consumer".to_owned())
+        .spawn(move || {
+            consumer::poll_loop(&poller, &poll_stats);
+            consumer::drain_and_close(&poller, Instant::now() + shutdown_timeout);
+            // Dropping the last reference (after the writers finish) closes the consumer.
+            drop(poller);
+        })
+        .map_err(|err| Error::Thread(err.to_string()))?;
+
+    shutdown.cancelled().await;
+    info!("shutting down: flushing batches and leaving the group");
+    // A deadline for committers still retrying: past it, in-flight batches are abandoned.
+    let deadline_token = give_up.clone();
+    let deadline = tokio::spawn(async move {
+        tokio::time::sleep(shutdown_timeout).await;
+        deadline_token.cancel();
+    });
+    let joined = tokio::task::spawn_blocking(move || thread.join()).await;
+    if !matches!(joined, Ok(Ok(()))) {
+        tracing::error!("consumer thread panicked");
+    }
+    // The consumer (its context) holds the writers' inputs: dropping it ends the writers once
+    // their last batches are written. Closing a consumer may block, so not on a runtime thread.
+    let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
+    for task in tasks {
+        let _ = task.await;
+    }
+    deadline.abort();
+    background.cancel();
+    let _ = admin_task.await;
+    for probe in probes {
+        let _ = probe.await;
+    }
+    let _ = reporter.await;
+    pool.close().await;
+    info!(rows = stats.rows(), "stopped");
     Ok(())
 }
 
@@ -66,10 +267,18 @@ mod tests {
             "k:9092",
             "--admin-listen",
             "127.0.0.1:0",
+            "--batch-max-rows",
+            "5000",
+            "--batch-max-age",
+            "150ms",
         ])
         .unwrap();
         assert_eq!(config.database.database_url, "postgres://u:p@db/fleet");
         assert_eq!(config.kafka.bootstrap_servers, "k:9092");
         assert_eq!(config.kafka.telemetry_topic, "telemetry.v1");
+        assert_eq!(config.group_id, "timescale-sink");
+        assert_eq!(config.batch_max_rows, 5000);
+        assert_eq!(config.batch_max_age, Duration::from_millis(150));
+        assert_eq!(config.writers, 2);
     }
 }

@@ -1,0 +1,205 @@
+//! Batches: decoded rows of several partitions, with the offset range each partition covers.
+//!
+//! A batch closes on size or age. For each partition it records the offset its rows start
+//! from (`expected`: what `consumer_offsets` must hold for the batch to apply, `None` when no
+//! row may exist yet) and the offset after its last message (`next`).
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Instant;
+
+use schemas::{DecodeError, Telemetry};
+
+use crate::copy_writer::{CopyEncodeError, CopyEncoder};
+
+/// One message as it left the consumer.
+#[derive(Debug, Clone)]
+pub struct RawMessage {
+    pub partition: i32,
+    pub offset: i64,
+    pub payload: Vec<u8>,
+    pub traceparent: Option<String>,
+}
+
+/// A row with where it came from (for the DLQ and bisection).
+#[derive(Debug, Clone)]
+pub struct SourcedRow {
+    pub row: Telemetry,
+    pub partition: i32,
+    pub offset: i64,
+    pub payload: Vec<u8>,
+}
+
+/// A message that cannot be stored, with the reason and stage.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    pub partition: i32,
+    pub offset: i64,
+    pub payload: Vec<u8>,
+    pub error: String,
+    /// `decode` or `database`.
+    pub stage: &'static str,
+}
+
+/// Offsets one partition contributes to a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartitionRange {
+    /// The stored `next_offset` this batch requires (`None`: no row may exist yet).
+    pub expected: Option<i64>,
+    /// Offset after the batch's last message of this partition.
+    pub next: i64,
+}
+
+/// Rows on their way to one transaction.
+#[derive(Debug)]
+pub struct Batch {
+    pub rows: Vec<SourcedRow>,
+    pub encoder: CopyEncoder,
+    pub dead_letters: Vec<DeadLetter>,
+    pub partitions: BTreeMap<i32, PartitionRange>,
+    pub opened_at: Instant,
+    /// `traceparent` of the first traced message, to link the batch span.
+    pub traceparent: Option<String>,
+}
+
+impl Batch {
+    /// An empty batch sized for `rows` rows.
+    pub fn with_capacity(rows: usize) -> Self {
+        Self {
+            rows: Vec::with_capacity(rows),
+            encoder: CopyEncoder::with_capacity(rows * 160),
+            dead_letters: Vec::new(),
+            partitions: BTreeMap::new(),
+            opened_at: Instant::now(),
+            traceparent: None,
+        }
+    }
+
+    /// Messages (rows and dead letters) in the batch.
+    pub fn messages(&self) -> usize {
+        self.rows.len() + self.dead_letters.len()
+    }
+
+    /// True when the batch covers no offsets at all.
+    pub fn is_empty(&self) -> bool {
+        self.partitions.is_empty()
+    }
+
+    /// Adds one message: decoded and encoded as a row, or kept as a dead letter. `expected`
+    /// is the partition's stored-offset expectation, used when the partition is new to the
+    /// batch.
+    pub fn push(
+        &mut self,
+        message: RawMessage,
+        expected: Option<i64>,
+        decoded: Result<Telemetry, DecodeError>,
+    ) {
+        let range = self
+            .partitions
+            .entry(message.partition)
+            .or_insert(PartitionRange {
+                expected,
+                next: message.offset + 1,
+            });
+        range.next = message.offset + 1;
+        if self.traceparent.is_none() {
+            self.traceparent.clone_from(&message.traceparent);
+        }
+        let checked = decoded
+            .map_err(|err| err.to_string())
+            .and_then(|row| validate(&row).map(|()| row));
+        match checked {
+            Ok(row) => match self.encoder.push_telemetry(&row) {
+                Ok(()) => self.rows.push(SourcedRow {
+                    row,
+                    partition: message.partition,
+                    offset: message.offset,
+                    payload: message.payload,
+                }),
+                Err(err) => self.dead_letters.push(dead_letter(message, &err, "decode")),
+            },
+            Err(error) => self.dead_letters.push(DeadLetter {
+                partition: message.partition,
+                offset: message.offset,
+                payload: message.payload,
+                error,
+                stage: "decode",
+            }),
+        }
+    }
+
+    /// Drops everything of `partition` (it was revoked: its new owner re-reads it from the
+    /// stored offset).
+    pub fn remove_partition(&mut self, partition: i32) {
+        if self.partitions.remove(&partition).is_none() {
+            return;
+        }
+        self.rows.retain(|r| r.partition != partition);
+        self.dead_letters.retain(|d| d.partition != partition);
+        let mut encoder = CopyEncoder::with_capacity(self.rows.len() * 160);
+        for row in &self.rows {
+            // Rows were encodable when added; re-encoding the same values cannot fail.
+            let _ = encoder.push_telemetry(&row.row);
+        }
+        self.encoder = encoder;
+    }
+
+    /// Index of the newest row per device (largest `time`, then `seq`), for `device_latest`.
+    pub fn latest_per_device(rows: &[&SourcedRow]) -> Vec<usize> {
+        let mut newest: HashMap<(&str, &str), usize> = HashMap::with_capacity(rows.len());
+        for (i, r) in rows.iter().enumerate() {
+            let key = (r.row.tenant_id.as_str(), r.row.device_id.as_str());
+            newest
+                .entry(key)
+                .and_modify(|best| {
+                    let b = &rows[*best].row;
+                    if (r.row.time, r.row.seq) > (b.time, b.seq) {
+                        *best = i;
+                    }
+                })
+                .or_insert(i);
+        }
+        let mut indexes: Vec<usize> = newest.into_values().collect();
+        indexes.sort_unstable();
+        indexes
+    }
+}
+
+fn dead_letter(message: RawMessage, err: &CopyEncodeError, stage: &'static str) -> DeadLetter {
+    DeadLetter {
+        partition: message.partition,
+        offset: message.offset,
+        payload: message.payload,
+        error: err.to_string(),
+        stage,
+    }
+}
+
+/// Rejects what PostgreSQL would refuse for data reasons, before it reaches a COPY: NUL in
+/// text (text and jsonb cannot hold U+0000) and identifiers the schema does not allow.
+fn validate(row: &Telemetry) -> Result<(), String> {
+    for (field, value) in [
+        ("tenant_id", row.tenant_id.as_str()),
+        ("device_id", row.device_id.as_str()),
+        ("msg_type", row.msg_type.as_str()),
+    ] {
+        if value.is_empty() {
+            return Err(format!("field `{field}`: empty"));
+        }
+        if value.contains('\0') {
+            return Err(format!("field `{field}`: contains NUL"));
+        }
+    }
+    if row.site_id.as_deref().is_some_and(|s| s.contains('\0')) {
+        return Err("field `site_id`: contains NUL".to_owned());
+    }
+    for (name, value) in &row.metrics {
+        let nul_value = matches!(value, schemas::MetricValue::String(s) if s.contains('\0'));
+        if name.contains('\0') || nul_value {
+            return Err(format!(
+                "metric `{}`: contains NUL",
+                name.replace('\0', "\\0")
+            ));
+        }
+    }
+    Ok(())
+}

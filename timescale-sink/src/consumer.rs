@@ -1,0 +1,383 @@
+//! The Kafka side: one consumer in the group, polled on its own thread.
+//!
+//! Rebalance callbacks run on that thread, inside `poll`, so assignment changes are ordered
+//! with the messages routed to writers:
+//!
+//! * **assign** (eager protocol): read each partition's `next_offset` from `consumer_offsets`
+//!   and re-assign with those offsets, so fetching starts exactly after what the database
+//!   holds (configurable earliest/latest where nothing is stored); tell the owning writer.
+//! * **revoke**: tell each owning writer to drop the partition's unflushed rows and wait until
+//!   batches already handed to its committer are done, so none commits for a partition the
+//!   new owner has started on (and if one does anyway, the fence rolls it back).
+//!
+//! Why eager and not cooperative-sticky: rust-rdkafka's safe API performs the incremental
+//! assignment itself with the broker-committed offsets and offers no way to set the start
+//! offsets of newly added partitions inside the callback; re-assigning the full list with
+//! explicit offsets is only well defined for the eager protocol.
+//!
+//! Backpressure: when a writer's input channel is full, the messages wait in a per-writer
+//! queue and every assigned partition is paused until the queues drain; the thread keeps
+//! polling, so the consumer stays in the group while the database is slow or down.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::message::Headers;
+use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
+use sqlx::PgPool;
+use tokio::runtime::Handle;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::batch::{PartitionRange, RawMessage};
+use crate::pipeline::Input;
+
+/// Where to start a partition that has no stored offset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum StartFrom {
+    Earliest,
+    Latest,
+}
+
+/// State shared by the poll loop and the rebalance callbacks (same thread).
+pub struct SinkContext {
+    /// Input of each writer (partition modulo count); held here so a writer ends when the
+    /// consumer is dropped.
+    pub writers: Vec<mpsc::Sender<Input>>,
+    pub pool: PgPool,
+    pub runtime: Handle,
+    pub group: String,
+    pub topic: String,
+    pub start_from: StartFrom,
+    /// How long a revocation waits for in-flight batches before relying on the fence.
+    pub revoke_timeout: Duration,
+    pub health: plumbing::admin::Health,
+    pub shutdown: CancellationToken,
+    pending: Mutex<Vec<VecDeque<Input>>>,
+}
+
+impl std::fmt::Debug for SinkContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SinkContext")
+            .field("group", &self.group)
+            .field("topic", &self.topic)
+            .field("writers", &self.writers.len())
+            .finish()
+    }
+}
+
+/// Callbacks block (on writers and the database), which is only allowed off the async
+/// runtime: on the consumer thread, not in a task that happens to drop the consumer.
+fn on_consumer_thread() -> bool {
+    Handle::try_current().is_err()
+}
+
+impl SinkContext {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        writers: Vec<mpsc::Sender<Input>>,
+        pool: PgPool,
+        runtime: Handle,
+        group: String,
+        topic: String,
+        start_from: StartFrom,
+        health: plumbing::admin::Health,
+        shutdown: CancellationToken,
+    ) -> Self {
+        let pending = Mutex::new(writers.iter().map(|_| VecDeque::new()).collect());
+        Self {
+            writers,
+            pool,
+            runtime,
+            group,
+            topic,
+            start_from,
+            revoke_timeout: Duration::from_secs(30),
+            health,
+            shutdown,
+            pending,
+        }
+    }
+
+    fn writer_of(&self, partition: i32) -> usize {
+        partition.unsigned_abs() as usize % self.writers.len()
+    }
+
+    /// Sends directly (bypassing the pending queues), waiting for room.
+    fn send_blocking(&self, writer: usize, input: Input) -> bool {
+        self.writers[writer].blocking_send(input).is_ok()
+    }
+
+    fn load_offsets(&self, partitions: &[i32]) -> Option<HashMap<i32, i64>> {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let result = self.runtime.block_on(async {
+                let mut conn = self.pool.acquire().await?;
+                crate::offsets::load(&mut conn, &self.group, &self.topic, partitions).await
+            });
+            match result {
+                Ok(offsets) => return Some(offsets),
+                Err(err) => {
+                    warn!(error = %err, "cannot read stored offsets; retrying");
+                    if self.shutdown.is_cancelled() {
+                        return None;
+                    }
+                    let until = Instant::now() + backoff;
+                    while Instant::now() < until && !self.shutdown.is_cancelled() {
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                }
+            }
+        }
+    }
+}
+
+impl ClientContext for SinkContext {}
+
+impl ConsumerContext for SinkContext {
+    fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let Rebalance::Revoke(tpl) = rebalance else {
+            return;
+        };
+        if !on_consumer_thread() {
+            warn!("revocation outside the consumer thread; relying on the offset fence");
+            return;
+        }
+        let partitions: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+        info!(?partitions, "partitions revoked");
+        if let Ok(mut pending) = self.pending.lock() {
+            for queue in pending.iter_mut() {
+                queue.retain(|input| !matches!(input, Input::Message(m) if partitions.contains(&m.partition)));
+            }
+        }
+        let mut acks = Vec::new();
+        for &partition in &partitions {
+            let (ack, done) = oneshot::channel();
+            if self.send_blocking(self.writer_of(partition), Input::Revoked { partition, ack }) {
+                acks.push(done);
+            }
+        }
+        let deadline = Instant::now() + self.revoke_timeout;
+        for done in acks {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let waited = self
+                .runtime
+                .block_on(async move { tokio::time::timeout(left, done).await });
+            if waited.is_err() {
+                warn!("revocation did not finish in time; relying on the offset fence");
+                break;
+            }
+        }
+        metrics::gauge!(crate::metrics::ASSIGNED_PARTITIONS).set(0.0);
+    }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                if !on_consumer_thread() {
+                    return;
+                }
+                let partitions: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+                let Some(stored) = self.load_offsets(&partitions) else {
+                    return;
+                };
+                let mut assignment = TopicPartitionList::new();
+                for &partition in &partitions {
+                    let offset = match (stored.get(&partition), self.start_from) {
+                        (Some(&next), _) => Offset::Offset(next),
+                        (None, StartFrom::Earliest) => Offset::Beginning,
+                        (None, StartFrom::Latest) => Offset::End,
+                    };
+                    if let Err(err) =
+                        assignment.add_partition_offset(&self.topic, partition, offset)
+                    {
+                        warn!(partition, error = %err, "cannot build assignment");
+                    }
+                }
+                // Eager protocol: this replaces the assignment just made with one that starts
+                // at the database's offsets.
+                if let Err(err) = consumer.assign(&assignment) {
+                    warn!(error = %err, "cannot re-assign at stored offsets");
+                }
+                for &partition in &partitions {
+                    let position = stored.get(&partition).copied();
+                    self.send_blocking(
+                        self.writer_of(partition),
+                        Input::Assigned {
+                            partition,
+                            position,
+                        },
+                    );
+                }
+                info!(
+                    ?partitions,
+                    stored = stored.len(),
+                    "partitions assigned at stored offsets"
+                );
+                metrics::gauge!(crate::metrics::ASSIGNED_PARTITIONS).set(partitions.len() as f64);
+                self.health.set("assigned", true);
+            }
+            Rebalance::Revoke(_) => {}
+            Rebalance::Error(err) => warn!(error = %err, "rebalance error"),
+        }
+    }
+
+    fn commit_callback(
+        &self,
+        result: rdkafka::error::KafkaResult<()>,
+        _offsets: &TopicPartitionList,
+    ) {
+        if let Err(err) = result {
+            tracing::debug!(error = %err, "kafka-side offset commit failed (lag tools only)");
+        }
+    }
+}
+
+/// Commits stored offsets to Kafka (asynchronously, best effort) so lag tools see them.
+pub fn commit_to_kafka(
+    consumer: &BaseConsumer<SinkContext>,
+    topic: &str,
+    ranges: &BTreeMap<i32, PartitionRange>,
+) {
+    let mut tpl = TopicPartitionList::new();
+    for (&partition, range) in ranges {
+        let _ = tpl.add_partition_offset(topic, partition, Offset::Offset(range.next));
+    }
+    if let Err(err) = consumer.commit(&tpl, CommitMode::Async) {
+        tracing::debug!(error = %err, "kafka-side offset commit not queued");
+    }
+}
+
+/// Polls until `shutdown`, routing messages to writers with backpressure. Returns when the
+/// shutdown token is cancelled; the caller then flushes and closes.
+pub fn poll_loop(consumer: &BaseConsumer<SinkContext>, stats: &crate::stats::Stats) {
+    let context = consumer.context();
+    let mut paused = false;
+    let mut last_lag = Instant::now();
+    while !context.shutdown.is_cancelled() {
+        // Drain what waits for room first.
+        let backlog = match context.pending.lock() {
+            Ok(mut pending) => {
+                for (writer, queue) in pending.iter_mut().enumerate() {
+                    while let Some(input) = queue.pop_front() {
+                        match context.writers[writer].try_send(input) {
+                            Ok(()) => {}
+                            Err(mpsc::error::TrySendError::Full(input)) => {
+                                queue.push_front(input);
+                                break;
+                            }
+                            Err(mpsc::error::TrySendError::Closed(_)) => return,
+                        }
+                    }
+                }
+                pending.iter().map(VecDeque::len).sum::<usize>()
+            }
+            Err(_) => return,
+        };
+        if backlog > 0 && !paused {
+            if let Ok(assignment) = consumer.assignment() {
+                paused = consumer.pause(&assignment).is_ok();
+            }
+        } else if backlog == 0 && paused {
+            if let Ok(assignment) = consumer.assignment() {
+                paused = consumer.resume(&assignment).is_err();
+            }
+        }
+        let timeout = if backlog > 0 {
+            Duration::from_millis(20)
+        } else {
+            Duration::from_millis(100)
+        };
+        match consumer.poll(timeout) {
+            Some(Ok(message)) => {
+                let raw = RawMessage {
+                    partition: message.partition(),
+                    offset: message.offset(),
+                    payload: message.payload().unwrap_or_default().to_vec(),
+                    traceparent: message.headers().and_then(|headers| {
+                        headers
+                            .iter()
+                            .find(|h| h.key == schemas::topics::HEADER_TRACEPARENT)
+                            .and_then(|h| h.value)
+                            .map(|v| String::from_utf8_lossy(v).into_owned())
+                    }),
+                };
+                let writer = context.writer_of(raw.partition);
+                if let Ok(mut pending) = context.pending.lock() {
+                    pending[writer].push_back(Input::Message(raw));
+                }
+            }
+            Some(Err(err)) => warn!(error = %err, "kafka consumer error"),
+            None => {}
+        }
+        if last_lag.elapsed() > Duration::from_secs(10) {
+            last_lag = Instant::now();
+            report_lag(consumer, stats);
+        }
+    }
+}
+
+fn report_lag(consumer: &BaseConsumer<SinkContext>, stats: &crate::stats::Stats) {
+    let Ok(positions) = consumer.position() else {
+        return;
+    };
+    let mut total = 0u64;
+    for element in positions.elements() {
+        let Offset::Offset(position) = element.offset() else {
+            continue;
+        };
+        if let Ok((_, high)) =
+            consumer.fetch_watermarks(element.topic(), element.partition(), Duration::from_secs(1))
+        {
+            let lag = (high - position).max(0) as u64;
+            total += lag;
+            metrics::gauge!(crate::metrics::LAG, "partition" => element.partition().to_string())
+                .set(lag as f64);
+        }
+    }
+    stats.set_lag(total);
+}
+
+/// Flushes every writer (waiting up to `deadline`), then leaves the group.
+pub fn drain_and_close(consumer: &BaseConsumer<SinkContext>, deadline: Instant) {
+    let context = consumer.context();
+    // Messages still queued for writers are dropped: their offsets are not stored, so they
+    // are read again by whoever owns the partition next.
+    if let Ok(mut pending) = context.pending.lock() {
+        pending.iter_mut().for_each(VecDeque::clear);
+    }
+    let mut acks = Vec::new();
+    for writer in &context.writers {
+        let (ack, done) = oneshot::channel();
+        if writer.blocking_send(Input::Flush { ack }).is_ok() {
+            acks.push(done);
+        }
+    }
+    for done in acks {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if context
+            .runtime
+            .block_on(async move { tokio::time::timeout(left, done).await })
+            .is_err()
+        {
+            warn!("flush did not finish before the shutdown deadline");
+            break;
+        }
+    }
+    // Leaving the group runs the revoke callback (nothing left to drop) and lets the other
+    // instances take the partitions over at once instead of after the session timeout.
+    consumer.unsubscribe();
+    let until = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < until
+        && consumer
+            .assignment()
+            .map(|a| a.count() > 0)
+            .unwrap_or(false)
+    {
+        let _ = consumer.poll(Duration::from_millis(50));
+    }
+}

@@ -1,0 +1,76 @@
+//! The sink's metrics, described once. Names: `fleetstream_sink_<thing>_<unit>`.
+
+use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+
+pub const ROWS_WRITTEN: &str = "fleetstream_sink_rows_written_total";
+pub const BATCHES: &str = "fleetstream_sink_batches_total";
+pub const BATCH_ROWS: &str = "fleetstream_sink_batch_rows";
+pub const COPY_DURATION: &str = "fleetstream_sink_copy_duration_seconds";
+pub const COMMIT_DURATION: &str = "fleetstream_sink_batch_commit_duration_seconds";
+pub const INGEST_TO_COMMIT: &str = "fleetstream_sink_ingest_to_commit_seconds";
+pub const DUPLICATES: &str = "fleetstream_sink_duplicate_rows_total";
+pub const DEAD_LETTERS: &str = "fleetstream_sink_dead_letters_total";
+pub const FENCED_BATCHES: &str = "fleetstream_sink_fenced_batches_total";
+pub const DB_RETRIES: &str = "fleetstream_sink_database_retries_total";
+pub const LAG: &str = "fleetstream_sink_consumer_lag_messages";
+pub const ASSIGNED_PARTITIONS: &str = "fleetstream_sink_assigned_partitions";
+
+/// Registers help text for every metric of the sink.
+pub fn describe() {
+    describe_counter!(
+        ROWS_WRITTEN,
+        Unit::Count,
+        "Telemetry rows committed to the database."
+    );
+    describe_counter!(
+        BATCHES,
+        Unit::Count,
+        "Batches by outcome (committed, fenced, empty)."
+    );
+    describe_histogram!(BATCH_ROWS, Unit::Count, "Rows per committed batch.");
+    describe_histogram!(
+        COPY_DURATION,
+        Unit::Seconds,
+        "Duration of the binary COPY of one batch."
+    );
+    describe_histogram!(
+        COMMIT_DURATION,
+        Unit::Seconds,
+        "Duration of one batch transaction, from BEGIN to COMMIT."
+    );
+    describe_histogram!(
+        INGEST_TO_COMMIT,
+        Unit::Seconds,
+        "Time from a reading's received_at (ingest clock) to its batch committing."
+    );
+    describe_counter!(
+        DUPLICATES,
+        Unit::Count,
+        "Re-sent readings (same tenant, device, time) skipped by ON CONFLICT DO NOTHING."
+    );
+    describe_counter!(
+        DEAD_LETTERS,
+        Unit::Count,
+        "Messages sent to the DLQ, by stage."
+    );
+    describe_counter!(
+        FENCED_BATCHES,
+        Unit::Count,
+        "Batches rolled back because the stored offset no longer matched (partition moved)."
+    );
+    describe_counter!(
+        DB_RETRIES,
+        Unit::Count,
+        "Batch transactions retried after a transient error."
+    );
+    describe_gauge!(
+        LAG,
+        Unit::Count,
+        "Messages behind the partition's high watermark."
+    );
+    describe_gauge!(
+        ASSIGNED_PARTITIONS,
+        Unit::Count,
+        "Partitions assigned to this instance."
+    );
+}

@@ -1,0 +1,170 @@
+//! Per-writer pipeline: a batcher task decodes messages and closes batches on size or age,
+//! and a committer task writes them. The one-batch channel between them lets decoding of the
+//! next batch overlap the COPY of the current one, and bounds memory: when the database is
+//! slow or down, the batcher waits, its input channel fills, and the consumer pauses fetching.
+//!
+//! A partition belongs to one writer (partition modulo writer count), so its batches commit
+//! in offset order and each batch's fence expectation is the previous batch's end.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::batch::{Batch, RawMessage};
+use crate::writer::BatchWriter;
+
+/// What the consumer sends a writer.
+#[derive(Debug)]
+pub enum Input {
+    /// A message of an assigned partition.
+    Message(RawMessage),
+    /// The partition is now ours; `position` is its stored `next_offset` (None: none stored).
+    Assigned {
+        partition: i32,
+        position: Option<i64>,
+    },
+    /// The partition is no longer ours: drop its unflushed rows, acknowledge once every
+    /// batch already handed to the committer is done.
+    Revoked {
+        partition: i32,
+        ack: oneshot::Sender<()>,
+    },
+    /// Close the open batch now; acknowledge when it is written.
+    Flush { ack: oneshot::Sender<()> },
+}
+
+enum ToCommitter {
+    Batch(Batch),
+    Barrier(oneshot::Sender<()>),
+}
+
+/// Limits of one writer's batches.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchLimits {
+    pub max_rows: usize,
+    pub max_age: Duration,
+}
+
+/// Starts one writer (batcher + committer); returns its input and the tasks to await.
+pub fn spawn_writer(
+    writer: BatchWriter,
+    limits: BatchLimits,
+    input_capacity: usize,
+    give_up: CancellationToken,
+) -> (mpsc::Sender<Input>, Vec<tokio::task::JoinHandle<()>>) {
+    let (input_tx, input_rx) = mpsc::channel(input_capacity);
+    let (batch_tx, batch_rx) = mpsc::channel(1);
+    let batcher = tokio::spawn(batcher(input_rx, batch_tx, limits));
+    let committer = tokio::spawn(committer(batch_rx, writer, give_up));
+    (input_tx, vec![batcher, committer])
+}
+
+async fn committer(
+    mut rx: mpsc::Receiver<ToCommitter>,
+    writer: BatchWriter,
+    give_up: CancellationToken,
+) {
+    while let Some(item) = rx.recv().await {
+        match item {
+            ToCommitter::Batch(batch) => {
+                writer.write(batch, &give_up).await;
+            }
+            ToCommitter::Barrier(ack) => {
+                let _ = ack.send(());
+            }
+        }
+    }
+}
+
+async fn batcher(
+    mut rx: mpsc::Receiver<Input>,
+    to_committer: mpsc::Sender<ToCommitter>,
+    limits: BatchLimits,
+) {
+    let codec = match schemas::telemetry_codec() {
+        Ok(codec) => codec,
+        Err(err) => {
+            tracing::error!(error = %err, "no telemetry codec; writer stops");
+            return;
+        }
+    };
+    // Stored-offset expectation of the next batch, per assigned partition.
+    let mut positions: HashMap<i32, Option<i64>> = HashMap::new();
+    let mut batch = Batch::with_capacity(limits.max_rows);
+    loop {
+        let deadline = batch.opened_at + limits.max_age;
+        let input = tokio::select! {
+            input = rx.recv() => input,
+            _ = tokio::time::sleep_until(deadline.into()), if !batch.is_empty() => {
+                if flush(&mut batch, &to_committer, limits).await.is_err() {
+                    return;
+                }
+                continue;
+            }
+        };
+        match input {
+            None => {
+                let _ = flush(&mut batch, &to_committer, limits).await;
+                return;
+            }
+            Some(Input::Message(message)) => {
+                let Some(position) = positions.get_mut(&message.partition) else {
+                    continue; // not (or no longer) ours
+                };
+                if position.is_some_and(|p| message.offset < p) {
+                    continue; // already stored
+                }
+                let expected = *position;
+                *position = Some(message.offset + 1);
+                if batch.is_empty() {
+                    batch.opened_at = tokio::time::Instant::now().into_std();
+                }
+                let decoded = codec.decode(&message.payload);
+                batch.push(message, expected, decoded);
+                if batch.messages() >= limits.max_rows
+                    && flush(&mut batch, &to_committer, limits).await.is_err()
+                {
+                    return;
+                }
+            }
+            Some(Input::Assigned {
+                partition,
+                position,
+            }) => {
+                positions.insert(partition, position);
+            }
+            Some(Input::Revoked { partition, ack }) => {
+                positions.remove(&partition);
+                batch.remove_partition(partition);
+                if to_committer.send(ToCommitter::Barrier(ack)).await.is_err() {
+                    return;
+                }
+            }
+            Some(Input::Flush { ack }) => {
+                if flush(&mut batch, &to_committer, limits).await.is_err()
+                    || to_committer.send(ToCommitter::Barrier(ack)).await.is_err()
+                {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+async fn flush(
+    batch: &mut Batch,
+    to_committer: &mpsc::Sender<ToCommitter>,
+    limits: BatchLimits,
+) -> Result<(), ()> {
+    if batch.is_empty() {
+        batch.opened_at = std::time::Instant::now();
+        return Ok(());
+    }
+    let full = std::mem::replace(batch, Batch::with_capacity(limits.max_rows));
+    to_committer
+        .send(ToCommitter::Batch(full))
+        .await
+        .map_err(|_| ())
+}

@@ -1,0 +1,429 @@
+//! One batch, one transaction: fenced offsets, binary COPY, `device_latest`, commit.
+//!
+//! Guarantee: a batch's rows and the offsets after them commit together or not at all, and
+//! only if the stored offsets still are where the batch started (see [`crate::offsets`]). So
+//! every message is stored exactly once whatever crashes, restarts or rebalances happen; the
+//! Kafka-side commit afterwards is only for lag tools.
+//!
+//! Inside the transaction:
+//! 1. the fenced offset update (first: it takes the offset row locks, so a zombie batch waits
+//!    for, then loses to, the partition's new owner before doing any work);
+//! 2. `COPY telemetry FROM STDIN (FORMAT binary)` under a savepoint;
+//!    * unique violation (a re-sent reading): redo through a temporary staging table with
+//!      `INSERT … ON CONFLICT DO NOTHING`, counting the duplicates;
+//!    * a data error (a row PostgreSQL rejects): bisect under savepoints until each bad row is
+//!      isolated; bad rows go to the DLQ (acknowledged before commit), good rows are stored;
+//! 3. upsert of `device_latest` with each device's newest reading, only where newer;
+//! 4. commit.
+//!
+//! Transient errors (connection lost, server restarting, serialization failures) roll the
+//! transaction back and retry it with exponential backoff and jitter, for ever: the batch is
+//! never skipped. Only a shutdown past its deadline abandons a batch, whose offsets were then
+//! not stored, so the messages are read again on restart.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use sqlx::{PgConnection, PgPool};
+use tracing::{info_span, warn, Instrument};
+
+use crate::batch::{Batch, DeadLetter, PartitionRange, SourcedRow};
+use crate::copy_writer::{CopyEncoder, COPY_TELEMETRY_SQL};
+use crate::dlq::DeadLetterQueue;
+use crate::metrics as m;
+use crate::offsets;
+use crate::stats::Stats;
+
+const STAGING_DDL: &str = "CREATE TEMP TABLE IF NOT EXISTS telemetry_staging \
+     (LIKE telemetry INCLUDING DEFAULTS) ON COMMIT DELETE ROWS";
+const STAGING_COPY: &str = "COPY telemetry_staging (time, tenant_id, device_id, site_id, \
+     msg_type, seq, metrics) FROM STDIN (FORMAT binary)";
+const STAGING_INSERT: &str = "INSERT INTO telemetry (time, tenant_id, device_id, site_id, \
+     msg_type, seq, metrics) SELECT time, tenant_id, device_id, site_id, msg_type, seq, metrics \
+     FROM telemetry_staging ON CONFLICT DO NOTHING";
+
+/// What became of a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Rows stored (duplicates skipped, dead letters sent) and offsets moved.
+    Committed {
+        rows: u64,
+        duplicates: u64,
+        dead_letters: usize,
+    },
+    /// The stored offsets had moved: nothing written.
+    Fenced,
+    /// Shutdown deadline passed while retrying: nothing written, offsets not moved.
+    Abandoned,
+}
+
+/// Called after a commit with the offsets now stored, to commit them to Kafka for lag tools.
+pub type OnCommitted = Arc<dyn Fn(&BTreeMap<i32, PartitionRange>) + Send + Sync>;
+
+/// Writes batches of one consumer group and topic.
+#[derive(Clone)]
+pub struct BatchWriter {
+    pub pool: PgPool,
+    pub group: String,
+    pub topic: String,
+    pub dlq: DeadLetterQueue,
+    pub on_committed: OnCommitted,
+    pub stats: Arc<Stats>,
+    /// First retry delay; doubles up to `max_backoff`.
+    pub min_backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+impl std::fmt::Debug for BatchWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BatchWriter")
+            .field("group", &self.group)
+            .field("topic", &self.topic)
+            .finish()
+    }
+}
+
+#[derive(Debug)]
+enum TxError {
+    Database(sqlx::Error),
+    Kafka(rdkafka::error::KafkaError),
+}
+
+impl From<sqlx::Error> for TxError {
+    fn from(err: sqlx::Error) -> Self {
+        TxError::Database(err)
+    }
+}
+
+impl std::fmt::Display for TxError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TxError::Database(err) => write!(f, "database: {err}"),
+            TxError::Kafka(err) => write!(f, "dead-letter queue: {err}"),
+        }
+    }
+}
+
+fn sqlstate(err: &sqlx::Error) -> Option<String> {
+    err.as_database_error()
+        .and_then(|e| e.code())
+        .map(|c| c.into_owned())
+}
+
+/// A row-level rejection: data exceptions (22), integrity violations other than the unique
+/// violation handled by deduplication (23), program limits such as an oversized value (54).
+fn is_data_error(err: &sqlx::Error) -> bool {
+    sqlstate(err).is_some_and(|code| {
+        (code.starts_with("22") || code.starts_with("23") || code.starts_with("54"))
+            && code != "23505"
+    })
+}
+
+fn is_unique_violation(err: &sqlx::Error) -> bool {
+    sqlstate(err).as_deref() == Some("23505")
+}
+
+impl BatchWriter {
+    /// Stores `batch`, retrying transient failures until it commits, is fenced, or
+    /// `give_up` is cancelled.
+    pub async fn write(
+        &self,
+        batch: Batch,
+        give_up: &tokio_util::sync::CancellationToken,
+    ) -> Outcome {
+        if batch.is_empty() {
+            return Outcome::Committed {
+                rows: 0,
+                duplicates: 0,
+                dead_letters: 0,
+            };
+        }
+        let span = info_span!(
+            "copy_batch",
+            topic = %self.topic,
+            batch_rows = batch.rows.len(),
+            partitions = batch.partitions.len(),
+            traceparent = batch.traceparent.as_deref().unwrap_or(""),
+        );
+        let mut backoff = self.min_backoff;
+        loop {
+            let started = Instant::now();
+            match self.try_write(&batch).instrument(span.clone()).await {
+                Ok(outcome) => {
+                    self.record(&batch, &outcome, started);
+                    return outcome;
+                }
+                Err(err) => {
+                    metrics::counter!(m::DB_RETRIES).increment(1);
+                    let jitter = rand::rng().random_range(0.5..1.5);
+                    let delay = backoff.mul_f64(jitter);
+                    warn!(parent: &span, error = %err, retry_in_ms = delay.as_millis() as u64, "batch failed; retrying");
+                    tokio::select! {
+                        _ = give_up.cancelled() => {
+                            warn!(parent: &span, "shutdown deadline passed; batch abandoned (its offsets were not stored)");
+                            return Outcome::Abandoned;
+                        }
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                    backoff = (backoff * 2).min(self.max_backoff);
+                }
+            }
+        }
+    }
+
+    fn record(&self, batch: &Batch, outcome: &Outcome, started: Instant) {
+        match outcome {
+            Outcome::Committed {
+                rows,
+                duplicates,
+                dead_letters,
+            } => {
+                metrics::counter!(m::BATCHES, "outcome" => "committed").increment(1);
+                metrics::counter!(m::ROWS_WRITTEN).increment(*rows);
+                metrics::counter!(m::DUPLICATES).increment(*duplicates);
+                metrics::histogram!(m::BATCH_ROWS).record(batch.rows.len() as f64);
+                metrics::histogram!(m::COMMIT_DURATION).record(started.elapsed().as_secs_f64());
+                let now = chrono::Utc::now();
+                let latency = metrics::histogram!(m::INGEST_TO_COMMIT);
+                for r in &batch.rows {
+                    let seconds =
+                        (now - r.row.received_at).num_microseconds().unwrap_or(0) as f64 / 1e6;
+                    latency.record(seconds.max(0.0));
+                    self.stats.latency(seconds);
+                }
+                self.stats
+                    .committed(*rows, *duplicates, *dead_letters as u64);
+                (self.on_committed)(&batch.partitions);
+            }
+            Outcome::Fenced => {
+                metrics::counter!(m::BATCHES, "outcome" => "fenced").increment(1);
+                metrics::counter!(m::FENCED_BATCHES).increment(1);
+                self.stats.fenced();
+                warn!(topic = %self.topic, partitions = ?batch.partitions.keys().collect::<Vec<_>>(),
+                      "batch fenced: the stored offsets moved (partition reassigned); nothing written");
+            }
+            Outcome::Abandoned => {
+                metrics::counter!(m::BATCHES, "outcome" => "abandoned").increment(1);
+            }
+        }
+    }
+
+    async fn try_write(&self, batch: &Batch) -> Result<Outcome, TxError> {
+        // Dead letters found while decoding are acknowledged before the offsets move past them.
+        if !batch.dead_letters.is_empty() {
+            self.dlq
+                .send_all(&batch.dead_letters)
+                .await
+                .map_err(TxError::Kafka)?;
+        }
+        let mut tx = self.pool.begin().await?;
+        let matched =
+            offsets::store_fenced(&mut tx, &self.group, &self.topic, &batch.partitions).await?;
+        if matched != batch.partitions.len() {
+            tx.rollback().await?;
+            return Ok(Outcome::Fenced);
+        }
+        let mut inserted = 0u64;
+        let mut duplicates = 0u64;
+        let mut rejected: Vec<DeadLetter> = Vec::new();
+        if !batch.rows.is_empty() {
+            sqlx::query("SAVEPOINT copy_batch")
+                .execute(&mut *tx)
+                .await?;
+            let copy_started = Instant::now();
+            match copy(&mut tx, COPY_TELEMETRY_SQL, batch.encoder.clone().finish()).await {
+                Ok(n) => {
+                    inserted = n;
+                    sqlx::query("RELEASE SAVEPOINT copy_batch")
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                Err(err) if is_unique_violation(&err) => {
+                    sqlx::query("ROLLBACK TO SAVEPOINT copy_batch")
+                        .execute(&mut *tx)
+                        .await?;
+                    sqlx::query(STAGING_DDL).execute(&mut *tx).await?;
+                    inserted = insert_via_staging(&mut tx, &batch.rows).await?;
+                    duplicates = batch.rows.len() as u64 - inserted;
+                }
+                Err(err) if is_data_error(&err) => {
+                    sqlx::query("ROLLBACK TO SAVEPOINT copy_batch")
+                        .execute(&mut *tx)
+                        .await?;
+                    sqlx::query(STAGING_DDL).execute(&mut *tx).await?;
+                    let indexes: Vec<usize> = (0..batch.rows.len()).collect();
+                    let mut bad = Vec::new();
+                    inserted = bisect(&mut tx, &batch.rows, indexes, &mut bad).await?;
+                    duplicates = (batch.rows.len() - bad.len()) as u64 - inserted;
+                    rejected = bad
+                        .into_iter()
+                        .map(|(i, error)| DeadLetter {
+                            partition: batch.rows[i].partition,
+                            offset: batch.rows[i].offset,
+                            payload: batch.rows[i].payload.clone(),
+                            error,
+                            stage: "database",
+                        })
+                        .collect();
+                    self.dlq.send_all(&rejected).await.map_err(TxError::Kafka)?;
+                }
+                Err(err) => return Err(err.into()),
+            }
+            metrics::histogram!(m::COPY_DURATION).record(copy_started.elapsed().as_secs_f64());
+            let stored: Vec<&SourcedRow> = batch
+                .rows
+                .iter()
+                .filter(|r| {
+                    !rejected
+                        .iter()
+                        .any(|d| d.partition == r.partition && d.offset == r.offset)
+                })
+                .collect();
+            upsert_latest(&mut tx, &stored).await?;
+        }
+        tx.commit().await?;
+        Ok(Outcome::Committed {
+            rows: inserted,
+            duplicates,
+            dead_letters: batch.dead_letters.len() + rejected.len(),
+        })
+    }
+}
+
+async fn copy(
+    conn: &mut PgConnection,
+    statement: &str,
+    bytes: Vec<u8>,
+) -> Result<u64, sqlx::Error> {
+    let mut copy = conn.copy_in_raw(statement).await?;
+    if let Err(err) = copy.send(bytes).await {
+        let _ = copy.abort("send failed").await;
+        return Err(err);
+    }
+    copy.finish().await
+}
+
+fn encode(rows: &[&SourcedRow]) -> Vec<u8> {
+    let mut encoder = CopyEncoder::with_capacity(rows.len() * 160);
+    for r in rows {
+        // Every row in a batch was encodable when it was added.
+        let _ = encoder.push_telemetry(&r.row);
+    }
+    encoder.finish()
+}
+
+/// COPY into the session's staging table, then insert what is new. Returns rows inserted.
+async fn insert_via_staging(
+    conn: &mut PgConnection,
+    rows: &[SourcedRow],
+) -> Result<u64, sqlx::Error> {
+    let refs: Vec<&SourcedRow> = rows.iter().collect();
+    staging_insert(conn, &refs).await
+}
+
+async fn staging_insert(conn: &mut PgConnection, rows: &[&SourcedRow]) -> Result<u64, sqlx::Error> {
+    copy(conn, STAGING_COPY, encode(rows)).await?;
+    let inserted = sqlx::query(STAGING_INSERT)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
+    sqlx::query("TRUNCATE telemetry_staging")
+        .execute(&mut *conn)
+        .await?;
+    Ok(inserted)
+}
+
+/// Inserts `indexes` of `rows` through staging; on a data error splits the set in halves
+/// under savepoints until single bad rows are isolated (collected in `bad` with their error).
+/// Returns rows inserted.
+fn bisect<'a>(
+    conn: &'a mut PgConnection,
+    rows: &'a [SourcedRow],
+    indexes: Vec<usize>,
+    bad: &'a mut Vec<(usize, String)>,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<u64, sqlx::Error>> + Send + 'a>> {
+    Box::pin(async move {
+        if indexes.is_empty() {
+            return Ok(0);
+        }
+        sqlx::query("SAVEPOINT bisect").execute(&mut *conn).await?;
+        let subset: Vec<&SourcedRow> = indexes.iter().map(|&i| &rows[i]).collect();
+        match staging_insert(conn, &subset).await {
+            Ok(n) => {
+                sqlx::query("RELEASE SAVEPOINT bisect")
+                    .execute(&mut *conn)
+                    .await?;
+                Ok(n)
+            }
+            Err(err) if is_data_error(&err) => {
+                sqlx::query("ROLLBACK TO SAVEPOINT bisect")
+                    .execute(&mut *conn)
+                    .await?;
+                sqlx::query("RELEASE SAVEPOINT bisect")
+                    .execute(&mut *conn)
+                    .await?;
+                if indexes.len() == 1 {
+                    bad.push((indexes[0], err.to_string()));
+                    return Ok(0);
+                }
+                let mut left = indexes;
+                let right = left.split_off(left.len() / 2);
+                let a = bisect(conn, rows, left, bad).await?;
+                let b = bisect(conn, rows, right, bad).await?;
+                Ok(a + b)
+            }
+            Err(err) => Err(err),
+        }
+    })
+}
+
+/// Upserts each device's newest reading of the batch, only where newer than what is stored.
+async fn upsert_latest(conn: &mut PgConnection, rows: &[&SourcedRow]) -> Result<(), sqlx::Error> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let mut newest: Vec<&SourcedRow> = Batch::latest_per_device(rows)
+        .into_iter()
+        .map(|i| rows[i])
+        .collect();
+    // A stable order keeps concurrent upserts from deadlocking on row locks.
+    newest.sort_by(|a, b| {
+        (&a.row.tenant_id, &a.row.device_id).cmp(&(&b.row.tenant_id, &b.row.device_id))
+    });
+    let tenants: Vec<&str> = newest.iter().map(|r| r.row.tenant_id.as_str()).collect();
+    let devices: Vec<&str> = newest.iter().map(|r| r.row.device_id.as_str()).collect();
+    let sites: Vec<Option<&str>> = newest.iter().map(|r| r.row.site_id.as_deref()).collect();
+    let times: Vec<chrono::DateTime<chrono::Utc>> = newest.iter().map(|r| r.row.time).collect();
+    let types: Vec<&str> = newest.iter().map(|r| r.row.msg_type.as_str()).collect();
+    let seqs: Vec<i64> = newest.iter().map(|r| r.row.seq).collect();
+    let metrics: Vec<String> = newest
+        .iter()
+        .map(|r| r.row.metrics_json().to_string())
+        .collect();
+    let received: Vec<chrono::DateTime<chrono::Utc>> =
+        newest.iter().map(|r| r.row.received_at).collect();
+    sqlx::query(
+        "INSERT INTO device_latest (tenant_id, device_id, site_id, time, msg_type, seq, metrics, received_at, updated_at) \
+         SELECT t, d, s, tm, mt, sq, m::jsonb, ra, now() \
+         FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::text[], $6::int8[], $7::text[], $8::timestamptz[]) \
+              AS u(t, d, s, tm, mt, sq, m, ra) \
+         ON CONFLICT (tenant_id, device_id) DO UPDATE SET \
+             site_id = EXCLUDED.site_id, time = EXCLUDED.time, msg_type = EXCLUDED.msg_type, \
+             seq = EXCLUDED.seq, metrics = EXCLUDED.metrics, received_at = EXCLUDED.received_at, \
+             updated_at = now() \
+         WHERE (device_latest.time, device_latest.seq) < (EXCLUDED.time, EXCLUDED.seq)",
+    )
+    .bind(&tenants)
+    .bind(&devices)
+    .bind(&sites)
+    .bind(&times)
+    .bind(&types)
+    .bind(&seqs)
+    .bind(&metrics)
+    .bind(&received)
+    .execute(conn)
+    .await?;
+    Ok(())
+}

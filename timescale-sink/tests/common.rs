@@ -1,0 +1,169 @@
+//! Shared by the sink's integration tests: producing telemetry, running the sink, polling.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+use chrono::{DateTime, Utc};
+use clap::Parser;
+use plumbing::testing::{TestDb, TestTopics};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use schemas::{telemetry_codec, MetricValue, Telemetry};
+
+pub fn reading(tenant: &str, device: usize, seq: i64, time: DateTime<Utc>) -> Telemetry {
+    let mut metrics = BTreeMap::new();
+    metrics.insert(
+        "temperature".to_owned(),
+        MetricValue::Double(20.0 + (seq % 50) as f64 / 10.0),
+    );
+    metrics.insert("battery".to_owned(), MetricValue::Long(100 - seq % 100));
+    metrics.insert("door_open".to_owned(), MetricValue::Bool(seq % 7 == 0));
+    Telemetry {
+        tenant_id: tenant.to_owned(),
+        device_id: format!("dev-{device:06}"),
+        site_id: (device % 3 == 0).then(|| format!("site-{}", device % 10)),
+        msg_type: "telemetry".to_owned(),
+        seq,
+        time,
+        received_at: Utc::now(),
+        metrics,
+    }
+}
+
+pub fn producer(topics: &TestTopics) -> Result<FutureProducer> {
+    let mut config = plumbing::kafka::producer_config(&topics.args, "sink-test-producer");
+    config.set("queue.buffering.max.messages", "2000000");
+    config.set("queue.buffering.max.kbytes", "2097151");
+    Ok(config.create()?)
+}
+
+/// Produces `(key, payload)` pairs to `topic` (partition by key, or the given one), waiting
+/// for every acknowledgement.
+pub async fn produce(
+    producer: &FutureProducer,
+    topic: &str,
+    messages: impl IntoIterator<Item = (String, Vec<u8>, Option<i32>)>,
+) -> Result<usize> {
+    let mut pending = Vec::new();
+    let mut sent = 0;
+    for (key, payload, partition) in messages {
+        let mut record = FutureRecord::to(topic).key(&key).payload(&payload);
+        if let Some(p) = partition {
+            record = record.partition(p);
+        }
+        pending.push(producer.send_result(record).map_err(|(e, _)| e)?);
+        if pending.len() >= 50_000 {
+            for delivery in pending.drain(..) {
+                delivery.await?.map_err(|(e, _)| e)?;
+                sent += 1;
+            }
+        }
+    }
+    for delivery in pending {
+        delivery.await?.map_err(|(e, _)| e)?;
+        sent += 1;
+    }
+    Ok(sent)
+}
+
+/// `devices` devices × `per_device` readings each, one second apart, ending about now.
+pub fn fleet(
+    tenants: usize,
+    devices: usize,
+    per_device: i64,
+) -> Vec<(String, Vec<u8>, Option<i32>)> {
+    let codec = telemetry_codec().unwrap();
+    let start = Utc::now() - chrono::Duration::seconds(per_device + 60);
+    let mut out = Vec::with_capacity(devices * per_device as usize);
+    for seq in 0..per_device {
+        for device in 0..devices {
+            let tenant = format!("tenant-{}", device % tenants);
+            let r = reading(&tenant, device, seq, start + chrono::Duration::seconds(seq));
+            out.push((r.key(), codec.encode(&r).unwrap(), None));
+        }
+    }
+    out
+}
+
+pub fn sink_config(
+    db: &TestDb,
+    topics: &TestTopics,
+    extra: &[&str],
+) -> Result<timescale_sink::Config> {
+    let mut args = vec![
+        "timescale-sink".to_owned(),
+        "--database-url".to_owned(),
+        db.url.clone(),
+        "--kafka-bootstrap-servers".to_owned(),
+        topics.args.bootstrap_servers.clone(),
+        "--telemetry-topic".to_owned(),
+        topics.args.telemetry_topic.clone(),
+        "--dlq-topic".to_owned(),
+        topics.args.dlq_topic.clone(),
+        "--admin-listen".to_owned(),
+        "127.0.0.1:0".to_owned(),
+        "--group-id".to_owned(),
+        format!("sink-{}", db.name),
+        "--system-metrics-interval".to_owned(),
+        "1s".to_owned(),
+    ];
+    args.extend(extra.iter().map(|s| (*s).to_owned()));
+    Ok(timescale_sink::Config::try_parse_from(args)?)
+}
+
+/// Polls `query` (one bigint) until it equals `expected` or the deadline passes.
+pub async fn wait_for_count(
+    pool: &sqlx::PgPool,
+    query: &str,
+    expected: i64,
+    timeout: Duration,
+) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    let mut last = -1;
+    while Instant::now() < deadline {
+        last = sqlx::query_scalar::<_, Option<i64>>(query)
+            .fetch_one(pool)
+            .await?
+            .unwrap_or(0);
+        if last == expected {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    bail!("`{query}` was {last}, expected {expected} within {timeout:?}")
+}
+
+/// Sum of the topic's high watermarks.
+pub fn end_offsets(topics: &TestTopics, partitions: i32) -> Result<BTreeMap<i32, i64>> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer =
+        plumbing::kafka::base_config(&topics.args, "sink-test-watermarks").create()?;
+    let mut out = BTreeMap::new();
+    for p in 0..partitions {
+        let (_, high) =
+            consumer.fetch_watermarks(&topics.args.telemetry_topic, p, Duration::from_secs(10))?;
+        out.insert(p, high);
+    }
+    Ok(out)
+}
+
+pub async fn stored_offsets(pool: &sqlx::PgPool, group: &str) -> Result<BTreeMap<i32, i64>> {
+    let rows: Vec<(i32, i64)> = sqlx::query_as(
+        "SELECT partition, next_offset FROM consumer_offsets WHERE consumer_group = $1",
+    )
+    .bind(group)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().collect())
+}
+
+pub async fn assert_no_duplicate_keys(pool: &sqlx::PgPool) -> Result<()> {
+    let duplicates: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT 1 FROM telemetry GROUP BY tenant_id, device_id, time HAVING count(*) > 1) d",
+    )
+    .fetch_one(pool)
+    .await?;
+    assert_eq!(duplicates, 0);
+    Ok(())
+}

@@ -1,0 +1,180 @@
+//! Crash safety with the real binary: SIGKILL at random moments, restart, and a group of two
+//! where one instance is stopped or killed. Every message ends up in the database exactly once.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+use common::*;
+use plumbing::testing::{TestDb, TestTopics};
+use rand::Rng;
+use schemas::LayoutChoice;
+
+const BIN: &str = env!("CARGO_BIN_EXE_timescale-sink");
+
+fn spawn_sink(db: &TestDb, topics: &TestTopics, group: &str, instance: &str) -> Result<Child> {
+    Ok(Command::new(BIN)
+        .env("DATABASE_URL", &db.url)
+        .env("KAFKA_BOOTSTRAP_SERVERS", &topics.args.bootstrap_servers)
+        .env("TELEMETRY_TOPIC", &topics.args.telemetry_topic)
+        .env("DLQ_TOPIC", &topics.args.dlq_topic)
+        .env("SINK_GROUP_ID", group)
+        .env("ADMIN_LISTEN", "127.0.0.1:0")
+        .env("INSTANCE_ID", instance)
+        // Fast failover when a member dies without leaving (the broker's minimum).
+        .env(
+            "KAFKA_OPTIONS",
+            "session.timeout.ms=6000,heartbeat.interval.ms=1000",
+        )
+        .env(
+            "RUST_LOG",
+            std::env::var("SINK_TEST_LOG").unwrap_or_else(|_| "warn".to_owned()),
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(match std::env::var("SINK_TEST_LOG_DIR") {
+            Ok(dir) => Stdio::from(std::fs::File::create(format!("{dir}/{instance}.log"))?),
+            Err(_) => Stdio::null(),
+        })
+        .spawn()?)
+}
+
+fn terminate(child: &mut Child) -> Result<()> {
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()?;
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(status) = child.try_wait()? {
+            assert!(status.success(), "sink exited with {status} after SIGTERM");
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            child.kill()?;
+            bail!("sink did not exit within 60 s of SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+async fn stored_total(db: &TestDb, group: &str) -> Result<i64> {
+    Ok(sqlx::query_scalar::<_, Option<i64>>(
+        "SELECT sum(next_offset)::int8 FROM consumer_offsets WHERE consumer_group = $1",
+    )
+    .bind(group)
+    .fetch_one(&db.pool)
+    .await?
+    .unwrap_or(0))
+}
+
+/// Polls until at least `threshold` offsets are stored.
+async fn wait_for_progress(
+    db: &TestDb,
+    group: &str,
+    threshold: i64,
+    timeout: Duration,
+) -> Result<i64> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let total = stored_total(db, group).await?;
+        if total >= threshold {
+            return Ok(total);
+        }
+        if Instant::now() > deadline {
+            bail!("stored offsets reached {total}, not {threshold}, within {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn assert_exactly_once(
+    db: &TestDb,
+    topics: &TestTopics,
+    group: &str,
+    partitions: i32,
+    total: i64,
+) -> Result<()> {
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM telemetry")
+        .fetch_one(&db.pool)
+        .await?;
+    assert_eq!(rows, total);
+    assert_no_duplicate_keys(&db.pool).await?;
+    assert_eq!(
+        stored_offsets(&db.pool, group).await?,
+        end_offsets(topics, partitions)?
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_at_five_random_moments_loses_and_duplicates_nothing() -> Result<()> {
+    const PARTITIONS: i32 = 6;
+    const TOTAL: i64 = 500_000;
+    let db = TestDb::new(LayoutChoice::Postgres).await?;
+    let topics = TestTopics::new(PARTITIONS).await?;
+    let producer = producer(&topics)?;
+    assert_eq!(
+        produce(
+            &producer,
+            &topics.args.telemetry_topic,
+            fleet(4, 25_000, 20)
+        )
+        .await? as i64,
+        TOTAL
+    );
+    let group = format!("crash-{}", db.name);
+
+    let mut kill_points: Vec<i64> = (0..5)
+        .map(|_| rand::rng().random_range(1..TOTAL * 9 / 10))
+        .collect();
+    kill_points.sort_unstable();
+    for (i, point) in kill_points.iter().enumerate() {
+        let mut child = spawn_sink(&db, &topics, &group, &format!("victim-{i}"))?;
+        let reached = wait_for_progress(&db, &group, *point, Duration::from_secs(180)).await;
+        child.kill()?; // SIGKILL
+        child.wait()?;
+        reached?;
+    }
+    let mut last = spawn_sink(&db, &topics, &group, "survivor")?;
+    wait_for_progress(&db, &group, TOTAL, Duration::from_secs(180)).await?;
+    terminate(&mut last)?;
+    assert_exactly_once(&db, &topics, &group, PARTITIONS, TOTAL).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_share_the_group_and_one_stopping_or_dying_loses_nothing() -> Result<()> {
+    const PARTITIONS: i32 = 6;
+    const TOTAL: i64 = 300_000;
+    for kill in [false, true] {
+        let db = TestDb::new(LayoutChoice::Postgres).await?;
+        let topics = TestTopics::new(PARTITIONS).await?;
+        let producer = producer(&topics)?;
+        assert_eq!(
+            produce(
+                &producer,
+                &topics.args.telemetry_topic,
+                fleet(3, 15_000, 20)
+            )
+            .await? as i64,
+            TOTAL
+        );
+        let group = format!("pair-{}", db.name);
+        let mut a = spawn_sink(&db, &topics, &group, "a")?;
+        let mut b = spawn_sink(&db, &topics, &group, "b")?;
+        wait_for_progress(&db, &group, TOTAL / 3, Duration::from_secs(180)).await?;
+        if kill {
+            b.kill()?;
+            b.wait()?;
+        } else {
+            terminate(&mut b)?;
+        }
+        wait_for_progress(&db, &group, TOTAL, Duration::from_secs(180)).await?;
+        terminate(&mut a)?;
+        assert_exactly_once(&db, &topics, &group, PARTITIONS, TOTAL).await?;
+    }
+    Ok(())
+}
