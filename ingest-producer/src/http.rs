@@ -282,27 +282,21 @@ fn reply(
     none_accepted: bool,
 ) -> Response {
     let mut accepted = 0;
+    let mut held_back = 0;
     let mut errors = Vec::new();
     for outcome in outcomes {
         match outcome {
-            Ok(_) if !none_accepted => accepted += 1,
-            Ok(_) => {}
+            Ok(_) if none_accepted => held_back += 1,
+            Ok(_) => accepted += 1,
             Err(rejection) => errors.push(rejection),
         }
     }
-    let not_accepted = if none_accepted {
-        errors.len().max(1)
-    } else {
-        errors.len()
-    };
     crate::metrics::accepted(accepted);
     for rejection in &errors {
         crate::metrics::rejected(rejection.code, 1);
     }
-    if none_accepted {
-        let untouched = not_accepted.saturating_sub(errors.len());
-        crate::metrics::rejected("atomic", untouched);
-    }
+    // Valid messages of a refused atomic batch.
+    crate::metrics::rejected("atomic", held_back);
     if !batch {
         return match errors.into_iter().next() {
             None => (StatusCode::ACCEPTED, Json(SingleReply { accepted })).into_response(),

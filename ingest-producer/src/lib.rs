@@ -16,6 +16,7 @@
 //! * [`producer`]: the idempotent `acks=all` producer and its delivery guarantee.
 //! * [`error`]: [`Error`] for the service, [`Rejection`] for refused requests and messages.
 //! * [`metrics`]: the `fleetstream_ingest_*` metrics.
+//! * [`stats`]: key figures written to `system_metrics` for the dashboard.
 //! * [`simulate`]: the `simulate` subcommand, N virtual devices for demos and load tests.
 //!
 //! The library runs in-process from tests through [`run`] or [`http::router`].
@@ -28,6 +29,7 @@ pub mod metrics;
 pub mod producer;
 pub mod rate_limit;
 pub mod simulate;
+pub mod stats;
 
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
@@ -93,6 +95,9 @@ pub struct IngestArgs {
     /// Full reload of tokens and devices, besides reloads on NOTIFY.
     #[arg(long, env = "CREDENTIALS_REFRESH_INTERVAL", default_value = "30s", value_parser = parse_duration)]
     pub credentials_refresh_interval: Duration,
+    /// How often key figures are written to `system_metrics`.
+    #[arg(long, env = "SYSTEM_METRICS_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    pub system_metrics_interval: Duration,
     /// Longest wait for Kafka to acknowledge a message before answering 503
     /// (`message.timeout.ms`).
     #[arg(long, env = "KAFKA_DELIVERY_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
@@ -171,6 +176,12 @@ pub async fn run_on(
             shutdown.clone(),
         ),
         spawn_bucket_cleanup(app.clone(), shutdown.clone()),
+        stats::spawn_reporter(
+            pool.clone(),
+            config.observability.instance(),
+            config.ingest.system_metrics_interval,
+            shutdown.clone(),
+        ),
     ];
     let admin = plumbing::admin::serve(
         admin_listener,

@@ -48,15 +48,18 @@ pub fn describe() {
 
 pub(crate) fn accepted(n: usize) {
     counter!(MESSAGES, "outcome" => "accepted", "reason" => "").increment(n as u64);
+    crate::stats::STATS.accepted(n as u64);
 }
 
 pub(crate) fn rejected(reason: &'static str, n: usize) {
     counter!(MESSAGES, "outcome" => "rejected", "reason" => reason).increment(n as u64);
+    crate::stats::STATS.rejected(n as u64);
 }
 
 pub(crate) fn request(status: u16, elapsed: Duration) {
     counter!(REQUESTS, "status" => status.to_string()).increment(1);
     histogram!(REQUEST_DURATION).record(elapsed.as_secs_f64());
+    crate::stats::STATS.request(elapsed.as_secs_f64());
 }
 
 pub(crate) fn produce_duration(elapsed: Duration) {

@@ -1,6 +1,7 @@
 //! The whole service in-process through `run_on`: readiness, credentials following the
 //! database through LISTEN/NOTIFY (the periodic reload is set to an hour, so only a
-//! notification can explain a change), metrics, and a clean shutdown.
+//! notification can explain a change), metrics, key figures in `system_metrics`, and a clean
+//! shutdown.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::{Duration, Instant};
@@ -101,6 +102,10 @@ async fn the_service_follows_credential_changes_and_stops_cleanly() -> Result<()
         &admin_addr.to_string(),
         "--credentials-refresh-interval",
         "1h",
+        "--system-metrics-interval",
+        "200ms",
+        "--instance-id",
+        "ingest-test",
     ])?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
@@ -163,6 +168,18 @@ async fn the_service_follows_credential_changes_and_stops_cleanly() -> Result<()
         "{metrics}"
     );
     assert!(metrics.contains("fleetstream_ingest_request_duration_seconds"));
+
+    // Key figures reach system_metrics for the dashboard.
+    eventually(Duration::from_secs(10), "system_metrics", || async {
+        let accepted: Option<f64> = sqlx::query_scalar(
+            "SELECT max(value) FROM system_metrics \
+             WHERE instance = 'ingest-test' AND metric_name = 'ingest_accepted_total'",
+        )
+        .fetch_one(&db.pool)
+        .await?;
+        Ok(accepted.is_some_and(|v| v >= 2.0))
+    })
+    .await?;
 
     shutdown.cancel();
     tokio::time::timeout(Duration::from_secs(30), service).await???;
