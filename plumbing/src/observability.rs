@@ -117,3 +117,19 @@ pub fn prometheus() -> Result<PrometheusHandle, Error> {
         .clone()
         .map_err(Error::Telemetry)
 }
+
+/// Links `span` to the trace named by a W3C `traceparent` value (from a Kafka header), so a
+/// batch span shows which ingest request it carried. Invalid values are ignored.
+pub fn link_traceparent(span: &tracing::Span, traceparent: &str) {
+    use opentelemetry::propagation::TextMapPropagator;
+    use opentelemetry::trace::TraceContextExt;
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+    let mut carrier = std::collections::HashMap::with_capacity(1);
+    carrier.insert("traceparent".to_owned(), traceparent.to_owned());
+    let context = opentelemetry_sdk::propagation::TraceContextPropagator::new().extract(&carrier);
+    let remote = context.span().span_context().clone();
+    if remote.is_valid() {
+        span.add_link(remote);
+    }
+}

@@ -147,6 +147,9 @@ impl BatchWriter {
             partitions = batch.partitions.len(),
             traceparent = batch.traceparent.as_deref().unwrap_or(""),
         );
+        if let Some(traceparent) = &batch.traceparent {
+            plumbing::observability::link_traceparent(&span, traceparent);
+        }
         let mut backoff = self.min_backoff;
         loop {
             let started = Instant::now();

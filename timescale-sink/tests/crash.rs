@@ -15,31 +15,56 @@ use schemas::LayoutChoice;
 
 const BIN: &str = env!("CARGO_BIN_EXE_timescale-sink");
 
-fn spawn_sink(db: &TestDb, topics: &TestTopics, group: &str, instance: &str) -> Result<Child> {
-    Ok(Command::new(BIN)
-        .env("DATABASE_URL", &db.url)
-        .env("KAFKA_BOOTSTRAP_SERVERS", &topics.args.bootstrap_servers)
-        .env("TELEMETRY_TOPIC", &topics.args.telemetry_topic)
-        .env("DLQ_TOPIC", &topics.args.dlq_topic)
-        .env("SINK_GROUP_ID", group)
-        .env("ADMIN_LISTEN", "127.0.0.1:0")
-        .env("INSTANCE_ID", instance)
-        // Fast failover when a member dies without leaving (the broker's minimum).
-        .env(
-            "KAFKA_OPTIONS",
-            "session.timeout.ms=6000,heartbeat.interval.ms=1000",
-        )
-        .env(
-            "RUST_LOG",
-            std::env::var("SINK_TEST_LOG").unwrap_or_else(|_| "warn".to_owned()),
-        )
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(match std::env::var("SINK_TEST_LOG_DIR") {
-            Ok(dir) => Stdio::from(std::fs::File::create(format!("{dir}/{instance}.log"))?),
-            Err(_) => Stdio::null(),
-        })
-        .spawn()?)
+/// A child sink killed when dropped, so a failing test leaves no process behind.
+struct Sink(Child);
+
+impl Drop for Sink {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl std::ops::Deref for Sink {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Sink {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+fn spawn_sink(db: &TestDb, topics: &TestTopics, group: &str, instance: &str) -> Result<Sink> {
+    Ok(Sink(
+        Command::new(BIN)
+            .env("DATABASE_URL", &db.url)
+            .env("KAFKA_BOOTSTRAP_SERVERS", &topics.args.bootstrap_servers)
+            .env("TELEMETRY_TOPIC", &topics.args.telemetry_topic)
+            .env("DLQ_TOPIC", &topics.args.dlq_topic)
+            .env("SINK_GROUP_ID", group)
+            .env("ADMIN_LISTEN", "127.0.0.1:0")
+            .env("INSTANCE_ID", instance)
+            // Fast failover when a member dies without leaving (the broker's minimum).
+            .env(
+                "KAFKA_OPTIONS",
+                "session.timeout.ms=6000,heartbeat.interval.ms=1000",
+            )
+            .env(
+                "RUST_LOG",
+                std::env::var("SINK_TEST_LOG").unwrap_or_else(|_| "warn".to_owned()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(match std::env::var("SINK_TEST_LOG_DIR") {
+                Ok(dir) => Stdio::from(std::fs::File::create(format!("{dir}/{instance}.log"))?),
+                Err(_) => Stdio::null(),
+            })
+            .spawn()?,
+    ))
 }
 
 fn terminate(child: &mut Child) -> Result<()> {

@@ -1,0 +1,333 @@
+//! Sink throughput against its ceiling, measured in one run on this machine:
+//!
+//! 1. pre-produce N readings (default 2,000,000 from 100,000 devices) to a fresh topic;
+//! 2. **ceiling**: a raw binary COPY of the same rows from memory into a fresh database of the
+//!    same layout, with 1 and with `SINK_WRITERS` connections in parallel;
+//! 3. **sink**: the real sink from offset 0 until every offset is stored;
+//! 4. **live latency**: readings produced at a steady rate while the sink runs; p50/p99 of
+//!    ingest (`received_at`) → batch committed, from the sink's own histogram.
+//!
+//! `cargo bench -p timescale-sink --bench sink_throughput` with `DATABASE_URL` and
+//! `KAFKA_BOOTSTRAP_SERVERS` set (e.g. `eval "$(deploy/local/deps.sh env)"`). Environment:
+//! `BENCH_MESSAGES`, `BENCH_DEVICES`, `BENCH_LIVE_RATE` (msg/s), `BENCH_LIVE_SECONDS`, and the
+//! sink's own `SINK_*` settings. Prints figures; asserts nothing.
+#![allow(clippy::print_stdout, clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use chrono::Utc;
+use clap::Parser;
+use plumbing::testing::{TestDb, TestTopics};
+use plumbing::Shutdown;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use schemas::{telemetry_codec, LayoutChoice, MetricValue, Telemetry};
+use timescale_sink::copy_writer::{CopyEncoder, COPY_TELEMETRY_SQL};
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn reading(device: usize, seq: i64, time: chrono::DateTime<Utc>) -> Telemetry {
+    let mut metrics = BTreeMap::new();
+    metrics.insert(
+        "temperature".to_owned(),
+        MetricValue::Double(18.0 + (device % 17) as f64 + (seq % 10) as f64 * 0.1),
+    );
+    metrics.insert(
+        "humidity".to_owned(),
+        MetricValue::Double(40.0 + (seq % 30) as f64),
+    );
+    metrics.insert("battery".to_owned(), MetricValue::Long(100 - (seq % 100)));
+    metrics.insert(
+        "rssi".to_owned(),
+        MetricValue::Long(-60 - (device % 30) as i64),
+    );
+    metrics.insert("door_open".to_owned(), MetricValue::Bool(seq % 11 == 0));
+    Telemetry {
+        tenant_id: format!("tenant-{:03}", device % 100),
+        device_id: format!("dev-{device:06}"),
+        site_id: Some(format!("site-{}", device % 500)),
+        msg_type: "telemetry".to_owned(),
+        seq,
+        time,
+        received_at: Utc::now(),
+        metrics,
+    }
+}
+
+fn rows(n: usize, devices: usize) -> Vec<Telemetry> {
+    let per_device = n.div_ceil(devices) as i64;
+    let start = Utc::now() - chrono::Duration::seconds(per_device * 5 + 60);
+    (0..n)
+        .map(|i| {
+            let seq = (i / devices) as i64;
+            reading(i % devices, seq, start + chrono::Duration::seconds(seq * 5))
+        })
+        .collect()
+}
+
+async fn produce(producer: &FutureProducer, topic: &str, rows: &[Telemetry]) -> Result<()> {
+    let codec = telemetry_codec()?;
+    let mut pending = Vec::new();
+    for r in rows {
+        let payload = codec.encode(r)?;
+        let key = r.key();
+        pending.push(
+            producer
+                .send_result(FutureRecord::to(topic).key(&key).payload(&payload))
+                .map_err(|(e, _)| e)?,
+        );
+        if pending.len() >= 100_000 {
+            for d in pending.drain(..) {
+                d.await?.map_err(|(e, _)| e)?;
+            }
+        }
+    }
+    for d in pending {
+        d.await?.map_err(|(e, _)| e)?;
+    }
+    Ok(())
+}
+
+async fn raw_copy(
+    db: &TestDb,
+    rows: &[Telemetry],
+    connections: usize,
+    batch: usize,
+) -> Result<f64> {
+    sqlx::query("TRUNCATE telemetry").execute(&db.pool).await?;
+    let chunks: Vec<Vec<u8>> = rows
+        .chunks(batch)
+        .map(|chunk| {
+            let mut e = CopyEncoder::with_capacity(chunk.len() * 200);
+            for r in chunk {
+                e.push_telemetry(r).unwrap();
+            }
+            e.finish()
+        })
+        .collect();
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..connections {
+        let mine: Vec<Vec<u8>> = chunks
+            .iter()
+            .skip(c)
+            .step_by(connections)
+            .cloned()
+            .collect();
+        let pool = db.pool.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut conn = pool.acquire().await?;
+            for bytes in mine {
+                let mut tx = sqlx::Acquire::begin(&mut *conn).await?;
+                let mut copy = tx.copy_in_raw(COPY_TELEMETRY_SQL).await?;
+                copy.send(bytes).await?;
+                copy.finish().await?;
+                tx.commit().await?;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    Ok(rows.len() as f64 / started.elapsed().as_secs_f64())
+}
+
+async fn stored(db: &TestDb, group: &str) -> Result<i64> {
+    Ok(sqlx::query_scalar::<_, Option<i64>>(
+        "SELECT sum(next_offset)::int8 FROM consumer_offsets WHERE consumer_group = $1",
+    )
+    .bind(group)
+    .fetch_one(&db.pool)
+    .await?
+    .unwrap_or(0))
+}
+
+/// Cumulative bucket counts of the ingest→commit histogram, by upper bound.
+fn latency_buckets() -> Result<Vec<(f64, f64)>> {
+    let text = plumbing::observability::prometheus()?.render();
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let Some(rest) =
+            line.strip_prefix("fleetstream_sink_ingest_to_commit_seconds_bucket{le=\"")
+        else {
+            continue;
+        };
+        let Some((le, count)) = rest.split_once("\"} ") else {
+            continue;
+        };
+        let le = if le == "+Inf" {
+            f64::INFINITY
+        } else {
+            le.parse()?
+        };
+        out.push((le, count.trim().parse()?));
+    }
+    Ok(out)
+}
+
+/// `(sum, count)` of a histogram in the sink's Prometheus output.
+fn sum_count(name: &str) -> Result<(f64, f64)> {
+    let text = plumbing::observability::prometheus()?.render();
+    let value = |suffix: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}{suffix} ")))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    Ok((value("_sum"), value("_count")))
+}
+
+fn quantile(before: &[(f64, f64)], after: &[(f64, f64)], q: f64) -> f64 {
+    let before: HashMap<u64, f64> = before.iter().map(|(le, c)| (le.to_bits(), *c)).collect();
+    let diff: Vec<(f64, f64)> = after
+        .iter()
+        .map(|(le, c)| (*le, c - before.get(&le.to_bits()).copied().unwrap_or(0.0)))
+        .collect();
+    let total = diff.last().map(|(_, c)| *c).unwrap_or(0.0);
+    diff.iter()
+        .find(|(_, c)| *c >= q * total)
+        .map(|(le, _)| *le)
+        .unwrap_or(f64::NAN)
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let n: usize = env_or("BENCH_MESSAGES", 2_000_000);
+    let devices: usize = env_or("BENCH_DEVICES", 100_000);
+    let live_rate: u64 = env_or("BENCH_LIVE_RATE", 20_000);
+    let live_seconds: u64 = env_or("BENCH_LIVE_SECONDS", 20);
+    let layout = match std::env::var("BENCH_LAYOUT").as_deref() {
+        Ok("timescaledb") => LayoutChoice::TimescaleDb,
+        _ => LayoutChoice::Postgres,
+    };
+    let data = rows(n, devices);
+    let topics = TestTopics::new(12).await?;
+    let mut pc = plumbing::kafka::producer_config(&topics.args, "bench");
+    pc.set("queue.buffering.max.messages", "2000000")
+        .set("queue.buffering.max.kbytes", "2097151")
+        .set("linger.ms", "20");
+    let producer: FutureProducer = pc.create()?;
+    let t = Instant::now();
+    produce(&producer, &topics.args.telemetry_topic, &data).await?;
+    println!(
+        "produced {n} messages ({devices} devices) in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+
+    let sink_db = TestDb::new(layout).await?;
+    let config = timescale_sink::Config::try_parse_from([
+        "timescale-sink",
+        "--database-url",
+        &sink_db.url,
+        "--kafka-bootstrap-servers",
+        &topics.args.bootstrap_servers,
+        "--telemetry-topic",
+        &topics.args.telemetry_topic,
+        "--dlq-topic",
+        &topics.args.dlq_topic,
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--log",
+        "warn",
+    ])?;
+    let (writers, max_rows, max_age) =
+        (config.writers, config.batch_max_rows, config.batch_max_age);
+
+    let ceiling_db = TestDb::new(layout).await?;
+    let one = raw_copy(&ceiling_db, &data, 1, max_rows).await?;
+    let parallel = raw_copy(&ceiling_db, &data, writers, max_rows).await?;
+    let ceiling = one.max(parallel);
+    drop(ceiling_db);
+
+    let group = config.group_id.clone();
+    let shutdown = Shutdown::new();
+    let started = Instant::now();
+    let sink = tokio::spawn(timescale_sink::run(config, shutdown.clone()));
+    let mut first: Option<(Instant, i64)> = None;
+    loop {
+        let s = stored(&sink_db, &group).await?;
+        if first.is_none() && s > 0 {
+            first = Some((Instant::now(), s));
+        }
+        if s >= n as i64 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let total = started.elapsed().as_secs_f64();
+    let (copy_sum, batches) = sum_count("fleetstream_sink_copy_duration_seconds")?;
+    let (commit_sum, _) = sum_count("fleetstream_sink_batch_commit_duration_seconds")?;
+    let (first_at, first_rows) = first.unwrap();
+    let steady = (n as i64 - first_rows) as f64 / first_at.elapsed().as_secs_f64();
+
+    // Live phase: a steady rate while the sink keeps up.
+    let before = latency_buckets()?;
+    let codec = telemetry_codec()?;
+    let live_total = live_rate * live_seconds;
+    let tick = Duration::from_millis(10);
+    let per_tick = (live_rate / 100).max(1);
+    let live_start = Instant::now();
+    let mut sent = 0u64;
+    let mut pending = Vec::new();
+    let base = Utc::now();
+    while sent < live_total {
+        for _ in 0..per_tick {
+            let r = reading(
+                (sent as usize) % devices,
+                1_000_000 + sent as i64,
+                base + chrono::Duration::milliseconds(sent as i64),
+            );
+            let payload = codec.encode(&r)?;
+            let key = r.key();
+            pending.push(
+                producer
+                    .send_result(
+                        FutureRecord::to(&topics.args.telemetry_topic)
+                            .key(&key)
+                            .payload(&payload),
+                    )
+                    .map_err(|(e, _)| e)?,
+            );
+            sent += 1;
+        }
+        let next = live_start + tick * (sent / per_tick) as u32;
+        tokio::time::sleep_until(next.into()).await;
+    }
+    for d in pending {
+        d.await?.map_err(|(e, _)| e)?;
+    }
+    loop {
+        if stored(&sink_db, &group).await? >= (n as u64 + live_total) as i64 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let after = latency_buckets()?;
+    shutdown.cancel();
+    sink.await??;
+
+    println!(
+        "layout: {}; writers: {writers}; batch: {max_rows} rows / {max_age:?}",
+        sink_db.layout
+    );
+    println!("ceiling, raw binary COPY from memory: 1 connection {one:.0} rows/s; {writers} connections {parallel:.0} rows/s");
+    println!("sink, offset 0 to caught up: {:.0} rows/s overall ({total:.1} s incl. group join), {steady:.0} rows/s from first commit", n as f64 / total);
+    println!(
+        "ratio sink/ceiling: {:.2} (steady) / {:.2} (overall)",
+        steady / ceiling,
+        n as f64 / total / ceiling
+    );
+    println!(
+        "live {live_rate} msg/s for {live_seconds} s: ingest→commit p50 ≤ {:.3} s, p99 ≤ {:.3} s (histogram bucket bounds)",
+        quantile(&before, &after, 0.5),
+        quantile(&before, &after, 0.99)
+    );
+    Ok(())
+}
