@@ -320,6 +320,14 @@ async fn main() -> Result<()> {
     println!("ceiling, raw binary COPY from memory: 1 connection {one:.0} rows/s; {writers} connections {parallel:.0} rows/s");
     println!("sink, offset 0 to caught up: {:.0} rows/s overall ({total:.1} s incl. group join), {steady:.0} rows/s from first commit", n as f64 / total);
     println!(
+        "catch-up: {batches:.0} batches, mean {:.1} rows; per batch: COPY {:.1} ms, whole transaction {:.1} ms; \
+         transaction time / wall time = {:.2} (of {writers} writers)",
+        n as f64 / batches.max(1.0),
+        copy_sum / batches.max(1.0) * 1e3,
+        commit_sum / batches.max(1.0) * 1e3,
+        commit_sum / total
+    );
+    println!(
         "ratio sink/ceiling: {:.2} (steady) / {:.2} (overall)",
         steady / ceiling,
         n as f64 / total / ceiling
