@@ -846,3 +846,47 @@ async fn an_unreachable_broker_gets_503_after_a_bounded_wait_never_202() -> Resu
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn a_full_producer_queue_refuses_the_overflow_with_503_and_retry_after() -> Result<()> {
+    let db = TestDb::new(LayoutChoice::Postgres).await?;
+    seed(&db).await?;
+    let topics = TestTopics::new(PARTITIONS).await?;
+    let credentials = Credentials::default();
+    credentials.reload(&db.pool).await?;
+    let mut args = topics.args.clone();
+    // Room for one message in librdkafka's local queue.
+    args.options
+        .push(("queue.buffering.max.messages".to_owned(), "1".to_owned()));
+    let producer = Producer::new(&args, "ingest-test", Duration::from_secs(10))?;
+    let app = App::new(
+        credentials,
+        producer,
+        RateLimits::new(limit(1000, 1000), limit(1000, 1000)),
+        settings(),
+    );
+    let router = router(app);
+    let batch = json!([
+        reading("d1", 1),
+        reading("d1", 2),
+        reading("d2", 3),
+        reading("d2", 4)
+    ]);
+    let reply = send(
+        &router,
+        "/v1/telemetry",
+        Some("gw-acme"),
+        "application/json",
+        Body::from(batch.to_string()),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::ACCEPTED);
+    assert_eq!(reply.retry_after.as_deref(), Some("1"));
+    let full = |index: usize| json!({"error": "kafka producer queue is full", "field": null, "index": index, "status": 503});
+    assert_eq!(
+        reply.body,
+        json!({"accepted": 1, "rejected": 3, "errors": [full(1), full(2), full(3)]})
+    );
+    assert_eq!(topic_count(&topics.args).await, 1);
+    Ok(())
+}
