@@ -20,6 +20,9 @@ use tracing::{debug, info, warn};
 
 use crate::error::Rejection;
 
+/// Shortest time between two reloads triggered by notifications.
+const MIN_RELOAD_GAP: Duration = Duration::from_millis(250);
+
 /// PostgreSQL channel on which changes to tenants, devices and gateway tokens are announced.
 pub const NOTIFY_CHANNEL: &str = "fleet_credentials";
 
@@ -266,6 +269,15 @@ pub fn spawn_refresher(
                     if let Err(err) = result {
                         warn!(error = %err, "credentials notification listener failed");
                         listener = None;
+                    }
+                    // Provisioning many rows one statement at a time sends a burst of
+                    // notifications; one reload covers them all, at most a few per second.
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(MIN_RELOAD_GAP) => {}
+                    }
+                    if let Some(l) = listener.as_mut() {
+                        while l.next_buffered().is_some() {}
                     }
                 }
             }
