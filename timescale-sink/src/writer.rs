@@ -403,7 +403,7 @@ async fn upsert_latest(conn: &mut PgConnection, rows: &[&SourcedRow]) -> Result<
     let seqs: Vec<i64> = newest.iter().map(|r| r.row.seq).collect();
     let metrics: Vec<String> = newest
         .iter()
-        .map(|r| r.row.metrics_json().to_string())
+        .map(|r| serde_json::to_string(&r.row.metrics).unwrap_or_else(|_| "{}".to_owned()))
         .collect();
     let received: Vec<chrono::DateTime<chrono::Utc>> =
         newest.iter().map(|r| r.row.received_at).collect();
