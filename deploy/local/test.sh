@@ -18,7 +18,7 @@ printf '[test] DATABASE_URL=%s KAFKA_BOOTSTRAP_SERVERS=%s CARGO_TARGET_DIR=%s\n'
     "$DATABASE_URL" "$KAFKA_BOOTSTRAP_SERVERS" "$CARGO_TARGET_DIR" >&2
 SUMMARY=${FLEETSTREAM_TEST_SUMMARY:-$CARGO_TARGET_DIR/test-summary.txt}
 set +e
-cargo test --locked "$@" 2>&1 | tee "$CARGO_TARGET_DIR/test-output.log"
+cargo test --locked --no-fail-fast "$@" 2>&1 | tee "$CARGO_TARGET_DIR/test-output.log"
 status=${PIPESTATUS[0]}
 set -e
 # One closing line over every test binary (cargo prints one `test result:` line per binary,
