@@ -3,8 +3,12 @@
 # the services in release mode, migrates the database and runs all four services in the
 # foreground until Ctrl-C (then stops them cleanly). Logs: $FLEETSTREAM_STATE/logs/<service>.log.
 #
-# Ports: ingest-producer admin 9101, timescale-sink 9102, evaluator-stream 9103,
-# query-api 9104 (each serves /metrics, /healthz, /readyz).
+# Ports: ingest HTTP 8080; admin (/metrics, /healthz, /readyz) of ingest-producer 9101,
+# timescale-sink 9102, evaluator-stream 9103, query-api 9104.
+#
+# Simulated devices: once ingest is ready, `ingest-producer simulate --provision` drives
+# SIM_DEVICES devices (default 10,000; the design's full profile is 100,000) every
+# SIM_INTERVAL (5s) over HTTP. SIM_DEVICES=0 starts no simulator.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$ROOT"
@@ -41,5 +45,18 @@ start ingest-producer 9101
 start timescale-sink 9102
 start evaluator-stream 9103
 start query-api 9104
+
+SIM_DEVICES=${SIM_DEVICES:-10000}
+if [ "$SIM_DEVICES" -gt 0 ]; then
+    for _ in $(seq 1 120); do
+        curl -fsS http://127.0.0.1:9101/readyz >/dev/null 2>&1 && break
+        sleep 0.5
+    done
+    "$BIN/ingest-producer" simulate --provision --devices "$SIM_DEVICES" \
+        --interval "${SIM_INTERVAL:-5s}" --tenants "${SIM_TENANTS:-3}" \
+        >>"$LOGS/simulator.log" 2>&1 &
+    pids+=("$!")
+    printf '[run] simulator started: %s devices every %s (log %s)\n' "$SIM_DEVICES" "${SIM_INTERVAL:-5s}" "$LOGS/simulator.log" >&2
+fi
 printf '[run] all services running; Ctrl-C stops them\n' >&2
 wait
