@@ -274,41 +274,8 @@ async fn consume_all(args: &KafkaArgs) -> Vec<Consumed> {
     .unwrap()
 }
 
-/// Java's `murmur2` (the default partitioner's hash), as a reference for placement.
-fn murmur2(data: &[u8]) -> i32 {
-    let seed: u32 = 0x9747_b28c;
-    let m: u32 = 0x5bd1_e995;
-    let r = 24;
-    let len = data.len();
-    let mut h: u32 = seed ^ (len as u32);
-    let chunks = len / 4;
-    for i in 0..chunks {
-        let mut k = u32::from_le_bytes(data[i * 4..i * 4 + 4].try_into().unwrap());
-        k = k.wrapping_mul(m);
-        k ^= k >> r;
-        k = k.wrapping_mul(m);
-        h = h.wrapping_mul(m);
-        h ^= k;
-    }
-    let tail = &data[chunks * 4..];
-    if tail.len() >= 3 {
-        h ^= u32::from(tail[2]) << 16;
-    }
-    if tail.len() >= 2 {
-        h ^= u32::from(tail[1]) << 8;
-    }
-    if !tail.is_empty() {
-        h ^= u32::from(tail[0]);
-        h = h.wrapping_mul(m);
-    }
-    h ^= h >> 13;
-    h = h.wrapping_mul(m);
-    h ^= h >> 15;
-    h as i32
-}
-
 fn expected_partition(key: &str) -> i32 {
-    (murmur2(key.as_bytes()) & 0x7fff_ffff) % PARTITIONS
+    plumbing::testing::java_partition(key.as_bytes(), PARTITIONS)
 }
 
 fn reading(device: &str, seq: i64) -> Value {

@@ -4,9 +4,9 @@
 //! shutdown.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use clap::Parser;
 use ingest_producer::credentials::token_hash;
 use plumbing::testing::{TestDb, TestTopics};
@@ -47,22 +47,23 @@ async fn http(
     Ok((status, body))
 }
 
-/// Polls `check` every 50 ms until it is true or `within` passed.
+/// Polls `check` until it is true or `within` passed (`plumbing::testing::eventually`).
 async fn eventually<F, Fut>(within: Duration, what: &str, mut check: F) -> Result<()>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<bool>>,
 {
-    let deadline = Instant::now() + within;
-    loop {
-        if check().await? {
-            return Ok(());
+    plumbing::testing::eventually(what, within, || {
+        let check = check();
+        async move {
+            match check.await {
+                Ok(true) => Ok(()),
+                Ok(false) => Err("not yet".to_owned()),
+                Err(err) => Err(err.to_string()),
+            }
         }
-        if Instant::now() > deadline {
-            bail!("timed out waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await
 }
 
 fn free_port() -> Result<u16> {

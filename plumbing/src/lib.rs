@@ -11,6 +11,7 @@
 //! * [`kafka`]: librdkafka client settings and topic administration.
 //! * [`db`]: the PostgreSQL pool.
 //! * [`probe`]: background readiness probes for the database and the brokers.
+//! * [`system_metrics`]: key figures into the `system_metrics` table.
 //! * `testing` (feature `testing`): a fresh migrated database and fresh topics per test.
 
 pub mod admin;
@@ -21,6 +22,7 @@ pub mod kafka;
 pub mod observability;
 pub mod probe;
 pub mod shutdown;
+pub mod system_metrics;
 #[cfg(feature = "testing")]
 pub mod testing;
 

@@ -307,3 +307,112 @@ impl Drop for TestTopics {
         let _ = cleanup.join();
     }
 }
+
+/// Polls `probe` until it returns `Ok`, or fails after `within` naming `what` and the last
+/// thing the probe saw (its `Err` text). The interval starts at 10 ms and doubles up to 200 ms,
+/// so fast conditions are seen quickly and slow ones are not polled hard.
+pub async fn eventually<T, F, Fut>(what: &str, within: Duration, mut probe: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    let mut interval = Duration::from_millis(10);
+    loop {
+        let last = match probe().await {
+            Ok(value) => return Ok(value),
+            Err(last) => last,
+        };
+        if tokio::time::Instant::now() >= deadline {
+            bail!("timed out after {within:?} waiting for {what}; last: {last}");
+        }
+        tokio::time::sleep(interval).await;
+        interval = (interval * 2).min(Duration::from_millis(200));
+    }
+}
+
+/// The partition Kafka's Java client (default partitioner) picks for `key`:
+/// `toPositive(murmur2(key)) % partitions`, written from the Java source as the reference our
+/// producers' placement is checked against.
+pub fn java_partition(key: &[u8], partitions: i32) -> i32 {
+    (java_murmur2(key) & 0x7fff_ffff) % partitions
+}
+
+/// Kafka's `Utils.murmur2`.
+pub fn java_murmur2(data: &[u8]) -> i32 {
+    const SEED: u32 = 0x9747_b28c;
+    const M: u32 = 0x5bd1_e995;
+    const R: u32 = 24;
+    let mut h: u32 = SEED ^ (data.len() as u32);
+    let chunks = data.chunks_exact(4);
+    let tail = chunks.remainder();
+    for chunk in chunks {
+        let mut k = u32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
+        k = k.wrapping_mul(M);
+        k ^= k >> R;
+        k = k.wrapping_mul(M);
+        h = h.wrapping_mul(M);
+        h ^= k;
+    }
+    if tail.len() >= 3 {
+        h ^= u32::from(tail[2]) << 16;
+    }
+    if tail.len() >= 2 {
+        h ^= u32::from(tail[1]) << 8;
+    }
+    if !tail.is_empty() {
+        h ^= u32::from(tail[0]);
+        h = h.wrapping_mul(M);
+    }
+    h ^= h >> 13;
+    h = h.wrapping_mul(M);
+    h ^= h >> 15;
+    h as i32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn murmur2_matches_kafkas_test_vectors() {
+        // From Kafka's UtilsTest.testMurmur2.
+        assert_eq!(java_murmur2(b"21"), -973_932_308);
+        assert_eq!(java_murmur2(b"foobar"), -790_332_482);
+        assert_eq!(java_murmur2(b"a-little-bit-long-string"), -985_981_536);
+        assert_eq!(java_murmur2(b"a-little-bit-longer-string"), -1_486_304_829);
+        assert_eq!(
+            java_murmur2(b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8"),
+            -58_897_971
+        );
+        assert_eq!(java_murmur2(b"abc"), 479_470_107);
+    }
+
+    #[tokio::test]
+    async fn eventually_returns_the_value_or_names_what_it_waited_for() {
+        let mut calls = 0;
+        let value = eventually("third call", Duration::from_secs(5), || {
+            calls += 1;
+            let n = calls;
+            async move {
+                if n >= 3 {
+                    Ok(n)
+                } else {
+                    Err(format!("call {n}"))
+                }
+            }
+        })
+        .await
+        .unwrap();
+        assert_eq!(value, 3);
+        let err = eventually::<(), _, _>("never", Duration::from_millis(30), || async {
+            Err("nope".to_owned())
+        })
+        .await
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("waiting for never; last: nope"),
+            "{err}"
+        );
+    }
+}

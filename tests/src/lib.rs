@@ -2,7 +2,7 @@
 //! `run` functions against real Kafka and PostgreSQL (see `plumbing::testing`).
 
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -33,24 +33,44 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, Str
     Ok((status, body))
 }
 
-/// Polls `GET path` until it answers `status`, or fails after `timeout` with the last answer.
+/// Polls `GET path` until it answers `status`; returns the body.
 pub async fn wait_for_status(
     addr: SocketAddr,
     path: &str,
     status: u16,
     timeout: Duration,
-) -> Result<String, String> {
-    let deadline = Instant::now() + timeout;
-    let mut last = String::from("no answer");
-    while Instant::now() < deadline {
-        match http_get(addr, path).await {
-            Ok((code, body)) if code == status => return Ok(body),
-            Ok((code, body)) => last = format!("{code} {body}"),
-            Err(err) => last = err.to_string(),
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    Err(format!(
-        "{path} did not answer {status} within {timeout:?}; last: {last}"
-    ))
+) -> anyhow::Result<String> {
+    plumbing::testing::eventually(
+        &format!("GET {path} to answer {status}"),
+        timeout,
+        || async move {
+            match http_get(addr, path).await {
+                Ok((code, body)) if code == status => Ok(body),
+                Ok((code, body)) => Err(format!("{code} {body}")),
+                Err(err) => Err(err.to_string()),
+            }
+        },
+    )
+    .await
+}
+
+/// Polls `GET path` until its body contains `needle`; returns the body.
+pub async fn wait_for_body(
+    addr: SocketAddr,
+    path: &str,
+    needle: &str,
+    timeout: Duration,
+) -> anyhow::Result<String> {
+    plumbing::testing::eventually(
+        &format!("GET {path} to contain {needle}"),
+        timeout,
+        || async move {
+            match http_get(addr, path).await {
+                Ok((_, body)) if body.contains(needle) => Ok(body),
+                Ok((code, body)) => Err(format!("{code} {body}")),
+                Err(err) => Err(err.to_string()),
+            }
+        },
+    )
+    .await
 }

@@ -1,6 +1,6 @@
 //! Avro telemetry through a real broker: produced with the shared producer settings, consumed
-//! back, checked for key, partition (murmur2 of the key, as the Java client computes it) and
-//! the decoded record.
+//! back, checked for key, partition (murmur2 of the key, as the Java client computes it: the
+//! reference and its test vectors are in `plumbing::testing`) and the decoded record.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
@@ -14,56 +14,8 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use schemas::{telemetry_codec, MetricValue, Telemetry};
 
-/// Kafka's `Utils.murmur2`, written from the Java source, as the reference the broker-side
-/// placement is checked against.
-fn java_murmur2(data: &[u8]) -> i32 {
-    const SEED: u32 = 0x9747_b28c;
-    const M: u32 = 0x5bd1_e995;
-    const R: u32 = 24;
-    let len = data.len();
-    let mut h: u32 = SEED ^ (len as u32);
-    let chunks = data.chunks_exact(4);
-    let tail = chunks.remainder();
-    for chunk in chunks {
-        let mut k = u32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
-        k = k.wrapping_mul(M);
-        k ^= k >> R;
-        k = k.wrapping_mul(M);
-        h = h.wrapping_mul(M);
-        h ^= k;
-    }
-    if tail.len() >= 3 {
-        h ^= u32::from(tail[2]) << 16;
-    }
-    if tail.len() >= 2 {
-        h ^= u32::from(tail[1]) << 8;
-    }
-    if !tail.is_empty() {
-        h ^= u32::from(tail[0]);
-        h = h.wrapping_mul(M);
-    }
-    h ^= h >> 13;
-    h = h.wrapping_mul(M);
-    h ^= h >> 15;
-    h as i32
-}
-
 fn java_partition(key: &str, partitions: i32) -> i32 {
-    (java_murmur2(key.as_bytes()) & 0x7fff_ffff) % partitions
-}
-
-#[test]
-fn reference_murmur2_matches_kafkas_test_vectors() {
-    // From Kafka's UtilsTest.testMurmur2.
-    assert_eq!(java_murmur2(b"21"), -973_932_308);
-    assert_eq!(java_murmur2(b"foobar"), -790_332_482);
-    assert_eq!(java_murmur2(b"a-little-bit-long-string"), -985_981_536);
-    assert_eq!(java_murmur2(b"a-little-bit-longer-string"), -1_486_304_829);
-    assert_eq!(
-        java_murmur2(b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8"),
-        -58_897_971
-    );
-    assert_eq!(java_murmur2(b"abc"), 479_470_107);
+    plumbing::testing::java_partition(key.as_bytes(), partitions)
 }
 
 fn reading(tenant: &str, device: usize, seq: i64) -> Telemetry {

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Result};
 use clap::Parser;
-use fleetstream_tests::{free_addr, http_get, wait_for_status};
+use fleetstream_tests::{free_addr, http_get, wait_for_body, wait_for_status};
 use plumbing::testing::{TestDb, TestTopics};
 use plumbing::Shutdown;
 use schemas::LayoutChoice;
@@ -36,7 +36,7 @@ where
     let task = tokio::spawn(service);
     let ready = wait_for_status(admin, "/readyz", 200, Duration::from_secs(30))
         .await
-        .map_err(|e| anyhow!("{name}: {e}"))?;
+        .map_err(|e| e.context(name.to_owned()))?;
     assert!(ready.contains("\"ready\":true"), "{name}: {ready}");
     let (status, body) = http_get(admin, "/healthz").await?;
     assert_eq!((status, body.as_str()), (200, "ok"), "{name}");
@@ -122,28 +122,12 @@ async fn readiness_reports_a_dependency_that_is_down() -> Result<()> {
     ])?;
     let shutdown = Shutdown::new();
     let task = tokio::spawn(timescale_sink::run(config, shutdown.clone()));
-    let body = wait_for_status(admin, "/readyz", 503, Duration::from_secs(30))
-        .await
-        .map_err(|e| anyhow!(e))?;
+    let body = wait_for_status(admin, "/readyz", 503, Duration::from_secs(30)).await?;
     assert!(body.contains("\"database\":false"), "{body}");
     // Kafka is up, so its check turns true while the database check stays false.
-    let body = wait_for_status_body(admin, "\"kafka\":true").await?;
+    let body = wait_for_body(admin, "/readyz", "\"kafka\":true", Duration::from_secs(30)).await?;
     assert!(body.contains("\"database\":false"), "{body}");
     shutdown.cancel();
     tokio::time::timeout(Duration::from_secs(15), task).await???;
     Ok(())
-}
-
-async fn wait_for_status_body(addr: std::net::SocketAddr, needle: &str) -> Result<String> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let (_, body) = http_get(addr, "/readyz").await?;
-        if body.contains(needle) {
-            return Ok(body);
-        }
-        if std::time::Instant::now() > deadline {
-            return Err(anyhow!("/readyz never contained {needle}; last: {body}"));
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }

@@ -26,6 +26,9 @@ const TELEMETRY_COLUMNS: i16 = 7;
 
 const SIGNATURE: &[u8; 11] = b"PGCOPY\n\xff\r\n\0";
 
+/// End of the stream: a field count of -1.
+const TRAILER: [u8; 2] = (-1i16).to_be_bytes();
+
 /// Microseconds between the Unix epoch and PostgreSQL's epoch (2000-01-01 UTC).
 const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
 
@@ -111,8 +114,14 @@ impl CopyEncoder {
 
     /// The finished COPY stream: every row and the trailer.
     pub fn finish(mut self) -> Vec<u8> {
-        self.buf.extend_from_slice(&(-1i16).to_be_bytes());
+        self.buf.extend_from_slice(&TRAILER);
         self.buf
+    }
+
+    /// The finished stream without consuming the encoder (rows, then the trailer), so a
+    /// retried transaction sends the same bytes without copying them.
+    pub fn stream(&self) -> [&[u8]; 2] {
+        [&self.buf, &TRAILER]
     }
 
     fn null(&mut self) {
@@ -209,6 +218,14 @@ mod tests {
         expected.extend_from_slice(&[0, 0, 0, 8, 1]);
         expected.extend_from_slice(br#"{"t":5}"#);
         assert_eq!(tuple, expected.as_slice());
+    }
+
+    #[test]
+    fn stream_equals_finish() {
+        let mut encoder = CopyEncoder::default();
+        encoder.push_telemetry(&row()).unwrap();
+        let streamed = encoder.stream().concat();
+        assert_eq!(streamed, encoder.finish());
     }
 
     #[test]

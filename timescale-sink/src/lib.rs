@@ -132,13 +132,13 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), Error> {
         )),
     ];
     let stats = Arc::new(stats::Stats::default());
-    let reporter = tokio::spawn(stats::report(
+    let reporter = stats::spawn_reporter(
         pool.clone(),
         stats.clone(),
         config.observability.instance(),
         config.system_metrics_interval,
         background.clone(),
-    ));
+    );
     let admin_task = tokio::spawn(admin::serve(
         listener,
         admin::router(health.clone())?,

@@ -1,14 +1,14 @@
-//! Running figures of this instance, written to `system_metrics` every interval so the
-//! dashboard sees the pipeline without scraping Prometheus.
+//! Running figures of this instance, written to `system_metrics` every interval (see
+//! `plumbing::system_metrics`).
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
+use plumbing::system_metrics::{LatencyWindow, Rate};
 use sqlx::PgPool;
-use tracing::warn;
 
-/// Counters since start, plus a latency window since the last report.
+/// Counters since start, plus an ingest→commit latency window since the last report.
 #[derive(Debug, Default)]
 pub struct Stats {
     rows: AtomicU64,
@@ -16,14 +16,8 @@ pub struct Stats {
     dead_letters: AtomicU64,
     fenced: AtomicU64,
     lag: AtomicU64,
-    window: Mutex<LatencyWindow>,
-}
-
-#[derive(Debug, Default)]
-struct LatencyWindow {
-    count: u64,
-    sum: f64,
-    max: f64,
+    /// Ingest→commit latency of committed rows.
+    pub latency: LatencyWindow,
 }
 
 impl Stats {
@@ -39,14 +33,6 @@ impl Stats {
 
     pub fn set_lag(&self, lag: u64) {
         self.lag.store(lag, Ordering::Relaxed);
-    }
-
-    pub fn latency(&self, seconds: f64) {
-        if let Ok(mut w) = self.window.lock() {
-            w.count += 1;
-            w.sum += seconds;
-            w.max = w.max.max(seconds);
-        }
     }
 
     /// Rows committed since start.
@@ -66,64 +52,36 @@ impl Stats {
 }
 
 /// Writes the figures every `interval` until `shutdown`.
-pub async fn report(
+pub fn spawn_reporter(
     pool: PgPool,
-    stats: std::sync::Arc<Stats>,
+    stats: Arc<Stats>,
     instance: String,
     interval: Duration,
     shutdown: tokio_util::sync::CancellationToken,
-) {
-    let mut last_rows = stats.rows();
-    let mut last = Instant::now();
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(interval) => {}
-        }
-        let rows = stats.rows();
-        let elapsed = last.elapsed().as_secs_f64().max(0.001);
-        let rate = (rows - last_rows) as f64 / elapsed;
-        last_rows = rows;
-        last = Instant::now();
-        let (avg, max) = match stats.window.lock() {
-            Ok(mut w) => {
-                let figures = if w.count > 0 {
-                    (w.sum / w.count as f64, w.max)
-                } else {
-                    (0.0, 0.0)
-                };
-                *w = LatencyWindow::default();
-                figures
-            }
-            Err(_) => (0.0, 0.0),
-        };
-        let figures: [(&str, f64); 6] = [
-            ("sink_rows_per_second", rate),
-            (
-                "sink_consumer_lag_messages",
-                stats.lag.load(Ordering::Relaxed) as f64,
-            ),
-            ("sink_ingest_to_commit_avg_seconds", avg),
-            ("sink_ingest_to_commit_max_seconds", max),
-            ("sink_duplicate_rows_total", stats.duplicates() as f64),
-            (
-                "sink_dead_letters_total",
-                stats.dead_letters.load(Ordering::Relaxed) as f64,
-            ),
-        ];
-        let names: Vec<&str> = figures.iter().map(|(n, _)| *n).collect();
-        let values: Vec<f64> = figures.iter().map(|(_, v)| *v).collect();
-        let result = sqlx::query(
-            "INSERT INTO system_metrics (time, metric_name, instance, tags, value) \
-             SELECT now(), n, $1, '{\"service\": \"timescale-sink\"}', v FROM unnest($2::text[], $3::float8[]) AS u(n, v)",
-        )
-        .bind(&instance)
-        .bind(&names)
-        .bind(&values)
-        .execute(&pool)
-        .await;
-        if let Err(err) = result {
-            warn!(error = %err, "cannot write system_metrics");
-        }
-    }
+) -> tokio::task::JoinHandle<()> {
+    let mut rate = Rate::new(stats.rows());
+    plumbing::system_metrics::spawn_reporter(
+        pool,
+        crate::SERVICE,
+        instance,
+        interval,
+        shutdown,
+        move || {
+            let (avg, max) = stats.latency.take();
+            vec![
+                ("sink_rows_per_second", rate.per_second(stats.rows())),
+                (
+                    "sink_consumer_lag_messages",
+                    stats.lag.load(Ordering::Relaxed) as f64,
+                ),
+                ("sink_ingest_to_commit_avg_seconds", avg),
+                ("sink_ingest_to_commit_max_seconds", max),
+                ("sink_duplicate_rows_total", stats.duplicates() as f64),
+                (
+                    "sink_dead_letters_total",
+                    stats.dead_letters.load(Ordering::Relaxed) as f64,
+                ),
+            ]
+        },
+    )
 }

@@ -190,12 +190,21 @@ impl BatchWriter {
                 metrics::histogram!(m::COMMIT_DURATION).record(started.elapsed().as_secs_f64());
                 let now = chrono::Utc::now();
                 let latency = metrics::histogram!(m::INGEST_TO_COMMIT);
+                let (mut sum, mut max) = (0.0f64, 0.0f64);
                 for r in &batch.rows {
-                    let seconds =
-                        (now - r.row.received_at).num_microseconds().unwrap_or(0) as f64 / 1e6;
-                    latency.record(seconds.max(0.0));
-                    self.stats.latency(seconds);
+                    let micros = (now - r.row.received_at)
+                        .num_microseconds()
+                        .unwrap_or(0)
+                        .max(0);
+                    let seconds = micros as f64 / 1e6;
+                    latency.record(seconds);
+                    sum += seconds;
+                    max = max.max(seconds);
                 }
+                // One lock per batch, not per row.
+                self.stats
+                    .latency
+                    .record_many(batch.rows.len() as u64, sum, max);
                 self.stats
                     .committed(*rows, *duplicates, *dead_letters as u64);
                 (self.on_committed)(&batch.partitions);
@@ -231,12 +240,13 @@ impl BatchWriter {
         let mut inserted = 0u64;
         let mut duplicates = 0u64;
         let mut rejected: Vec<DeadLetter> = Vec::new();
+        let mut bad_rows: std::collections::HashSet<usize> = std::collections::HashSet::new();
         if !batch.rows.is_empty() {
             sqlx::query("SAVEPOINT copy_batch")
                 .execute(&mut *tx)
                 .await?;
             let copy_started = Instant::now();
-            match copy(&mut tx, COPY_TELEMETRY_SQL, batch.encoder.clone().finish()).await {
+            match copy(&mut tx, COPY_TELEMETRY_SQL, &batch.encoder.stream()).await {
                 Ok(n) => {
                     inserted = n;
                     sqlx::query("RELEASE SAVEPOINT copy_batch")
@@ -260,6 +270,7 @@ impl BatchWriter {
                     let mut bad = Vec::new();
                     inserted = bisect(&mut tx, &batch.rows, indexes, &mut bad).await?;
                     duplicates = (batch.rows.len() - bad.len()) as u64 - inserted;
+                    bad_rows = bad.iter().map(|(i, _)| *i).collect();
                     rejected = bad
                         .into_iter()
                         .map(|(i, error)| DeadLetter {
@@ -278,11 +289,9 @@ impl BatchWriter {
             let stored: Vec<&SourcedRow> = batch
                 .rows
                 .iter()
-                .filter(|r| {
-                    !rejected
-                        .iter()
-                        .any(|d| d.partition == r.partition && d.offset == r.offset)
-                })
+                .enumerate()
+                .filter(|(i, _)| !bad_rows.contains(i))
+                .map(|(_, r)| r)
                 .collect();
             upsert_latest(&mut tx, &stored).await?;
         }
@@ -298,12 +307,14 @@ impl BatchWriter {
 async fn copy(
     conn: &mut PgConnection,
     statement: &str,
-    bytes: Vec<u8>,
+    parts: &[&[u8]],
 ) -> Result<u64, sqlx::Error> {
     let mut copy = conn.copy_in_raw(statement).await?;
-    if let Err(err) = copy.send(bytes).await {
-        let _ = copy.abort("send failed").await;
-        return Err(err);
+    for part in parts {
+        if let Err(err) = copy.send(*part).await {
+            let _ = copy.abort("send failed").await;
+            return Err(err);
+        }
     }
     copy.finish().await
 }
@@ -327,7 +338,7 @@ async fn insert_via_staging(
 }
 
 async fn staging_insert(conn: &mut PgConnection, rows: &[&SourcedRow]) -> Result<u64, sqlx::Error> {
-    copy(conn, STAGING_COPY, encode(rows)).await?;
+    copy(conn, STAGING_COPY, &[&encode(rows)]).await?;
     let inserted = sqlx::query(STAGING_INSERT)
         .execute(&mut *conn)
         .await?

@@ -5,11 +5,11 @@
 mod common;
 
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use common::*;
-use plumbing::testing::{TestDb, TestTopics};
+use plumbing::testing::{eventually, TestDb, TestTopics};
 use rand::Rng;
 use schemas::LayoutChoice;
 
@@ -67,53 +67,28 @@ fn spawn_sink(db: &TestDb, topics: &TestTopics, group: &str, instance: &str) -> 
     ))
 }
 
-fn terminate(child: &mut Child) -> Result<()> {
+async fn terminate(child: &mut Child) -> Result<()> {
     let status = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()?;
     assert!(status.success());
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Some(status) = child.try_wait()? {
-            assert!(status.success(), "sink exited with {status} after SIGTERM");
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            child.kill()?;
-            bail!("sink did not exit within 60 s of SIGTERM");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-async fn stored_total(db: &TestDb, group: &str) -> Result<i64> {
-    Ok(sqlx::query_scalar::<_, Option<i64>>(
-        "SELECT sum(next_offset)::int8 FROM consumer_offsets WHERE consumer_group = $1",
+    let exited = eventually(
+        "the sink to exit after SIGTERM",
+        Duration::from_secs(60),
+        || {
+            let polled = child.try_wait();
+            async move {
+                match polled {
+                    Ok(Some(status)) => Ok(status),
+                    Ok(None) => Err("still running".to_owned()),
+                    Err(err) => Err(err.to_string()),
+                }
+            }
+        },
     )
-    .bind(group)
-    .fetch_one(&db.pool)
-    .await?
-    .unwrap_or(0))
-}
-
-/// Polls until at least `threshold` offsets are stored.
-async fn wait_for_progress(
-    db: &TestDb,
-    group: &str,
-    threshold: i64,
-    timeout: Duration,
-) -> Result<i64> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let total = stored_total(db, group).await?;
-        if total >= threshold {
-            return Ok(total);
-        }
-        if Instant::now() > deadline {
-            bail!("stored offsets reached {total}, not {threshold}, within {timeout:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    .await?;
+    assert!(exited.success(), "sink exited with {exited} after SIGTERM");
+    Ok(())
 }
 
 async fn assert_exactly_once(
@@ -159,14 +134,14 @@ async fn sigkill_at_five_random_moments_loses_and_duplicates_nothing() -> Result
     kill_points.sort_unstable();
     for (i, point) in kill_points.iter().enumerate() {
         let mut child = spawn_sink(&db, &topics, &group, &format!("victim-{i}"))?;
-        let reached = wait_for_progress(&db, &group, *point, Duration::from_secs(180)).await;
+        let reached = wait_for_stored(&db.pool, &group, *point, Duration::from_secs(180)).await;
         child.kill()?; // SIGKILL
         child.wait()?;
         reached?;
     }
     let mut last = spawn_sink(&db, &topics, &group, "survivor")?;
-    wait_for_progress(&db, &group, TOTAL, Duration::from_secs(180)).await?;
-    terminate(&mut last)?;
+    wait_for_stored(&db.pool, &group, TOTAL, Duration::from_secs(180)).await?;
+    terminate(&mut last).await?;
     assert_exactly_once(&db, &topics, &group, PARTITIONS, TOTAL).await
 }
 
@@ -190,15 +165,15 @@ async fn two_instances_share_the_group_and_one_stopping_or_dying_loses_nothing()
         let group = format!("pair-{}", db.name);
         let mut a = spawn_sink(&db, &topics, &group, "a")?;
         let mut b = spawn_sink(&db, &topics, &group, "b")?;
-        wait_for_progress(&db, &group, TOTAL / 3, Duration::from_secs(180)).await?;
+        wait_for_stored(&db.pool, &group, TOTAL / 3, Duration::from_secs(180)).await?;
         if kill {
             b.kill()?;
             b.wait()?;
         } else {
-            terminate(&mut b)?;
+            terminate(&mut b).await?;
         }
-        wait_for_progress(&db, &group, TOTAL, Duration::from_secs(180)).await?;
-        terminate(&mut a)?;
+        wait_for_stored(&db.pool, &group, TOTAL, Duration::from_secs(180)).await?;
+        terminate(&mut a).await?;
         assert_exactly_once(&db, &topics, &group, PARTITIONS, TOTAL).await?;
     }
     Ok(())

@@ -9,9 +9,9 @@
 mod common;
 
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use common::*;
 use plumbing::testing::{TestDb, TestTopics};
 use plumbing::Shutdown;
@@ -57,41 +57,14 @@ async fn postgres_restarted_mid_run_loses_nothing_and_the_sink_recovers_by_itsel
     let shutdown = Shutdown::new();
     let sink = tokio::spawn(timescale_sink::run(config, shutdown.clone()));
 
-    let query = format!(
-        "SELECT sum(next_offset)::int8 FROM consumer_offsets WHERE consumer_group = '{group}'"
-    );
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let s: Option<i64> = sqlx::query_scalar(&query).fetch_one(&db.pool).await?;
-        if s.unwrap_or(0) >= TOTAL / 6 {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!("no progress before the restart");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for_stored(&db.pool, &group, TOTAL / 6, Duration::from_secs(120)).await?;
     let status = Command::new("pg_ctlcluster")
         .args([&version, "main", "restart", "-m", "fast"])
         .status()?;
     assert!(status.success(), "pg_ctlcluster restart failed");
 
-    // The pool reconnects by itself; poll through the restart.
-    let deadline = Instant::now() + Duration::from_secs(180);
-    loop {
-        if let Ok(Some(s)) = sqlx::query_scalar::<_, Option<i64>>(&query)
-            .fetch_one(&db.pool)
-            .await
-        {
-            if s == TOTAL {
-                break;
-            }
-        }
-        if Instant::now() > deadline {
-            bail!("the sink did not catch up after the restart");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    // The pool reconnects by itself; errors while the server restarts count as "not yet".
+    wait_for_stored(&db.pool, &group, TOTAL, Duration::from_secs(180)).await?;
     shutdown.cancel();
     tokio::time::timeout(Duration::from_secs(60), sink).await???;
     let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM telemetry")

@@ -34,13 +34,7 @@ async fn two_hundred_thousand_messages_from_ten_thousand_devices_are_stored_exac
         let ends = end_offsets(&topics, PARTITIONS)?;
         let total_end: i64 = ends.values().sum();
         assert_eq!(total_end, 200_000);
-        wait_for_count(
-            &db.pool,
-            &format!("SELECT sum(next_offset)::int8 FROM consumer_offsets WHERE consumer_group = '{group}'"),
-            total_end,
-            Duration::from_secs(180),
-        )
-        .await?;
+        wait_for_stored(&db.pool, &group, total_end, Duration::from_secs(180)).await?;
         shutdown.cancel();
         tokio::time::timeout(Duration::from_secs(60), sink).await???;
 
@@ -117,13 +111,7 @@ async fn a_garbage_message_and_a_row_the_database_rejects_go_to_the_dlq_and_the_
     let group = config.group_id.clone();
     let shutdown = Shutdown::new();
     let sink = tokio::spawn(timescale_sink::run(config, shutdown.clone()));
-    wait_for_count(
-        &db.pool,
-        &format!("SELECT max(next_offset) FROM consumer_offsets WHERE consumer_group = '{group}' AND partition = 0"),
-        1002,
-        Duration::from_secs(60),
-    )
-    .await?;
+    wait_for_stored(&db.pool, &group, 1002, Duration::from_secs(60)).await?;
     shutdown.cancel();
     tokio::time::timeout(Duration::from_secs(60), sink).await???;
     let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM telemetry")
@@ -196,15 +184,7 @@ async fn every_message_sent_twice_is_stored_once() -> Result<()> {
     let group = config.group_id.clone();
     let shutdown = Shutdown::new();
     let sink = tokio::spawn(timescale_sink::run(config, shutdown.clone()));
-    wait_for_count(
-        &db.pool,
-        &format!(
-            "SELECT sum(next_offset)::int8 FROM consumer_offsets WHERE consumer_group = '{group}'"
-        ),
-        total,
-        Duration::from_secs(60),
-    )
-    .await?;
+    wait_for_stored(&db.pool, &group, total, Duration::from_secs(60)).await?;
     shutdown.cancel();
     tokio::time::timeout(Duration::from_secs(60), sink).await???;
     let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM telemetry")

@@ -2,9 +2,9 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use chrono::{DateTime, Utc};
 use clap::Parser;
 use plumbing::testing::{TestDb, TestTopics};
@@ -112,26 +112,37 @@ pub fn sink_config(
     Ok(timescale_sink::Config::try_parse_from(args)?)
 }
 
-/// Polls `query` (one bigint) until it equals `expected` or the deadline passes.
-pub async fn wait_for_count(
+/// Sum of `group`'s stored next offsets (0 before the first commit).
+pub async fn stored_total(pool: &sqlx::PgPool, group: &str) -> Result<i64, sqlx::Error> {
+    Ok(sqlx::query_scalar::<_, Option<i64>>(
+        "SELECT sum(next_offset)::int8 FROM consumer_offsets WHERE consumer_group = $1",
+    )
+    .bind(group)
+    .fetch_one(pool)
+    .await?
+    .unwrap_or(0))
+}
+
+/// Polls until `group` has stored at least `at_least` offsets. Database errors count as "not
+/// yet" (tests restart the server under it); returns the total reached.
+pub async fn wait_for_stored(
     pool: &sqlx::PgPool,
-    query: &str,
-    expected: i64,
+    group: &str,
+    at_least: i64,
     timeout: Duration,
-) -> Result<()> {
-    let deadline = Instant::now() + timeout;
-    let mut last = -1;
-    while Instant::now() < deadline {
-        last = sqlx::query_scalar::<_, Option<i64>>(query)
-            .fetch_one(pool)
-            .await?
-            .unwrap_or(0);
-        if last == expected {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    bail!("`{query}` was {last}, expected {expected} within {timeout:?}")
+) -> Result<i64> {
+    plumbing::testing::eventually(
+        &format!("{at_least} stored offsets of {group}"),
+        timeout,
+        || async move {
+            match stored_total(pool, group).await {
+                Ok(total) if total >= at_least => Ok(total),
+                Ok(total) => Err(format!("{total} stored")),
+                Err(err) => Err(err.to_string()),
+            }
+        },
+    )
+    .await
 }
 
 /// Sum of the topic's high watermarks.
