@@ -1,23 +1,69 @@
 //! Kafka consumer group that evaluates alert rules on the telemetry stream.
 //!
-//! This crate is a library with a thin `main.rs`, so tests run the service in-process
-//! through [`run`]. At this stage it serves its admin endpoints (`/metrics`, `/healthz`,
-//! `/readyz`) and probes its dependencies; the pipeline stage itself is the subject of
-//! issue #6.
+//! # Guarantee
+//!
+//! Each alert transition (pending → firing → resolved, one open alert per rule and device) is
+//! written to `alerts` and to the `alert_outbox` in the transaction that stores this group's
+//! offsets and event-time clocks in `consumer_offsets`. On assignment a partition restarts at
+//! its stored offset, with its open alerts loaded from `alerts` and its devices' window
+//! history from `telemetry`, so a crash, `kill -9` or rebalance at any moment neither loses
+//! nor repeats a transition in the database. The outbox publisher sends every row to
+//! `alerts.v1` at least once, always with the same `event_id`.
+//!
+//! # Layout
+//!
+//! * [`consumer`]: the group member and its rebalance callbacks;
+//! * [`engine`]: the deterministic rule state machine (windows, timers, lifecycle);
+//! * [`rules`]: `alert_rules` rows, indexed; reloaded on NOTIFY and periodically;
+//! * [`store`]: warm-start reads and the commit transaction;
+//! * [`outbox`]: the `alerts.v1` publisher; [`metrics`]: Prometheus names.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use clap::Parser;
+use plumbing::admin::{self, Health};
 use plumbing::config::{DatabaseArgs, KafkaArgs, ObservabilityArgs};
+use plumbing::system_metrics::{LatencyWindow, Rate};
 use plumbing::Shutdown;
-use tracing::info;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::FutureProducer;
+use schemas::{Codec, Telemetry};
+use sqlx::PgPool;
+use tokio::sync::{mpsc, watch, Notify};
+use tracing::{info, info_span, warn, Instrument};
+
+pub mod consumer;
+pub mod engine;
+pub mod metrics;
+pub mod outbox;
+pub mod rules;
+pub mod store;
+
+use engine::{CommitUnit, Engine, EngineConfig};
+use rules::RuleSet;
 
 /// Name in logs, traces, metrics and `system_metrics`.
 pub const SERVICE: &str = "evaluator-stream";
+
+/// Total consumer lag over the assigned partitions, as last measured.
+static LAG_TOTAL: AtomicU64 = AtomicU64::new(0);
 
 /// Errors of the service.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(transparent)]
     Plumbing(#[from] plumbing::Error),
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("schema: {0}")]
+    Schema(#[from] schemas::SchemaError),
+    #[error("consumer thread: {0}")]
+    Thread(String),
+    #[error("shut down before the rules could be loaded")]
+    Cancelled,
 }
 
 /// Configuration, from flags or the environment.
@@ -34,20 +80,686 @@ pub struct Config {
     pub kafka: KafkaArgs,
     #[command(flatten)]
     pub observability: ObservabilityArgs,
+    /// Consumer group (its offsets and clocks are kept in `consumer_offsets`).
+    #[arg(long, env = "EVALUATOR_GROUP_ID", default_value = "evaluator-stream")]
+    pub group_id: String,
+    /// Where a partition with no stored offset starts. `latest` by default: a new evaluator
+    /// judges the present, not years of history.
+    #[arg(long, env = "EVALUATOR_START_FROM", value_enum, default_value_t = consumer::StartFrom::Latest)]
+    pub start_from: consumer::StartFrom,
+    /// How far behind its partition's clock a reading may arrive and still count.
+    #[arg(long, env = "EVALUATOR_ALLOWED_LATENESS", default_value = "5s", value_parser = plumbing::config::parse_duration)]
+    pub allowed_lateness: Duration,
+    /// A partition silent this long has its clock moved by the wall clock (so no-data and
+    /// `for` timers still fire when every device on it went quiet).
+    #[arg(long, env = "EVALUATOR_IDLE_TIMEOUT", default_value = "10s", value_parser = plumbing::config::parse_duration)]
+    pub idle_timeout: Duration,
+    /// Offsets are stored at least this often when no transition forces a commit.
+    #[arg(long, env = "EVALUATOR_COMMIT_INTERVAL", default_value = "1s", value_parser = plumbing::config::parse_duration)]
+    pub commit_interval: Duration,
+    /// Rules are re-read this often besides on change notifications.
+    #[arg(long, env = "EVALUATOR_RULES_REFRESH", default_value = "30s", value_parser = plumbing::config::parse_duration)]
+    pub rules_refresh: Duration,
+    /// Sent outbox rows are deleted after this long.
+    #[arg(long, env = "EVALUATOR_OUTBOX_RETENTION", default_value = "1d", value_parser = plumbing::config::parse_duration)]
+    pub outbox_retention: Duration,
+    /// Messages buffered ahead of evaluation; beyond it the consumer pauses.
+    #[arg(long, env = "EVALUATOR_QUEUE", default_value_t = 50_000)]
+    pub queue: usize,
+    /// On SIGTERM: time to commit and leave the group before giving up (uncommitted work
+    /// is then re-read by the next owner).
+    #[arg(long, env = "EVALUATOR_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = plumbing::config::parse_duration)]
+    pub shutdown_timeout: Duration,
+    /// How often key figures are written to `system_metrics`.
+    #[arg(long, env = "SYSTEM_METRICS_INTERVAL", default_value = "10s", value_parser = plumbing::config::parse_duration)]
+    pub system_metrics_interval: Duration,
 }
 
-/// Runs the service until `shutdown` is cancelled.
+/// Running figures for `system_metrics`.
+#[derive(Debug, Default)]
+struct Stats {
+    messages: AtomicU64,
+    evaluations: AtomicU64,
+    transitions: AtomicU64,
+    late_accepted: AtomicU64,
+    late_dropped: AtomicU64,
+    open_alerts: AtomicU64,
+    latency: LatencyWindow,
+}
+
+/// Runs the evaluator until `shutdown` is cancelled: then it stops fetching, commits, leaves
+/// the group and stops within `shutdown_timeout`.
 pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), Error> {
-    let pool = plumbing::db::pool(&config.database, SERVICE)?;
-    plumbing::probe::serve_admin_with_probes(
-        config.observability.admin_listen,
-        pool,
-        Some(config.kafka),
-        shutdown,
-    )
-    .await?;
-    info!("stopped");
+    metrics::describe();
+    let health = Health::new(&["database", "kafka", "assigned", "rules"]);
+    let mut pool_args = config.database.clone();
+    pool_args.database_max_connections = pool_args.database_max_connections.max(6);
+    let pool = plumbing::db::pool(&pool_args, SERVICE)?;
+    let (listener, addr) = admin::bind(config.observability.admin_listen).await?;
+    info!(%addr, "admin endpoints listening");
+    let background = Shutdown::new();
+    let mut tasks = vec![
+        plumbing::probe::spawn_database_probe(pool.clone(), health.clone(), background.clone()),
+        plumbing::probe::spawn_kafka_probe(
+            config.kafka.clone(),
+            health.clone(),
+            background.clone(),
+        ),
+        {
+            let router = admin::router(health.clone())?;
+            let stop = background.clone();
+            tokio::spawn(async move {
+                if let Err(err) = admin::serve(listener, router, stop).await {
+                    warn!(error = %err, "admin endpoints stopped");
+                }
+            })
+        },
+    ];
+
+    let rules = load_rules_until_ok(&pool, &shutdown).await?;
+    health.set("rules", true);
+    let (rules_tx, rules_rx) = watch::channel(rules.clone());
+    tasks.push(spawn_rules_watcher(
+        pool.clone(),
+        rules_tx,
+        config.rules_refresh,
+        background.clone(),
+    ));
+
+    let producer: FutureProducer =
+        plumbing::kafka::producer_config(&config.kafka, &format!("{SERVICE}-alerts")).create()?;
+    let wake = Arc::new(Notify::new());
+    tasks.push(
+        outbox::Publisher {
+            pool: pool.clone(),
+            producer,
+            topic: config.kafka.alerts_topic.clone(),
+            retention: config.outbox_retention,
+            poll_interval: Duration::from_secs(1),
+        }
+        .spawn(wake.clone(), background.clone()),
+    );
+
+    let stats = Arc::new(Stats::default());
+    tasks.push(spawn_reporter(
+        pool.clone(),
+        stats.clone(),
+        config.observability.instance(),
+        config.system_metrics_interval,
+        background.clone(),
+    ));
+
+    let give_up = Shutdown::new();
+    let (input_tx, input_rx) = mpsc::channel(config.queue.max(1));
+    let runner = Runner {
+        engine: Engine::new(
+            EngineConfig {
+                allowed_lateness: config.allowed_lateness,
+                idle_timeout: config.idle_timeout,
+            },
+            rules,
+        ),
+        pool: pool.clone(),
+        group: config.group_id.clone(),
+        topic: config.kafka.telemetry_topic.clone(),
+        partition_count: 0,
+        codec: schemas::telemetry_codec()?,
+        commit_interval: config.commit_interval,
+        last_commit: Instant::now(),
+        wake,
+        give_up: give_up.clone(),
+        stats: stats.clone(),
+        reported: engine::Counters::default(),
+    };
+    let engine_task = tokio::spawn(runner.run(input_rx, rules_rx));
+
+    let context = consumer::EvalContext::new(
+        input_tx,
+        pool.clone(),
+        tokio::runtime::Handle::current(),
+        config.group_id.clone(),
+        config.kafka.telemetry_topic.clone(),
+        config.start_from,
+        config.shutdown_timeout,
+        health.clone(),
+        shutdown.clone(),
+    );
+    let mut consumer_config =
+        plumbing::kafka::consumer_config(&config.kafka, SERVICE, &config.group_id);
+    // Eager protocol: see the sink's `consumer` module for why not cooperative-sticky.
+    consumer_config.set("partition.assignment.strategy", "roundrobin");
+    let consumer: Arc<BaseConsumer<consumer::EvalContext>> =
+        Arc::new(consumer_config.create_with_context(context)?);
+    consumer.subscribe(&[&config.kafka.telemetry_topic])?;
+    info!(topic = %config.kafka.telemetry_topic, group = %config.group_id, "evaluator started");
+
+    let poller = consumer.clone();
+    let thread = std::thread::Builder::new()
+        .name("evaluator-consumer".to_owned())
+        .spawn(move || {
+            consumer::poll_loop(&poller);
+            consumer::leave(&poller);
+            drop(poller);
+        })
+        .map_err(|err| Error::Thread(err.to_string()))?;
+
+    shutdown.cancelled().await;
+    info!("shutting down: committing and leaving the group");
+    let deadline_token = give_up.clone();
+    let shutdown_timeout = config.shutdown_timeout;
+    let deadline = tokio::spawn(async move {
+        tokio::time::sleep(shutdown_timeout).await;
+        deadline_token.cancel();
+    });
+    let joined = tokio::task::spawn_blocking(move || thread.join()).await;
+    if !matches!(joined, Ok(Ok(()))) {
+        tracing::error!("consumer thread panicked");
+    }
+    // The consumer's context holds the engine's input: dropping it ends the engine task
+    // after a last commit. Closing a consumer may block, so not on a runtime thread.
+    let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
+    let _ = engine_task.await;
+    deadline.abort();
+    background.cancel();
+    for task in tasks {
+        let _ = task.await;
+    }
+    pool.close().await;
+    info!(messages = stats.messages.load(Ordering::Relaxed), "stopped");
     Ok(())
+}
+
+async fn load_rules_until_ok(pool: &PgPool, shutdown: &Shutdown) -> Result<Arc<RuleSet>, Error> {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match rules::load(pool).await {
+            Ok((set, invalid)) => {
+                for err in invalid {
+                    warn!(error = %err, "alert rule skipped");
+                }
+                ::metrics::gauge!(metrics::RULES).set(set.enabled() as f64);
+                info!(rules = set.enabled(), "alert rules loaded");
+                return Ok(Arc::new(set));
+            }
+            Err(err) => {
+                warn!(error = %err, "cannot load alert rules; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Err(Error::Cancelled),
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+}
+
+/// Reloads the rules on `alert_rules_changed` notifications and every `refresh`.
+fn spawn_rules_watcher(
+    pool: PgPool,
+    rules: watch::Sender<Arc<RuleSet>>,
+    refresh: Duration,
+    shutdown: Shutdown,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut listener: Option<sqlx::postgres::PgListener> = None;
+        loop {
+            if listener.is_none() {
+                match sqlx::postgres::PgListener::connect_with(&pool).await {
+                    Ok(mut l) => match l.listen("alert_rules_changed").await {
+                        Ok(()) => listener = Some(l),
+                        Err(err) => warn!(error = %err, "cannot LISTEN for rule changes"),
+                    },
+                    Err(err) => warn!(error = %err, "cannot connect to LISTEN for rule changes"),
+                }
+            }
+            let notified = async {
+                match listener.as_mut() {
+                    Some(l) => l.recv().await.map(|_| ()),
+                    None => {
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        Ok(())
+                    }
+                }
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                result = notified => {
+                    if let Err(err) = result {
+                        warn!(error = %err, "rule-change listener failed; reconnecting");
+                        listener = None;
+                    }
+                    // A burst of changes (a bulk update) becomes one reload.
+                    if let Some(l) = listener.as_mut() {
+                        while let Ok(Ok(Some(_))) =
+                            tokio::time::timeout(Duration::from_millis(20), l.try_recv()).await
+                        {}
+                    }
+                }
+                _ = tokio::time::sleep(refresh) => {}
+            }
+            match rules::load(&pool).await {
+                Ok((set, invalid)) => {
+                    for err in invalid {
+                        warn!(error = %err, "alert rule skipped");
+                    }
+                    ::metrics::gauge!(metrics::RULES).set(set.enabled() as f64);
+                    let _ = rules.send(Arc::new(set));
+                }
+                Err(err) => warn!(error = %err, "cannot reload alert rules"),
+            }
+        }
+    })
+}
+
+fn spawn_reporter(
+    pool: PgPool,
+    stats: Arc<Stats>,
+    instance: String,
+    interval: Duration,
+    shutdown: Shutdown,
+) -> tokio::task::JoinHandle<()> {
+    let mut messages = Rate::new(0);
+    let mut evaluations = Rate::new(0);
+    plumbing::system_metrics::spawn_reporter(
+        pool,
+        SERVICE,
+        instance,
+        interval,
+        shutdown,
+        move || {
+            let (avg, max) = stats.latency.take();
+            vec![
+                (
+                    "evaluator_messages_per_second",
+                    messages.per_second(stats.messages.load(Ordering::Relaxed)),
+                ),
+                (
+                    "evaluator_rule_evaluations_per_second",
+                    evaluations.per_second(stats.evaluations.load(Ordering::Relaxed)),
+                ),
+                (
+                    "evaluator_transitions_total",
+                    stats.transitions.load(Ordering::Relaxed) as f64,
+                ),
+                (
+                    "evaluator_open_alerts",
+                    stats.open_alerts.load(Ordering::Relaxed) as f64,
+                ),
+                (
+                    "evaluator_late_accepted_total",
+                    stats.late_accepted.load(Ordering::Relaxed) as f64,
+                ),
+                (
+                    "evaluator_late_dropped_total",
+                    stats.late_dropped.load(Ordering::Relaxed) as f64,
+                ),
+                (
+                    "evaluator_consumer_lag_messages",
+                    LAG_TOTAL.load(Ordering::Relaxed) as f64,
+                ),
+                ("evaluator_alert_latency_avg_seconds", avg),
+                ("evaluator_alert_latency_max_seconds", max),
+            ]
+        },
+    )
+}
+
+fn now_micros() -> engine::Micros {
+    chrono::Utc::now().timestamp_micros()
+}
+
+/// The evaluation task: owns the engine, warms devices, commits.
+struct Runner {
+    engine: Engine,
+    pool: PgPool,
+    group: String,
+    topic: String,
+    partition_count: i32,
+    codec: &'static Codec<Telemetry>,
+    commit_interval: Duration,
+    last_commit: Instant,
+    wake: Arc<Notify>,
+    give_up: Shutdown,
+    stats: Arc<Stats>,
+    reported: engine::Counters,
+}
+
+impl Runner {
+    async fn run(
+        mut self,
+        mut input: mpsc::Receiver<consumer::Input>,
+        mut rules: watch::Receiver<Arc<RuleSet>>,
+    ) {
+        let mut buf = Vec::with_capacity(4096);
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut rules_open = true;
+        loop {
+            tokio::select! {
+                n = input.recv_many(&mut buf, 4096) => {
+                    if n == 0 {
+                        break;
+                    }
+                    self.handle(&mut buf).await;
+                }
+                changed = rules.changed(), if rules_open => {
+                    if changed.is_ok() {
+                        let set = rules.borrow_and_update().clone();
+                        self.set_rules(set).await;
+                    } else {
+                        rules_open = false;
+                    }
+                }
+                _ = tick.tick() => {
+                    self.engine.tick(now_micros());
+                }
+            }
+            if self.engine.has_transitions() || self.last_commit.elapsed() >= self.commit_interval {
+                self.commit().await;
+            }
+        }
+        self.commit().await;
+    }
+
+    async fn handle(&mut self, buf: &mut Vec<consumer::Input>) {
+        let mut chunk: Vec<(i32, i64, Option<Telemetry>)> = Vec::with_capacity(buf.len());
+        for input in buf.drain(..) {
+            match input {
+                consumer::Input::Message {
+                    partition,
+                    offset,
+                    payload,
+                } => {
+                    let message = match self.codec.decode(&payload) {
+                        Ok(message) => Some(message),
+                        Err(err) => {
+                            tracing::debug!(partition, offset, error = %err, "undecodable message skipped");
+                            ::metrics::counter!(metrics::UNDECODABLE).increment(1);
+                            None
+                        }
+                    };
+                    chunk.push((partition, offset, message));
+                }
+                control => {
+                    self.evaluate(&mut chunk).await;
+                    self.control(control).await;
+                }
+            }
+        }
+        self.evaluate(&mut chunk).await;
+    }
+
+    /// Warms the chunk's cold devices (one query), then evaluates every message in order.
+    async fn evaluate(&mut self, chunk: &mut Vec<(i32, i64, Option<Telemetry>)>) {
+        if chunk.is_empty() {
+            return;
+        }
+        let mut seen = HashSet::new();
+        let mut cold = Vec::new();
+        let mut sites = Vec::new();
+        for (partition, _, message) in chunk.iter() {
+            let Some(message) = message else { continue };
+            if let Some(device) = self.engine.cold(*partition, message) {
+                if seen.insert((device.tenant_id.clone(), device.device_id.clone())) {
+                    sites.push(message.site_id.clone());
+                    cold.push(device);
+                }
+            }
+        }
+        if !cold.is_empty() {
+            let pool = self.pool.clone();
+            let history = self
+                .retry("load window history", || store::load_history(&pool, &cold))
+                .await;
+            if let Some(history) = history {
+                for ((device, site), history) in cold.iter().zip(&sites).zip(&history) {
+                    self.engine.warm(device, site.as_deref(), history);
+                }
+            }
+        }
+        for (partition, offset, message) in chunk.drain(..) {
+            match message {
+                Some(message) => self.engine.process(partition, offset, &message),
+                None => self.engine.skip(partition, offset),
+            }
+        }
+        self.publish_counters();
+    }
+
+    async fn control(&mut self, input: consumer::Input) {
+        match input {
+            consumer::Input::Assigned {
+                partitions,
+                partition_count,
+            } => {
+                if partition_count > 0 {
+                    self.partition_count = partition_count;
+                }
+                let mine: HashSet<i32> = partitions.iter().map(|p| p.0).collect();
+                for (partition, offset, clock) in partitions {
+                    self.engine.assign(partition, offset, clock);
+                }
+                self.restore(&mine, None).await;
+            }
+            consumer::Input::Revoked { partitions, ack } => {
+                self.commit().await;
+                for partition in partitions {
+                    self.engine.revoke(partition);
+                }
+                let _ = ack.send(());
+            }
+            consumer::Input::Message { .. } => {}
+        }
+    }
+
+    /// Warm start of `partitions`: their open alerts, and their devices' last readings for
+    /// no-data rules (only `tenants`' when given).
+    async fn restore(&mut self, partitions: &HashSet<i32>, tenants: Option<Vec<String>>) {
+        let count = self.partition_count;
+        let partition_of = |tenant: &str, device: &str| {
+            plumbing::kafka::partition_for_key(
+                schemas::message_key(tenant, device).as_bytes(),
+                count,
+            )
+        };
+        let pool = self.pool.clone();
+        if tenants.is_none() {
+            let open = self
+                .retry("load open alerts", || store::load_open_alerts(&pool))
+                .await
+                .unwrap_or_default();
+            for a in open {
+                let partition = partition_of(&a.tenant_id, &a.device_id);
+                if partitions.contains(&partition) {
+                    self.engine.restore_open_alert(
+                        partition,
+                        &a.tenant_id,
+                        &a.device_id,
+                        a.site_id.as_deref(),
+                        a.rule_id,
+                        a.status,
+                        a.started_at,
+                        a.value,
+                    );
+                }
+            }
+        }
+        let tenants = tenants.unwrap_or_else(|| {
+            self.engine
+                .rules()
+                .no_data_tenants()
+                .map(str::to_owned)
+                .collect()
+        });
+        if tenants.is_empty() {
+            return;
+        }
+        let seen = self
+            .retry("load last readings", || {
+                store::load_last_seen(&pool, &tenants)
+            })
+            .await
+            .unwrap_or_default();
+        for (tenant, device, site, last) in seen {
+            let partition = partition_of(&tenant, &device);
+            if partitions.contains(&partition) {
+                self.engine
+                    .restore_last_seen(partition, &tenant, &device, site.as_deref(), last);
+            }
+        }
+    }
+
+    async fn set_rules(&mut self, rules: Arc<RuleSet>) {
+        let before: HashSet<String> = self
+            .engine
+            .rules()
+            .no_data_tenants()
+            .map(str::to_owned)
+            .collect();
+        self.engine.set_rules(rules.clone());
+        let added: Vec<String> = rules
+            .no_data_tenants()
+            .filter(|t| !before.contains(*t))
+            .map(str::to_owned)
+            .collect();
+        if !added.is_empty() {
+            let mine: HashSet<i32> = self.engine.partitions().into_iter().collect();
+            self.restore(&mine, Some(added)).await;
+        }
+    }
+
+    /// Retries `op` with backoff until it succeeds or the shutdown deadline passes.
+    async fn retry<T, F, Fut>(&self, what: &str, mut op: F) -> Option<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, sqlx::Error>>,
+    {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match op().await {
+                Ok(value) => return Some(value),
+                Err(err) => {
+                    warn!(error = %err, "{what} failed; retrying");
+                    ::metrics::counter!(metrics::DB_RETRIES).increment(1);
+                    tokio::select! {
+                        _ = self.give_up.cancelled() => return None,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                }
+            }
+        }
+    }
+
+    /// Commits the engine's transitions and progress; retries until it succeeds, the
+    /// partitions are fenced, or the shutdown deadline passes (then nothing is stored and the
+    /// next owner re-reads the messages).
+    async fn commit(&mut self) {
+        self.last_commit = Instant::now();
+        let mut unit: CommitUnit = self.engine.take_commit();
+        if unit.is_empty() {
+            return;
+        }
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let started = Instant::now();
+            let span = info_span!(
+                "commit",
+                transitions = unit.transitions.len(),
+                partitions = unit.progress.len()
+            );
+            let result = store::commit(&self.pool, &self.group, &self.topic, &unit)
+                .instrument(span)
+                .await;
+            match result {
+                Ok(done) => {
+                    ::metrics::histogram!(metrics::COMMIT_DURATION)
+                        .record(started.elapsed().as_secs_f64());
+                    self.engine.committed(&unit);
+                    self.committed(&unit, done);
+                    return;
+                }
+                Err(store::StoreError::Fenced(partitions)) => {
+                    warn!(
+                        ?partitions,
+                        "commit fenced: partitions owned by another instance"
+                    );
+                    ::metrics::counter!(metrics::FENCED).increment(1);
+                    for &partition in &partitions {
+                        self.engine.revoke(partition);
+                    }
+                    unit.without(&partitions);
+                    if unit.is_empty() {
+                        return;
+                    }
+                }
+                Err(err) => {
+                    warn!(error = %err, "commit failed; retrying");
+                    ::metrics::counter!(metrics::DB_RETRIES).increment(1);
+                    tokio::select! {
+                        _ = self.give_up.cancelled() => {
+                            warn!("shutdown deadline passed; uncommitted work is left for the next owner");
+                            return;
+                        }
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                }
+            }
+        }
+    }
+
+    fn committed(&mut self, unit: &CommitUnit, done: store::Committed) {
+        if done.written > 0 {
+            self.wake.notify_one();
+        }
+        if done.skipped > 0 {
+            ::metrics::counter!(metrics::REPLAYED_TRANSITIONS).increment(done.skipped as u64);
+        }
+        let now = now_micros();
+        let (mut count, mut sum, mut max) = (0u64, 0.0f64, 0.0f64);
+        for t in &unit.transitions {
+            ::metrics::counter!(metrics::TRANSITIONS, "to" => t.to.as_str()).increment(1);
+            if let Some(received) = t.received_at {
+                let seconds = (now - received).max(0) as f64 / 1e6;
+                ::metrics::histogram!(metrics::ALERT_LATENCY).record(seconds);
+                count += 1;
+                sum += seconds;
+                max = max.max(seconds);
+            }
+        }
+        if count > 0 {
+            self.stats.latency.record_many(count, sum, max);
+        }
+        self.stats
+            .transitions
+            .fetch_add(unit.transitions.len() as u64, Ordering::Relaxed);
+        let open = self.engine.open_alerts() as u64;
+        self.stats.open_alerts.store(open, Ordering::Relaxed);
+        ::metrics::gauge!(metrics::OPEN_ALERTS).set(open as f64);
+        ::metrics::gauge!(metrics::DEVICES).set(self.engine.devices() as f64);
+    }
+
+    fn publish_counters(&mut self) {
+        let now = self.engine.counters();
+        let before = std::mem::replace(&mut self.reported, now);
+        ::metrics::counter!(metrics::MESSAGES).increment(now.messages - before.messages);
+        ::metrics::counter!(metrics::EVALUATIONS).increment(now.evaluations - before.evaluations);
+        ::metrics::counter!(metrics::LATE, "outcome" => "accepted")
+            .increment(now.late_accepted - before.late_accepted);
+        ::metrics::counter!(metrics::LATE, "outcome" => "dropped")
+            .increment(now.late_dropped - before.late_dropped);
+        self.stats.messages.store(now.messages, Ordering::Relaxed);
+        self.stats
+            .evaluations
+            .store(now.evaluations, Ordering::Relaxed);
+        self.stats
+            .late_accepted
+            .store(now.late_accepted, Ordering::Relaxed);
+        self.stats
+            .late_dropped
+            .store(now.late_dropped, Ordering::Relaxed);
+    }
 }
 
 #[cfg(test)]
@@ -64,10 +776,15 @@ mod tests {
             "k:9092",
             "--admin-listen",
             "127.0.0.1:0",
+            "--allowed-lateness",
+            "2s",
         ])
         .unwrap();
         assert_eq!(config.database.database_url, "postgres://u:p@db/fleet");
         assert_eq!(config.kafka.bootstrap_servers, "k:9092");
         assert_eq!(config.kafka.telemetry_topic, "telemetry.v1");
+        assert_eq!(config.group_id, "evaluator-stream");
+        assert_eq!(config.allowed_lateness, Duration::from_secs(2));
+        assert_eq!(config.start_from, consumer::StartFrom::Latest);
     }
 }

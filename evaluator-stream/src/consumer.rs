@@ -1,0 +1,332 @@
+//! The Kafka side: one consumer in the evaluator's group, polled on its own thread, feeding
+//! the evaluation task through a bounded channel.
+//!
+//! As in the sink (see its `consumer` module for why the eager protocol): on assignment each
+//! partition starts at the offset stored in `consumer_offsets` with the transitions it covers;
+//! on revocation the evaluation task commits what it has and forgets the partitions before
+//! the callback returns, so the next owner starts from a stored offset that matches the
+//! stored alerts. A commit racing a revocation anyway is rolled back by the offset fence.
+//!
+//! Backpressure: while the channel is full, messages wait in a queue and the assigned
+//! partitions are paused; the thread keeps polling, so the member stays in the group while
+//! the database is slow or down.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
+use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
+use sqlx::PgPool;
+use tokio::runtime::Handle;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::engine::Micros;
+use crate::store::StoredPartition;
+
+/// Where a partition with no stored offset starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum StartFrom {
+    Earliest,
+    Latest,
+}
+
+/// What the consumer thread hands the evaluation task, in order.
+#[derive(Debug)]
+pub enum Input {
+    Message {
+        partition: i32,
+        offset: i64,
+        payload: Vec<u8>,
+    },
+    /// Partitions now owned, each with its stored offset and event-time clock.
+    Assigned {
+        partitions: Vec<(i32, Option<i64>, Option<Micros>)>,
+        partition_count: i32,
+    },
+    /// Partitions to commit and forget; `ack` once done.
+    Revoked {
+        partitions: Vec<i32>,
+        ack: oneshot::Sender<()>,
+    },
+}
+
+/// State shared by the poll loop and the rebalance callbacks (same thread).
+pub struct EvalContext {
+    pub input: mpsc::Sender<Input>,
+    pub pool: PgPool,
+    pub runtime: Handle,
+    pub group: String,
+    pub topic: String,
+    pub start_from: StartFrom,
+    pub revoke_timeout: Duration,
+    pub health: plumbing::admin::Health,
+    pub shutdown: CancellationToken,
+    pending: Mutex<VecDeque<Input>>,
+}
+
+impl std::fmt::Debug for EvalContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EvalContext")
+            .field("group", &self.group)
+            .field("topic", &self.topic)
+            .finish()
+    }
+}
+
+impl EvalContext {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        input: mpsc::Sender<Input>,
+        pool: PgPool,
+        runtime: Handle,
+        group: String,
+        topic: String,
+        start_from: StartFrom,
+        revoke_timeout: Duration,
+        health: plumbing::admin::Health,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self {
+            input,
+            pool,
+            runtime,
+            group,
+            topic,
+            start_from,
+            revoke_timeout,
+            health,
+            shutdown,
+            pending: Mutex::new(VecDeque::new()),
+        }
+    }
+
+    fn load_offsets(&self, partitions: &[i32]) -> Option<HashMap<i32, StoredPartition>> {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let result = self.runtime.block_on(crate::store::load_offsets(
+                &self.pool,
+                &self.group,
+                &self.topic,
+                partitions,
+            ));
+            match result {
+                Ok(offsets) => return Some(offsets),
+                Err(err) => {
+                    warn!(error = %err, "cannot read stored offsets; retrying");
+                    metrics::counter!(crate::metrics::DB_RETRIES).increment(1);
+                    let until = Instant::now() + backoff;
+                    while Instant::now() < until {
+                        if self.shutdown.is_cancelled() {
+                            return None;
+                        }
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                }
+            }
+        }
+    }
+}
+
+/// Callbacks block (on the evaluation task and the database), which is only allowed off the
+/// async runtime.
+fn on_consumer_thread() -> bool {
+    Handle::try_current().is_err()
+}
+
+impl ClientContext for EvalContext {}
+
+impl ConsumerContext for EvalContext {
+    fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let Rebalance::Revoke(tpl) = rebalance else {
+            return;
+        };
+        if !on_consumer_thread() {
+            warn!("revocation outside the consumer thread; relying on the offset fence");
+            return;
+        }
+        let partitions: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+        info!(?partitions, "partitions revoked");
+        if let Ok(mut pending) = self.pending.lock() {
+            pending.retain(
+                |input| !matches!(input, Input::Message { partition, .. } if partitions.contains(partition)),
+            );
+        }
+        let (ack, done) = oneshot::channel();
+        if self
+            .input
+            .blocking_send(Input::Revoked { partitions, ack })
+            .is_ok()
+        {
+            let timeout = self.revoke_timeout;
+            let waited = self
+                .runtime
+                .block_on(async move { tokio::time::timeout(timeout, done).await });
+            if waited.is_err() {
+                warn!("revocation did not finish in time; relying on the offset fence");
+            }
+        }
+        metrics::gauge!(crate::metrics::ASSIGNED_PARTITIONS).set(0.0);
+    }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                if !on_consumer_thread() {
+                    return;
+                }
+                let partitions: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+                let Some(stored) = self.load_offsets(&partitions) else {
+                    return;
+                };
+                let mut assignment = TopicPartitionList::new();
+                for &partition in &partitions {
+                    let offset = match (stored.get(&partition), self.start_from) {
+                        (Some(&(next, _)), _) => Offset::Offset(next),
+                        (None, StartFrom::Earliest) => Offset::Beginning,
+                        (None, StartFrom::Latest) => Offset::End,
+                    };
+                    if let Err(err) =
+                        assignment.add_partition_offset(&self.topic, partition, offset)
+                    {
+                        warn!(partition, error = %err, "cannot build assignment");
+                    }
+                }
+                if let Err(err) = consumer.assign(&assignment) {
+                    warn!(error = %err, "cannot re-assign at stored offsets");
+                }
+                let partition_count = consumer
+                    .fetch_metadata(Some(&self.topic), Duration::from_secs(10))
+                    .ok()
+                    .and_then(|m| {
+                        m.topics()
+                            .iter()
+                            .find(|t| t.name() == self.topic)
+                            .map(|t| t.partitions().len() as i32)
+                    })
+                    .unwrap_or(0);
+                let list = partitions
+                    .iter()
+                    .map(|&p| {
+                        let (offset, clock) = stored
+                            .get(&p)
+                            .map_or((None, None), |&(next, clock)| (Some(next), clock));
+                        (p, offset, clock)
+                    })
+                    .collect();
+                let _ = self.input.blocking_send(Input::Assigned {
+                    partitions: list,
+                    partition_count,
+                });
+                info!(
+                    ?partitions,
+                    stored = stored.len(),
+                    "partitions assigned at stored offsets"
+                );
+                metrics::gauge!(crate::metrics::ASSIGNED_PARTITIONS).set(partitions.len() as f64);
+                self.health.set("assigned", true);
+            }
+            Rebalance::Revoke(_) => {}
+            Rebalance::Error(err) => warn!(error = %err, "rebalance error"),
+        }
+    }
+}
+
+/// Polls until `shutdown`, handing messages to the evaluation task with backpressure.
+pub fn poll_loop(consumer: &BaseConsumer<EvalContext>) {
+    let context = consumer.context();
+    let mut paused = false;
+    let mut last_lag = Instant::now();
+    while !context.shutdown.is_cancelled() {
+        let backlog = match context.pending.lock() {
+            Ok(mut pending) => {
+                while let Some(input) = pending.pop_front() {
+                    match context.input.try_send(input) {
+                        Ok(()) => {}
+                        Err(mpsc::error::TrySendError::Full(input)) => {
+                            pending.push_front(input);
+                            break;
+                        }
+                        Err(mpsc::error::TrySendError::Closed(_)) => return,
+                    }
+                }
+                pending.len()
+            }
+            Err(_) => return,
+        };
+        if backlog > 0 && !paused {
+            if let Ok(assignment) = consumer.assignment() {
+                paused = consumer.pause(&assignment).is_ok();
+            }
+        } else if backlog == 0 && paused {
+            if let Ok(assignment) = consumer.assignment() {
+                paused = consumer.resume(&assignment).is_err();
+            }
+        }
+        let timeout = if backlog > 0 {
+            Duration::from_millis(5)
+        } else {
+            Duration::from_millis(100)
+        };
+        match consumer.poll(timeout) {
+            Some(Ok(message)) => {
+                let input = Input::Message {
+                    partition: message.partition(),
+                    offset: message.offset(),
+                    payload: message.payload().unwrap_or_default().to_vec(),
+                };
+                if let Ok(mut pending) = context.pending.lock() {
+                    pending.push_back(input);
+                }
+            }
+            Some(Err(err)) => warn!(error = %err, "kafka consumer error"),
+            None => {}
+        }
+        if last_lag.elapsed() > Duration::from_secs(10) {
+            last_lag = Instant::now();
+            report_lag(consumer);
+        }
+    }
+}
+
+fn report_lag(consumer: &BaseConsumer<EvalContext>) {
+    let Ok(positions) = consumer.position() else {
+        return;
+    };
+    let mut total = 0u64;
+    for element in positions.elements() {
+        let Offset::Offset(position) = element.offset() else {
+            continue;
+        };
+        if let Ok((_, high)) =
+            consumer.fetch_watermarks(element.topic(), element.partition(), Duration::from_secs(1))
+        {
+            let lag = (high - position).max(0) as u64;
+            total += lag;
+            metrics::gauge!(crate::metrics::LAG, "partition" => element.partition().to_string())
+                .set(lag as f64);
+        }
+    }
+    crate::LAG_TOTAL.store(total, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Leaves the group: the revoke callback makes the evaluation task commit and forget every
+/// partition, and the other instances take them over at once.
+pub fn leave(consumer: &BaseConsumer<EvalContext>) {
+    if let Ok(mut pending) = consumer.context().pending.lock() {
+        pending.clear();
+    }
+    consumer.unsubscribe();
+    let until = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < until
+        && consumer
+            .assignment()
+            .map(|a| a.count() > 0)
+            .unwrap_or(false)
+    {
+        let _ = consumer.poll(Duration::from_millis(50));
+    }
+}

@@ -1,0 +1,1170 @@
+//! The rule state machine: pure, deterministic, no I/O.
+//!
+//! State is kept per assigned partition: every device seen on it, each device's sliding
+//! windows, its open alerts (pending or firing) and its no-data deadlines, plus the
+//! partition's event-time clock (the highest message time seen) and a timer queue.
+//!
+//! Given the same messages in the same order (and the same warm-start data), the engine makes
+//! the same transitions with the same event times, so a replay after a crash reproduces the
+//! transitions the crashed run made, and their event ids (see [`Transition::event_id`]).
+//! Timers fire from the event-time clock as it advances with each message; only a partition
+//! that has been silent for `idle_timeout` is advanced by the wall clock.
+//!
+//! Lateness: a message older than `clock - allowed_lateness` is dropped (counted); one older
+//! than its device's newest reading but within the lateness joins the device's windows
+//! (counted) and does not move threshold state, which already reflects a newer reading.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use schemas::{MetricValue, Telemetry};
+
+use crate::rules::{Condition, Rule, RuleSet};
+
+/// Microseconds since the Unix epoch (event time).
+pub type Micros = i64;
+
+/// Lifecycle status of an alert.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    Pending,
+    Firing,
+    Resolved,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Pending => "pending",
+            Status::Firing => "firing",
+            Status::Resolved => "resolved",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        Some(match text {
+            "pending" => Status::Pending,
+            "firing" => Status::Firing,
+            "resolved" => Status::Resolved,
+            _ => return None,
+        })
+    }
+}
+
+/// One lifecycle step of one (rule, device) alert.
+#[derive(Debug, Clone)]
+pub struct Transition {
+    pub rule: Arc<Rule>,
+    pub partition: i32,
+    pub tenant_id: String,
+    pub device_id: String,
+    pub site_id: Option<String>,
+    pub from: Option<Status>,
+    pub to: Status,
+    /// Event time the episode began (the first pending or firing).
+    pub started_at: Micros,
+    /// Event time of this step.
+    pub time: Micros,
+    pub value: Option<f64>,
+    /// Ingest time of the message that caused the step (none for timer-driven steps).
+    pub received_at: Option<Micros>,
+}
+
+impl Transition {
+    /// Stable across replays: the rule, the device, the episode and the step. Consumers of
+    /// `alerts.v1` deduplicate on it; the outbox's unique key does too.
+    pub fn event_id(&self) -> String {
+        format!(
+            "{}:{}/{}:{}:{}",
+            self.rule.rule_id,
+            self.tenant_id,
+            self.device_id,
+            self.started_at,
+            self.to.as_str()
+        )
+    }
+}
+
+/// Timing settings.
+#[derive(Debug, Clone, Copy)]
+pub struct EngineConfig {
+    /// How far behind a partition's clock a message may be and still count.
+    pub allowed_lateness: Duration,
+    /// A partition without messages for this long has its clock advanced by the wall clock.
+    pub idle_timeout: Duration,
+}
+
+/// Counters since start, read by the service for metrics.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Counters {
+    pub messages: u64,
+    pub evaluations: u64,
+    pub late_accepted: u64,
+    pub late_dropped: u64,
+}
+
+#[derive(Debug, Clone)]
+struct OpenAlert {
+    status: Status,
+    started_at: Micros,
+    /// When a pending alert fires if its condition still holds.
+    due: Option<Micros>,
+    value: Option<f64>,
+}
+
+#[derive(Debug)]
+struct DeviceState {
+    tenant_id: String,
+    device_id: String,
+    site_id: Option<String>,
+    /// Event time of the newest in-order reading.
+    last_time: Option<Micros>,
+    /// Whether the windows hold what the database had before this device's first message.
+    windows_warm: bool,
+    /// Per metric: (time, value), ascending by time.
+    windows: HashMap<String, VecDeque<(Micros, f64)>>,
+    open: HashMap<i64, OpenAlert>,
+    /// No-data rules: when the silence reaches the rule's length.
+    silence_due: HashMap<i64, Micros>,
+}
+
+impl DeviceState {
+    fn new(tenant_id: &str, device_id: &str, site_id: Option<&str>) -> Self {
+        Self {
+            tenant_id: tenant_id.to_owned(),
+            device_id: device_id.to_owned(),
+            site_id: site_id.map(str::to_owned),
+            last_time: None,
+            windows_warm: false,
+            windows: HashMap::new(),
+            open: HashMap::new(),
+            silence_due: HashMap::new(),
+        }
+    }
+}
+
+/// Timer queue entry: (due, rule, device key). Ordered, so timers fire deterministically.
+type Timer = (Micros, i64, String);
+
+#[derive(Debug)]
+struct PartitionState {
+    clock: Option<Micros>,
+    devices: HashMap<String, DeviceState>,
+    timers: BTreeSet<Timer>,
+    last_message: Instant,
+    /// Offset after the last processed message.
+    next_offset: Option<i64>,
+    /// What `consumer_offsets` holds (the fence's expectation).
+    stored_offset: Option<i64>,
+}
+
+/// A partition's progress to store with the transitions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionProgress {
+    pub partition: i32,
+    /// Stored offset the update is fenced on (`None`: no row yet).
+    pub expected: Option<i64>,
+    pub next: i64,
+    pub clock: Option<Micros>,
+}
+
+/// Everything one commit stores.
+#[derive(Debug, Default)]
+pub struct CommitUnit {
+    pub transitions: Vec<Transition>,
+    pub progress: Vec<PartitionProgress>,
+}
+
+impl CommitUnit {
+    pub fn is_empty(&self) -> bool {
+        self.transitions.is_empty() && self.progress.is_empty()
+    }
+
+    /// Drops what belongs to `partitions` (fenced: another instance owns them now).
+    pub fn without(&mut self, partitions: &[i32]) {
+        self.transitions
+            .retain(|t| !partitions.contains(&t.partition));
+        self.progress.retain(|p| !partitions.contains(&p.partition));
+    }
+}
+
+/// Numeric reading of a metric: numbers, and booleans as 0/1; anything else is no reading.
+pub fn numeric(value: Option<&MetricValue>) -> Option<f64> {
+    match value? {
+        MetricValue::Long(v) => Some(*v as f64),
+        MetricValue::Double(v) if v.is_finite() => Some(*v),
+        MetricValue::Bool(b) => Some(if *b { 1.0 } else { 0.0 }),
+        _ => None,
+    }
+}
+
+/// A device the engine needs window history for before it can evaluate it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ColdDevice {
+    pub partition: i32,
+    pub tenant_id: String,
+    pub device_id: String,
+    /// Time of the device's first message now being processed: history is what came before.
+    pub before: Micros,
+    /// Metric → longest window over it.
+    pub metrics: Vec<(String, Micros)>,
+}
+
+/// The evaluator's state.
+#[derive(Debug)]
+pub struct Engine {
+    config: EngineConfig,
+    rules: Arc<RuleSet>,
+    partitions: HashMap<i32, PartitionState>,
+    pending: Vec<Transition>,
+    counters: Counters,
+}
+
+fn micros(d: Duration) -> Micros {
+    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
+}
+
+impl Engine {
+    pub fn new(config: EngineConfig, rules: Arc<RuleSet>) -> Self {
+        Self {
+            config,
+            rules,
+            partitions: HashMap::new(),
+            pending: Vec::new(),
+            counters: Counters::default(),
+        }
+    }
+
+    pub fn counters(&self) -> Counters {
+        self.counters
+    }
+
+    pub fn rules(&self) -> &Arc<RuleSet> {
+        &self.rules
+    }
+
+    /// Assigned partitions.
+    pub fn partitions(&self) -> Vec<i32> {
+        let mut p: Vec<i32> = self.partitions.keys().copied().collect();
+        p.sort_unstable();
+        p
+    }
+
+    pub fn is_assigned(&self, partition: i32) -> bool {
+        self.partitions.contains_key(&partition)
+    }
+
+    /// Starts (or restarts) a partition from its stored offset and clock.
+    pub fn assign(&mut self, partition: i32, stored_offset: Option<i64>, clock: Option<Micros>) {
+        self.pending.retain(|t| t.partition != partition);
+        self.partitions.insert(
+            partition,
+            PartitionState {
+                clock,
+                devices: HashMap::new(),
+                timers: BTreeSet::new(),
+                last_message: Instant::now(),
+                next_offset: None,
+                stored_offset,
+            },
+        );
+    }
+
+    /// Forgets a partition (after its last commit, or because another instance owns it).
+    pub fn revoke(&mut self, partition: i32) {
+        self.partitions.remove(&partition);
+        self.pending.retain(|t| t.partition != partition);
+    }
+
+    /// Warm start: an alert that was open when the partition was assigned.
+    #[allow(clippy::too_many_arguments)]
+    pub fn restore_open_alert(
+        &mut self,
+        partition: i32,
+        tenant_id: &str,
+        device_id: &str,
+        site_id: Option<&str>,
+        rule_id: i64,
+        status: Status,
+        started_at: Micros,
+        value: Option<f64>,
+    ) {
+        let rules = self.rules.clone();
+        let Some(ps) = self.partitions.get_mut(&partition) else {
+            return;
+        };
+        let key = schemas::message_key(tenant_id, device_id);
+        let dev = ps
+            .devices
+            .entry(key.clone())
+            .or_insert_with(|| DeviceState::new(tenant_id, device_id, site_id));
+        let mut open = OpenAlert {
+            status,
+            started_at,
+            due: None,
+            value,
+        };
+        match rules.by_id.get(&rule_id) {
+            Some(rule) if rule.enabled => {
+                if status == Status::Pending {
+                    let due = started_at.saturating_add(rule.for_us);
+                    open.due = Some(due);
+                    ps.timers.insert((due, rule_id, key));
+                }
+                dev.open.insert(rule_id, open);
+            }
+            Some(rule) => {
+                // Disabled while open: resolve it at the partition's clock.
+                let time = ps.clock.unwrap_or(started_at).max(started_at);
+                self.pending.push(transition(
+                    rule,
+                    partition,
+                    dev,
+                    Some(status),
+                    Status::Resolved,
+                    started_at,
+                    time,
+                    value,
+                    None,
+                ));
+            }
+            None => {}
+        }
+    }
+
+    /// Warm start for no-data rules: a device's last reading time, capped at the partition's
+    /// clock (readings after it will be read again from Kafka).
+    pub fn restore_last_seen(
+        &mut self,
+        partition: i32,
+        tenant_id: &str,
+        device_id: &str,
+        site_id: Option<&str>,
+        last_seen: Micros,
+    ) {
+        let rules = self.rules.clone();
+        let Some(ps) = self.partitions.get_mut(&partition) else {
+            return;
+        };
+        let last_seen = ps.clock.map_or(last_seen, |c| c.min(last_seen));
+        let key = schemas::message_key(tenant_id, device_id);
+        let dev = ps
+            .devices
+            .entry(key.clone())
+            .or_insert_with(|| DeviceState::new(tenant_id, device_id, site_id));
+        let last_seen = dev.last_time.map_or(last_seen, |t| t.max(last_seen));
+        dev.last_time = Some(last_seen);
+        for rule in rules.of_tenant(tenant_id) {
+            if let Condition::NoData { silence_us, .. } = rule.condition {
+                if rule.applies_to(device_id, site_id) && !dev.open.contains_key(&rule.rule_id) {
+                    let due = last_seen.saturating_add(silence_us);
+                    dev.silence_due.insert(rule.rule_id, due);
+                    ps.timers.insert((due, rule.rule_id, key.clone()));
+                }
+            }
+        }
+    }
+
+    /// Whether `message`'s device needs window history first (see [`Engine::warm`]).
+    pub fn cold(&self, partition: i32, message: &Telemetry) -> Option<ColdDevice> {
+        let ps = self.partitions.get(&partition)?;
+        let windows = self.rules.windows_of(&message.tenant_id)?;
+        let key = schemas::message_key(&message.tenant_id, &message.device_id);
+        if ps.devices.get(&key).is_some_and(|d| d.windows_warm) {
+            return None;
+        }
+        let mut metrics: Vec<(String, Micros)> =
+            windows.iter().map(|(m, w)| (m.clone(), *w)).collect();
+        metrics.sort();
+        Some(ColdDevice {
+            partition,
+            tenant_id: message.tenant_id.clone(),
+            device_id: message.device_id.clone(),
+            before: message.time.timestamp_micros(),
+            metrics,
+        })
+    }
+
+    /// Fills a cold device's windows with readings from the database (time, metric → value),
+    /// ascending by time.
+    pub fn warm(
+        &mut self,
+        cold: &ColdDevice,
+        site_id: Option<&str>,
+        history: &[(Micros, BTreeMap<String, f64>)],
+    ) {
+        let Some(ps) = self.partitions.get_mut(&cold.partition) else {
+            return;
+        };
+        let key = schemas::message_key(&cold.tenant_id, &cold.device_id);
+        let dev = ps
+            .devices
+            .entry(key)
+            .or_insert_with(|| DeviceState::new(&cold.tenant_id, &cold.device_id, site_id));
+        dev.windows.clear();
+        for (metric, longest) in &cold.metrics {
+            let from = cold.before.saturating_sub(*longest);
+            let samples: VecDeque<(Micros, f64)> = history
+                .iter()
+                .filter(|(t, _)| *t > from && *t < cold.before)
+                .filter_map(|(t, values)| values.get(metric).map(|v| (*t, *v)))
+                .collect();
+            dev.windows.insert(metric.clone(), samples);
+        }
+        dev.windows_warm = true;
+    }
+
+    /// Moves past a message that could not be decoded.
+    pub fn skip(&mut self, partition: i32, offset: i64) {
+        if let Some(ps) = self.partitions.get_mut(&partition) {
+            ps.last_message = Instant::now();
+            ps.next_offset = Some(offset + 1);
+            self.counters.messages += 1;
+        }
+    }
+
+    /// Evaluates one message of `partition` at `offset`.
+    pub fn process(&mut self, partition: i32, offset: i64, message: &Telemetry) {
+        let rules = self.rules.clone();
+        let lateness = micros(self.config.allowed_lateness);
+        let Some(ps) = self.partitions.get_mut(&partition) else {
+            return;
+        };
+        ps.last_message = Instant::now();
+        ps.next_offset = Some(offset + 1);
+        self.counters.messages += 1;
+        let t = message.time.timestamp_micros();
+        if ps
+            .clock
+            .is_some_and(|clock| t < clock.saturating_sub(lateness))
+        {
+            self.counters.late_dropped += 1;
+            return;
+        }
+        if ps.clock.is_none_or(|clock| t > clock) {
+            ps.clock = Some(t);
+            fire_timers(&rules, partition, ps, t, &mut self.pending);
+        }
+        let tenant_rules = rules.of_tenant(&message.tenant_id);
+        if tenant_rules.is_empty() {
+            return;
+        }
+        let key = schemas::message_key(&message.tenant_id, &message.device_id);
+        let dev = ps.devices.entry(key.clone()).or_insert_with(|| {
+            DeviceState::new(
+                &message.tenant_id,
+                &message.device_id,
+                message.site_id.as_deref(),
+            )
+        });
+        if dev.site_id != message.site_id {
+            dev.site_id.clone_from(&message.site_id);
+        }
+        let in_order = dev.last_time.is_none_or(|last| t >= last);
+        if !in_order {
+            self.counters.late_accepted += 1;
+        }
+        if let Some(windows) = rules.windows_of(&message.tenant_id) {
+            for (metric, longest) in windows {
+                let samples = dev.windows.entry(metric.clone()).or_default();
+                if let Some(v) = numeric(message.metrics.get(metric)) {
+                    let at = samples.partition_point(|(st, _)| *st <= t);
+                    samples.insert(at, (t, v));
+                }
+                let newest = samples.back().map_or(t, |(st, _)| *st).max(t);
+                while samples
+                    .front()
+                    .is_some_and(|(st, _)| *st <= newest.saturating_sub(*longest))
+                {
+                    samples.pop_front();
+                }
+            }
+        }
+        if !in_order {
+            return;
+        }
+        dev.last_time = Some(t);
+        let received = Some(message.received_at.timestamp_micros());
+        for rule in tenant_rules {
+            if !rule.applies_to(&message.device_id, message.site_id.as_deref()) {
+                continue;
+            }
+            self.counters.evaluations += 1;
+            match &rule.condition {
+                Condition::Threshold {
+                    metric,
+                    op,
+                    threshold,
+                } => {
+                    if let Some(v) = numeric(message.metrics.get(metric)) {
+                        let holds = op.holds(v, *threshold);
+                        let clears = !op.holds(v, rule.resolve_threshold.unwrap_or(*threshold));
+                        step(
+                            rule,
+                            partition,
+                            &key,
+                            dev,
+                            &mut ps.timers,
+                            t,
+                            holds,
+                            clears,
+                            v,
+                            received,
+                            &mut self.pending,
+                        );
+                    }
+                }
+                Condition::Window {
+                    metric,
+                    agg,
+                    window_us,
+                    op,
+                    threshold,
+                } => {
+                    if numeric(message.metrics.get(metric)).is_none() {
+                        continue;
+                    }
+                    let from = t.saturating_sub(*window_us);
+                    let value = dev.windows.get(metric).and_then(|samples| {
+                        agg.apply(
+                            samples
+                                .iter()
+                                .filter(|(st, _)| *st > from && *st <= t)
+                                .map(|(_, v)| *v),
+                        )
+                    });
+                    if let Some(v) = value {
+                        let holds = op.holds(v, *threshold);
+                        let clears = !op.holds(v, rule.resolve_threshold.unwrap_or(*threshold));
+                        step(
+                            rule,
+                            partition,
+                            &key,
+                            dev,
+                            &mut ps.timers,
+                            t,
+                            holds,
+                            clears,
+                            v,
+                            received,
+                            &mut self.pending,
+                        );
+                    }
+                }
+                Condition::NoData { metric, silence_us } => {
+                    if metric
+                        .as_deref()
+                        .is_some_and(|m| !message.metrics.contains_key(m))
+                    {
+                        continue;
+                    }
+                    if let Some(open) = dev.open.remove(&rule.rule_id) {
+                        self.pending.push(transition(
+                            rule,
+                            partition,
+                            dev,
+                            Some(open.status),
+                            Status::Resolved,
+                            open.started_at,
+                            t,
+                            None,
+                            received,
+                        ));
+                    }
+                    let due = t.saturating_add(*silence_us);
+                    dev.silence_due.insert(rule.rule_id, due);
+                    ps.timers.insert((due, rule.rule_id, key.clone()));
+                }
+            }
+        }
+    }
+
+    /// Advances the clock of partitions silent for `idle_timeout` to `now - allowed_lateness`
+    /// (wall clock), firing their due timers. Returns how many partitions moved.
+    pub fn tick(&mut self, now: Micros) -> usize {
+        let rules = self.rules.clone();
+        let to = now.saturating_sub(micros(self.config.allowed_lateness));
+        let mut moved = 0;
+        for (&partition, ps) in &mut self.partitions {
+            if ps.last_message.elapsed() < self.config.idle_timeout
+                || ps.clock.is_some_and(|clock| clock >= to)
+            {
+                continue;
+            }
+            ps.clock = Some(to);
+            fire_timers(&rules, partition, ps, to, &mut self.pending);
+            moved += 1;
+        }
+        moved
+    }
+
+    /// Replaces the rules. Open alerts of a rule that was disabled resolve; those of a deleted
+    /// rule are forgotten (the database deleted them with the rule); no-data deadlines start
+    /// for new no-data rules; devices whose tenant's windows changed are warmed again.
+    pub fn set_rules(&mut self, rules: Arc<RuleSet>) {
+        let old = std::mem::replace(&mut self.rules, rules.clone());
+        for (&partition, ps) in &mut self.partitions {
+            let time_now = ps.clock;
+            for (key, dev) in &mut ps.devices {
+                // Deleted rules: the database deleted their alerts with them.
+                dev.open
+                    .retain(|rule_id, _| rules.by_id.contains_key(rule_id));
+                let disabled: Vec<(Arc<Rule>, OpenAlert)> = dev
+                    .open
+                    .iter()
+                    .filter_map(|(rule_id, open)| {
+                        let rule = rules.by_id.get(rule_id)?;
+                        (!rule.enabled).then(|| (rule.clone(), open.clone()))
+                    })
+                    .collect();
+                for (rule, open) in disabled {
+                    dev.open.remove(&rule.rule_id);
+                    let time = time_now.unwrap_or(open.started_at).max(open.started_at);
+                    self.pending.push(transition(
+                        &rule,
+                        partition,
+                        dev,
+                        Some(open.status),
+                        Status::Resolved,
+                        open.started_at,
+                        time,
+                        open.value,
+                        None,
+                    ));
+                }
+                dev.silence_due
+                    .retain(|rule_id, _| rules.by_id.get(rule_id).is_some_and(|r| r.enabled));
+                if old.windows_of(&dev.tenant_id) != rules.windows_of(&dev.tenant_id) {
+                    dev.windows_warm = false;
+                }
+                let Some(last) = dev.last_time else {
+                    continue;
+                };
+                for rule in rules.of_tenant(&dev.tenant_id) {
+                    if let Condition::NoData { silence_us, .. } = rule.condition {
+                        if rule.applies_to(&dev.device_id, dev.site_id.as_deref())
+                            && !dev.open.contains_key(&rule.rule_id)
+                            && !dev.silence_due.contains_key(&rule.rule_id)
+                        {
+                            let due = last.saturating_add(silence_us);
+                            dev.silence_due.insert(rule.rule_id, due);
+                            ps.timers.insert((due, rule.rule_id, key.clone()));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether transitions wait to be committed.
+    pub fn has_transitions(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    /// Takes the transitions and the progress of every partition since its last commit.
+    pub fn take_commit(&mut self) -> CommitUnit {
+        let mut progress: Vec<PartitionProgress> = self
+            .partitions
+            .iter()
+            .filter_map(|(&partition, ps)| {
+                let next = ps.next_offset?;
+                (ps.stored_offset != Some(next)).then_some(PartitionProgress {
+                    partition,
+                    expected: ps.stored_offset,
+                    next,
+                    clock: ps.clock,
+                })
+            })
+            .collect();
+        progress.sort_by_key(|p| p.partition);
+        CommitUnit {
+            transitions: std::mem::take(&mut self.pending),
+            progress,
+        }
+    }
+
+    /// Records that `unit` was committed: its offsets are now the fence's expectations.
+    pub fn committed(&mut self, unit: &CommitUnit) {
+        for p in &unit.progress {
+            if let Some(ps) = self.partitions.get_mut(&p.partition) {
+                ps.stored_offset = Some(p.next);
+            }
+        }
+    }
+
+    /// Number of devices held in state.
+    pub fn devices(&self) -> usize {
+        self.partitions.values().map(|p| p.devices.len()).sum()
+    }
+
+    /// Number of open (pending or firing) alerts held in state.
+    pub fn open_alerts(&self) -> usize {
+        self.partitions
+            .values()
+            .flat_map(|p| p.devices.values())
+            .map(|d| d.open.len())
+            .sum()
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn transition(
+    rule: &Arc<Rule>,
+    partition: i32,
+    dev: &DeviceState,
+    from: Option<Status>,
+    to: Status,
+    started_at: Micros,
+    time: Micros,
+    value: Option<f64>,
+    received_at: Option<Micros>,
+) -> Transition {
+    Transition {
+        rule: rule.clone(),
+        partition,
+        tenant_id: dev.tenant_id.clone(),
+        device_id: dev.device_id.clone(),
+        site_id: dev.site_id.clone(),
+        from,
+        to,
+        started_at,
+        time,
+        value,
+        received_at,
+    }
+}
+
+/// One evaluation of a threshold or window rule: `holds` opens (or keeps) the alert,
+/// `clears` resolves a firing one (hysteresis), `!holds` cancels a pending one.
+#[allow(clippy::too_many_arguments)]
+fn step(
+    rule: &Arc<Rule>,
+    partition: i32,
+    key: &str,
+    dev: &mut DeviceState,
+    timers: &mut BTreeSet<Timer>,
+    t: Micros,
+    holds: bool,
+    clears: bool,
+    value: f64,
+    received: Option<Micros>,
+    out: &mut Vec<Transition>,
+) {
+    match dev.open.get_mut(&rule.rule_id) {
+        None if holds => {
+            let (status, due) = if rule.for_us == 0 {
+                (Status::Firing, None)
+            } else {
+                let due = t.saturating_add(rule.for_us);
+                timers.insert((due, rule.rule_id, key.to_owned()));
+                (Status::Pending, Some(due))
+            };
+            dev.open.insert(
+                rule.rule_id,
+                OpenAlert {
+                    status,
+                    started_at: t,
+                    due,
+                    value: Some(value),
+                },
+            );
+            out.push(transition(
+                rule,
+                partition,
+                dev,
+                None,
+                status,
+                t,
+                t,
+                Some(value),
+                received,
+            ));
+        }
+        None => {}
+        Some(open) => {
+            let close = match open.status {
+                Status::Pending => !holds,
+                _ => clears,
+            };
+            if close {
+                let (status, started_at) = (open.status, open.started_at);
+                dev.open.remove(&rule.rule_id);
+                out.push(transition(
+                    rule,
+                    partition,
+                    dev,
+                    Some(status),
+                    Status::Resolved,
+                    started_at,
+                    t,
+                    Some(value),
+                    received,
+                ));
+            } else {
+                open.value = Some(value);
+            }
+        }
+    }
+}
+
+/// Fires every timer of `ps` due at or before `upto`, in (due, rule, device) order.
+fn fire_timers(
+    rules: &RuleSet,
+    partition: i32,
+    ps: &mut PartitionState,
+    upto: Micros,
+    out: &mut Vec<Transition>,
+) {
+    while ps.timers.first().is_some_and(|(due, _, _)| *due <= upto) {
+        let Some((due, rule_id, key)) = ps.timers.pop_first() else {
+            break;
+        };
+        let Some(rule) = rules.by_id.get(&rule_id).filter(|r| r.enabled) else {
+            continue;
+        };
+        let Some(dev) = ps.devices.get_mut(&key) else {
+            continue;
+        };
+        if let Some(open) = dev.open.get_mut(&rule_id) {
+            // A pending alert whose condition held until its deadline fires.
+            if open.status == Status::Pending && open.due == Some(due) {
+                open.status = Status::Firing;
+                open.due = None;
+                let (started_at, value) = (open.started_at, open.value);
+                out.push(transition(
+                    rule,
+                    partition,
+                    dev,
+                    Some(Status::Pending),
+                    Status::Firing,
+                    started_at,
+                    due,
+                    value,
+                    None,
+                ));
+            }
+            continue;
+        }
+        // A no-data deadline reached without a reading.
+        if dev.silence_due.get(&rule_id) == Some(&due) {
+            dev.silence_due.remove(&rule_id);
+            let (status, next) = if rule.for_us == 0 {
+                (Status::Firing, None)
+            } else {
+                (Status::Pending, Some(due.saturating_add(rule.for_us)))
+            };
+            if let Some(next) = next {
+                ps.timers.insert((next, rule_id, key.clone()));
+            }
+            dev.open.insert(
+                rule_id,
+                OpenAlert {
+                    status,
+                    started_at: due,
+                    due: next,
+                    value: None,
+                },
+            );
+            out.push(transition(
+                rule, partition, dev, None, status, due, due, None, None,
+            ));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rules::{Agg, Op};
+    use chrono::{DateTime, Utc};
+
+    const S: Micros = 1_000_000;
+    const T0: Micros = 1_767_225_600 * S; // 2026-01-01T00:00:00Z
+
+    fn rule(rule_id: i64, condition: Condition, for_s: i64) -> Rule {
+        Rule {
+            rule_id,
+            tenant_id: "t1".into(),
+            name: format!("rule {rule_id}"),
+            site_id: None,
+            device_id: None,
+            condition,
+            for_us: for_s * S,
+            resolve_threshold: None,
+            severity: "warning".into(),
+            enabled: true,
+        }
+    }
+
+    fn temp_above(rule_id: i64, threshold: f64, for_s: i64) -> Rule {
+        rule(
+            rule_id,
+            Condition::Threshold {
+                metric: "temp".into(),
+                op: Op::Gt,
+                threshold,
+            },
+            for_s,
+        )
+    }
+
+    fn engine(rules: Vec<Rule>) -> Engine {
+        let mut e = Engine::new(
+            EngineConfig {
+                allowed_lateness: Duration::from_secs(5),
+                idle_timeout: Duration::from_secs(3600),
+            },
+            Arc::new(RuleSet::new(rules)),
+        );
+        e.assign(0, None, None);
+        e
+    }
+
+    fn reading(tenant: &str, device: &str, at: Micros, metrics: &[(&str, f64)]) -> Telemetry {
+        Telemetry {
+            tenant_id: tenant.into(),
+            device_id: device.into(),
+            site_id: None,
+            msg_type: "telemetry".into(),
+            seq: 0,
+            time: DateTime::<Utc>::from_timestamp_micros(at).unwrap(),
+            received_at: DateTime::<Utc>::from_timestamp_micros(at).unwrap(),
+            metrics: metrics
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), MetricValue::Double(*v)))
+                .collect(),
+        }
+    }
+
+    /// Feeds `temp` readings of device d1, one per second from T0; returns the steps.
+    fn feed(e: &mut Engine, values: &[f64]) -> Vec<(Option<Status>, Status, Micros)> {
+        for (i, v) in (0i64..).zip(values) {
+            e.process(0, i, &reading("t1", "d1", T0 + i * S, &[("temp", *v)]));
+        }
+        e.take_commit()
+            .transitions
+            .iter()
+            .map(|t| (t.from, t.to, (t.time - T0) / S))
+            .collect()
+    }
+
+    #[test]
+    fn a_threshold_fires_once_and_resolves_once() {
+        let mut e = engine(vec![temp_above(1, 30.0, 0)]);
+        let steps = feed(&mut e, &[20.0, 31.0, 35.0, 33.0, 25.0, 20.0]);
+        assert_eq!(
+            steps,
+            vec![
+                (None, Status::Firing, 1),
+                (Some(Status::Firing), Status::Resolved, 4)
+            ]
+        );
+    }
+
+    #[test]
+    fn for_delays_firing_and_a_shorter_blip_never_fires() {
+        let mut e = engine(vec![temp_above(1, 30.0, 3)]);
+        // Blip of 2 s (t=1..2), then a run of 5 s from t=5.
+        let steps = feed(
+            &mut e,
+            &[
+                20.0, 31.0, 32.0, 20.0, 20.0, 31.0, 31.0, 31.0, 31.0, 31.0, 20.0,
+            ],
+        );
+        assert_eq!(
+            steps,
+            vec![
+                (None, Status::Pending, 1),
+                (Some(Status::Pending), Status::Resolved, 3),
+                (None, Status::Pending, 5),
+                (Some(Status::Pending), Status::Firing, 8),
+                (Some(Status::Firing), Status::Resolved, 10),
+            ]
+        );
+    }
+
+    #[test]
+    fn hysteresis_holds_a_firing_alert_until_the_resolve_threshold() {
+        let mut r = temp_above(1, 30.0, 0);
+        r.resolve_threshold = Some(25.0);
+        let mut e = engine(vec![r]);
+        let steps = feed(&mut e, &[31.0, 28.0, 26.0, 25.0]);
+        assert_eq!(
+            steps,
+            vec![
+                (None, Status::Firing, 0),
+                (Some(Status::Firing), Status::Resolved, 3)
+            ]
+        );
+    }
+
+    #[test]
+    fn a_window_average_crosses_and_recovers() {
+        let mut e = engine(vec![rule(
+            1,
+            Condition::Window {
+                metric: "temp".into(),
+                agg: Agg::Avg,
+                window_us: 3 * S,
+                op: Op::Gt,
+                threshold: 30.0,
+            },
+            0,
+        )]);
+        e.warm(
+            &e.cold(0, &reading("t1", "d1", T0, &[])).unwrap(),
+            None,
+            &[],
+        );
+        // Windows of 3 s: avg(20)=20, avg(20,40)=30, avg(20,40,40)=33.3 fires,
+        // avg(40,40,20)=33.3, avg(40,20,20)=26.7 resolves.
+        let steps = feed(&mut e, &[20.0, 40.0, 40.0, 20.0, 20.0]);
+        assert_eq!(
+            steps,
+            vec![
+                (None, Status::Firing, 2),
+                (Some(Status::Firing), Status::Resolved, 4)
+            ]
+        );
+    }
+
+    #[test]
+    fn warm_history_counts_in_the_window() {
+        let mut e = engine(vec![rule(
+            1,
+            Condition::Window {
+                metric: "temp".into(),
+                agg: Agg::Max,
+                window_us: 10 * S,
+                op: Op::Gt,
+                threshold: 50.0,
+            },
+            0,
+        )]);
+        let cold = e.cold(0, &reading("t1", "d1", T0, &[])).unwrap();
+        assert_eq!(cold.metrics, vec![("temp".to_owned(), 10 * S)]);
+        let history = vec![
+            (T0 - 20 * S, BTreeMap::from([("temp".to_owned(), 99.0)])), // outside the window
+            (T0 - 5 * S, BTreeMap::from([("temp".to_owned(), 60.0)])),
+        ];
+        e.warm(&cold, None, &history);
+        assert!(e.cold(0, &reading("t1", "d1", T0, &[])).is_none());
+        let steps = feed(&mut e, &[10.0]);
+        assert_eq!(steps, vec![(None, Status::Firing, 0)]);
+    }
+
+    #[test]
+    fn no_data_fires_on_silence_and_resolves_on_a_reading() {
+        let mut e = engine(vec![rule(
+            1,
+            Condition::NoData {
+                metric: None,
+                silence_us: 10 * S,
+            },
+            0,
+        )]);
+        e.process(0, 0, &reading("t1", "quiet", T0, &[("temp", 1.0)]));
+        // Another device on the partition moves the clock past the deadline.
+        for i in 1..=12 {
+            e.process(0, i, &reading("t1", "busy", T0 + i * S, &[("temp", 1.0)]));
+        }
+        e.process(
+            0,
+            13,
+            &reading("t1", "quiet", T0 + 13 * S, &[("temp", 1.0)]),
+        );
+        let steps: Vec<_> = e
+            .take_commit()
+            .transitions
+            .iter()
+            .map(|t| (t.device_id.clone(), t.from, t.to, (t.time - T0) / S))
+            .collect();
+        assert_eq!(
+            steps,
+            vec![
+                ("quiet".to_owned(), None, Status::Firing, 10),
+                (
+                    "quiet".to_owned(),
+                    Some(Status::Firing),
+                    Status::Resolved,
+                    13
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_rule_of_one_tenant_never_fires_on_another() {
+        let mut e = engine(vec![temp_above(1, 30.0, 0)]);
+        e.process(0, 0, &reading("t2", "d1", T0, &[("temp", 99.0)]));
+        assert!(e.take_commit().transitions.is_empty());
+    }
+
+    #[test]
+    fn late_readings_are_counted_and_too_late_ones_dropped() {
+        let mut e = engine(vec![temp_above(1, 30.0, 0)]);
+        e.process(0, 0, &reading("t1", "d1", T0 + 10 * S, &[("temp", 20.0)]));
+        e.process(0, 1, &reading("t1", "d1", T0 + 7 * S, &[("temp", 99.0)])); // within 5 s
+        e.process(0, 2, &reading("t1", "d1", T0 + 2 * S, &[("temp", 99.0)])); // beyond
+        let c = e.counters();
+        assert_eq!((c.messages, c.late_accepted, c.late_dropped), (3, 1, 1));
+        // Neither late reading moved the threshold state.
+        assert!(e.take_commit().transitions.is_empty());
+    }
+
+    #[test]
+    fn a_disabled_rule_resolves_its_open_alert() {
+        let mut e = engine(vec![temp_above(1, 30.0, 0)]);
+        feed(&mut e, &[31.0]);
+        let mut r = temp_above(1, 30.0, 0);
+        r.enabled = false;
+        e.set_rules(Arc::new(RuleSet::new(vec![r])));
+        let unit = e.take_commit();
+        assert_eq!(unit.transitions.len(), 1);
+        assert_eq!(unit.transitions[0].to, Status::Resolved);
+        assert_eq!(e.open_alerts(), 0);
+    }
+
+    #[test]
+    fn a_restored_pending_alert_fires_at_its_original_deadline() {
+        let mut e = engine(vec![temp_above(1, 30.0, 5)]);
+        e.restore_open_alert(0, "t1", "d1", None, 1, Status::Pending, T0, Some(31.0));
+        e.process(0, 0, &reading("t1", "d1", T0 + 6 * S, &[("temp", 32.0)]));
+        let unit = e.take_commit();
+        let steps: Vec<_> = unit
+            .transitions
+            .iter()
+            .map(|t| (t.from, t.to, (t.time - T0) / S, t.event_id()))
+            .collect();
+        assert_eq!(
+            steps,
+            vec![(
+                Some(Status::Pending),
+                Status::Firing,
+                5,
+                format!("1:t1/d1:{T0}:firing")
+            )]
+        );
+    }
+
+    #[test]
+    fn progress_is_fenced_on_the_stored_offset() {
+        let mut e = engine(vec![]);
+        e.assign(3, Some(100), None);
+        e.process(3, 100, &reading("t1", "d1", T0, &[]));
+        e.process(3, 101, &reading("t1", "d1", T0 + S, &[]));
+        let unit = e.take_commit();
+        assert_eq!(
+            unit.progress,
+            vec![PartitionProgress {
+                partition: 3,
+                expected: Some(100),
+                next: 102,
+                clock: Some(T0 + S)
+            }]
+        );
+        e.committed(&unit);
+        assert!(e.take_commit().is_empty());
+    }
+}

@@ -1,0 +1,354 @@
+//! The evaluator's database side: warm-start reads, and the commit that stores transitions,
+//! outbox rows and offsets in one transaction.
+
+use std::collections::{BTreeMap, HashMap};
+
+use chrono::{DateTime, Utc};
+use schemas::AlertEvent;
+use sqlx::{PgConnection, PgPool, Row};
+
+use crate::engine::{ColdDevice, CommitUnit, Micros, Status, Transition};
+
+/// Errors of the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("encoding an alert event: {0}")]
+    Encode(#[from] schemas::EncodeError),
+    #[error("alert schema: {0}")]
+    Schema(#[from] schemas::SchemaError),
+    /// The stored offsets of these partitions moved: another instance owns them now.
+    #[error("fenced: partitions {0:?} are owned by another instance")]
+    Fenced(Vec<i32>),
+}
+
+fn to_time(micros: Micros) -> DateTime<Utc> {
+    DateTime::<Utc>::from_timestamp_micros(micros).unwrap_or_default()
+}
+
+/// Stored progress of one partition: next offset and the event-time clock.
+pub type StoredPartition = (i64, Option<Micros>);
+
+/// Stored progress per partition of `topic` for `group`.
+pub async fn load_offsets(
+    pool: &PgPool,
+    group: &str,
+    topic: &str,
+    partitions: &[i32],
+) -> Result<HashMap<i32, StoredPartition>, sqlx::Error> {
+    let rows: Vec<(i32, i64, Option<DateTime<Utc>>)> = sqlx::query_as(
+        "SELECT partition, next_offset, event_time_watermark FROM consumer_offsets \
+         WHERE consumer_group = $1 AND topic = $2 AND partition = ANY($3)",
+    )
+    .bind(group)
+    .bind(topic)
+    .bind(partitions)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(p, next, clock)| (p, (next, clock.map(|c| c.timestamp_micros()))))
+        .collect())
+}
+
+/// An alert that is pending or firing.
+#[derive(Debug, Clone)]
+pub struct OpenAlertRow {
+    pub rule_id: i64,
+    pub tenant_id: String,
+    pub device_id: String,
+    pub site_id: Option<String>,
+    pub status: Status,
+    pub started_at: Micros,
+    pub value: Option<f64>,
+}
+
+/// Every open alert (the caller keeps those of its partitions).
+pub async fn load_open_alerts(pool: &PgPool) -> Result<Vec<OpenAlertRow>, sqlx::Error> {
+    let rows = sqlx::query(
+        "SELECT rule_id, tenant_id::text AS tenant_id, device_id, site_id, status, started_at, value \
+         FROM alerts WHERE status IN ('pending', 'firing')",
+    )
+    .fetch_all(pool)
+    .await?;
+    let mut out = Vec::with_capacity(rows.len());
+    for row in rows {
+        let status: String = row.try_get("status")?;
+        let Some(status) = Status::parse(&status) else {
+            continue;
+        };
+        let started_at: DateTime<Utc> = row.try_get("started_at")?;
+        out.push(OpenAlertRow {
+            rule_id: row.try_get("rule_id")?,
+            tenant_id: row.try_get("tenant_id")?,
+            device_id: row.try_get("device_id")?,
+            site_id: row.try_get("site_id")?,
+            status,
+            started_at: started_at.timestamp_micros(),
+            value: row.try_get("value")?,
+        });
+    }
+    Ok(out)
+}
+
+/// Active devices of `tenants` with the time of their last stored reading.
+pub async fn load_last_seen(
+    pool: &PgPool,
+    tenants: &[String],
+) -> Result<Vec<(String, String, Option<String>, Micros)>, sqlx::Error> {
+    if tenants.is_empty() {
+        return Ok(Vec::new());
+    }
+    let rows: Vec<(String, String, Option<String>, DateTime<Utc>)> = sqlx::query_as(
+        "SELECT d.tenant_id::text, d.device_id::text, d.site_id::text, l.time \
+         FROM devices d JOIN device_latest l USING (tenant_id, device_id) \
+         WHERE d.status = 'active' AND d.tenant_id = ANY($1)",
+    )
+    .bind(tenants)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(t, d, s, time)| (t, d, s, time.timestamp_micros()))
+        .collect())
+}
+
+/// Window history of cold devices: each one's readings of the needed metrics in the longest
+/// window before its first message, ascending by time. One query for the whole set.
+pub async fn load_history(
+    pool: &PgPool,
+    cold: &[ColdDevice],
+) -> Result<Vec<Vec<(Micros, BTreeMap<String, f64>)>>, sqlx::Error> {
+    let mut out = vec![Vec::new(); cold.len()];
+    if cold.is_empty() {
+        return Ok(out);
+    }
+    let index: Vec<i32> = (0..cold.len() as i32).collect();
+    let tenants: Vec<&str> = cold.iter().map(|c| c.tenant_id.as_str()).collect();
+    let devices: Vec<&str> = cold.iter().map(|c| c.device_id.as_str()).collect();
+    let before: Vec<DateTime<Utc>> = cold.iter().map(|c| to_time(c.before)).collect();
+    let from: Vec<DateTime<Utc>> = cold
+        .iter()
+        .map(|c| {
+            let longest = c.metrics.iter().map(|(_, w)| *w).max().unwrap_or(0);
+            to_time(c.before.saturating_sub(longest))
+        })
+        .collect();
+    let rows: Vec<(i32, DateTime<Utc>, serde_json::Value)> = sqlx::query_as(
+        "SELECT d.i, t.time, t.metrics \
+         FROM unnest($1::int[], $2::text[], $3::text[], $4::timestamptz[], $5::timestamptz[]) \
+              AS d(i, tenant_id, device_id, from_time, before_time) \
+         JOIN telemetry t ON t.tenant_id = d.tenant_id AND t.device_id = d.device_id \
+          AND t.time > d.from_time AND t.time < d.before_time \
+         ORDER BY d.i, t.time",
+    )
+    .bind(&index)
+    .bind(&tenants)
+    .bind(&devices)
+    .bind(&from)
+    .bind(&before)
+    .fetch_all(pool)
+    .await?;
+    for (i, time, metrics) in rows {
+        let Some(device) = usize::try_from(i)
+            .ok()
+            .and_then(|i| cold.get(i).map(|c| (i, c)))
+        else {
+            continue;
+        };
+        let (slot, c) = device;
+        let values: BTreeMap<String, f64> = c
+            .metrics
+            .iter()
+            .filter_map(|(m, _)| {
+                let v = metrics.get(m)?;
+                let number = v
+                    .as_f64()
+                    .or_else(|| v.as_bool().map(|b| if b { 1.0 } else { 0.0 }))?;
+                number.is_finite().then(|| (m.clone(), number))
+            })
+            .collect();
+        out[slot].push((time.timestamp_micros(), values));
+    }
+    Ok(out)
+}
+
+/// What a commit did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Committed {
+    /// Transitions written to `alerts` and the outbox.
+    pub written: usize,
+    /// Transitions the table already reflected (a replay), written nowhere.
+    pub skipped: usize,
+}
+
+/// Stores `unit` in one transaction: fenced offsets (and clocks), each transition's `alerts`
+/// change, and an outbox row per change. A partition whose stored offset moved makes the
+/// whole transaction roll back with [`StoreError::Fenced`] naming it.
+pub async fn commit(
+    pool: &PgPool,
+    group: &str,
+    topic: &str,
+    unit: &CommitUnit,
+) -> Result<Committed, StoreError> {
+    let mut tx = pool.begin().await?;
+    if !unit.progress.is_empty() {
+        let fenced = store_progress(&mut tx, group, topic, unit).await?;
+        if !fenced.is_empty() {
+            tx.rollback().await?;
+            return Err(StoreError::Fenced(fenced));
+        }
+    }
+    let codec = schemas::alert_codec()?;
+    let mut done = Committed::default();
+    for t in &unit.transitions {
+        match apply(&mut tx, t).await? {
+            Some(alert_id) => {
+                let event = event(t, alert_id);
+                let payload = codec.encode(&event)?;
+                sqlx::query(
+                    "INSERT INTO alert_outbox (event_id, tenant_id, device_id, alert_id, payload, source_received_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (event_id) DO NOTHING",
+                )
+                .bind(&event.event_id)
+                .bind(&t.tenant_id)
+                .bind(&t.device_id)
+                .bind(alert_id)
+                .bind(payload)
+                .bind(t.received_at.map(to_time))
+                .execute(&mut *tx)
+                .await?;
+                done.written += 1;
+            }
+            None => done.skipped += 1,
+        }
+    }
+    tx.commit().await?;
+    Ok(done)
+}
+
+/// The fenced offset update; returns the partitions whose expectation failed.
+async fn store_progress(
+    conn: &mut PgConnection,
+    group: &str,
+    topic: &str,
+    unit: &CommitUnit,
+) -> Result<Vec<i32>, sqlx::Error> {
+    let partitions: Vec<i32> = unit.progress.iter().map(|p| p.partition).collect();
+    let expected: Vec<Option<i64>> = unit.progress.iter().map(|p| p.expected).collect();
+    let next: Vec<i64> = unit.progress.iter().map(|p| p.next).collect();
+    let clocks: Vec<Option<DateTime<Utc>>> =
+        unit.progress.iter().map(|p| p.clock.map(to_time)).collect();
+    let moved: Vec<i32> = sqlx::query_scalar(
+        "WITH input AS ( \
+             SELECT * FROM unnest($3::int[], $4::int8[], $5::int8[], $6::timestamptz[]) \
+                 AS u(partition, expected, next_offset, clock) \
+         ), moved AS ( \
+             UPDATE consumer_offsets c SET next_offset = i.next_offset, \
+                    event_time_watermark = i.clock, updated_at = now() \
+             FROM input i \
+             WHERE c.consumer_group = $1 AND c.topic = $2 AND c.partition = i.partition \
+               AND i.expected IS NOT NULL AND c.next_offset = i.expected \
+             RETURNING c.partition \
+         ), created AS ( \
+             INSERT INTO consumer_offsets (consumer_group, topic, partition, next_offset, event_time_watermark) \
+             SELECT $1, $2, i.partition, i.next_offset, i.clock FROM input i WHERE i.expected IS NULL \
+             ON CONFLICT DO NOTHING \
+             RETURNING partition \
+         ) \
+         SELECT partition FROM moved UNION ALL SELECT partition FROM created",
+    )
+    .bind(group)
+    .bind(topic)
+    .bind(&partitions)
+    .bind(&expected)
+    .bind(&next)
+    .bind(&clocks)
+    .fetch_all(conn)
+    .await?;
+    Ok(partitions
+        .into_iter()
+        .filter(|p| !moved.contains(p))
+        .collect())
+}
+
+/// Applies one transition to `alerts`; returns the alert's id, or `None` when the table
+/// already reflects it.
+async fn apply(conn: &mut PgConnection, t: &Transition) -> Result<Option<i64>, sqlx::Error> {
+    let rule = &t.rule;
+    let id: Option<i64> = match (t.from, t.to) {
+        (None, to) => {
+            sqlx::query_scalar(
+                "INSERT INTO alerts (tenant_id, rule_id, device_id, site_id, status, severity, \
+                                     metric, value, threshold, started_at, fired_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, \
+                         CASE WHEN $5 = 'firing' THEN $10 END) \
+                 ON CONFLICT (rule_id, tenant_id, device_id) WHERE status IN ('pending', 'firing') \
+                 DO NOTHING RETURNING alert_id",
+            )
+            .bind(&t.tenant_id)
+            .bind(rule.rule_id)
+            .bind(&t.device_id)
+            .bind(&t.site_id)
+            .bind(to.as_str())
+            .bind(&rule.severity)
+            .bind(rule.metric())
+            .bind(t.value)
+            .bind(rule.threshold())
+            .bind(to_time(t.started_at))
+            .fetch_optional(&mut *conn)
+            .await?
+        }
+        (Some(Status::Pending), Status::Firing) => sqlx::query_scalar(
+            "UPDATE alerts SET status = 'firing', fired_at = $4, value = $5, updated_at = now() \
+                 WHERE rule_id = $1 AND tenant_id = $2 AND device_id = $3 AND status = 'pending' \
+                 RETURNING alert_id",
+        )
+        .bind(rule.rule_id)
+        .bind(&t.tenant_id)
+        .bind(&t.device_id)
+        .bind(to_time(t.time))
+        .bind(t.value)
+        .fetch_optional(&mut *conn)
+        .await?,
+        (Some(_), _) => {
+            sqlx::query_scalar(
+                "UPDATE alerts SET status = 'resolved', resolved_at = $4, \
+                        value = COALESCE($5, value), updated_at = now() \
+                 WHERE rule_id = $1 AND tenant_id = $2 AND device_id = $3 \
+                   AND status IN ('pending', 'firing') \
+                 RETURNING alert_id",
+            )
+            .bind(rule.rule_id)
+            .bind(&t.tenant_id)
+            .bind(&t.device_id)
+            .bind(to_time(t.time))
+            .bind(t.value)
+            .fetch_optional(&mut *conn)
+            .await?
+        }
+    };
+    Ok(id)
+}
+
+/// The `alerts.v1` event of a transition.
+pub fn event(t: &Transition, alert_id: i64) -> AlertEvent {
+    AlertEvent {
+        event_id: t.event_id(),
+        alert_id,
+        rule_id: t.rule.rule_id,
+        rule_name: t.rule.name.clone(),
+        tenant_id: t.tenant_id.clone(),
+        device_id: t.device_id.clone(),
+        site_id: t.site_id.clone(),
+        status: t.to.as_str().to_owned(),
+        previous_status: t.from.map(|s| s.as_str().to_owned()),
+        severity: t.rule.severity.clone(),
+        metric: t.rule.metric().map(str::to_owned),
+        value: t.value,
+        threshold: t.rule.threshold(),
+        time: to_time(t.time),
+        emitted_at: Utc::now(),
+    }
+}

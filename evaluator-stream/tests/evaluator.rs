@@ -1,0 +1,339 @@
+//! The evaluator in-process against real Kafka and PostgreSQL: a scripted scenario whose
+//! every transition is known, lateness, rule validation and rule reloads.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use anyhow::Result;
+use chrono::{DateTime, Utc};
+use common::*;
+use plumbing::testing::{eventually, TestDb, TestTopics};
+use plumbing::Shutdown;
+use schemas::LayoutChoice;
+
+const A: &str = "tenant-a";
+const B: &str = "tenant-b";
+
+/// Readings one second apart from `t0`, by script (see the test for the expected alerts).
+fn scenario(t0: DateTime<Utc>) -> Vec<schemas::Telemetry> {
+    let s = |i: i64| t0 + chrono::Duration::seconds(i);
+    let mut out = Vec::new();
+    for i in 0..=120 {
+        out.push(reading(A, "clock", s(i), &[("temp", 20.0)]));
+        let hot = if (10..25).contains(&i) { 35.0 } else { 20.0 };
+        out.push(reading(A, "hot", s(i), &[("temp", hot)]));
+        let blip = if (30..35).contains(&i) { 35.0 } else { 20.0 };
+        out.push(reading(A, "blip", s(i), &[("temp", blip)]));
+        let humid = if (40..50).contains(&i) { 80.0 } else { 60.0 };
+        out.push(reading(A, "humid", s(i), &[("humidity", humid)]));
+        if !(60..100).contains(&i) {
+            out.push(reading(A, "silent", s(i), &[("temp", 20.0)]));
+        }
+        out.push(reading(
+            B,
+            "other",
+            s(i),
+            &[("temp", 99.0), ("humidity", 99.0)],
+        ));
+    }
+    out
+}
+
+async fn start(config: evaluator_stream::Config) -> (Shutdown, tokio::task::JoinHandle<()>) {
+    let shutdown = Shutdown::new();
+    let stop = shutdown.clone();
+    let task = tokio::spawn(async move {
+        evaluator_stream::run(config, stop).await.unwrap();
+    });
+    (shutdown, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scripted_scenario_makes_exactly_the_expected_transitions() -> Result<()> {
+    for layout in plumbing::testing::available_layouts().await? {
+        run_scenario(layout).await?;
+    }
+    Ok(())
+}
+
+async fn run_scenario(layout: LayoutChoice) -> Result<()> {
+    let db = TestDb::new(layout).await?;
+    let topics = TestTopics::new(1).await?;
+    let devices = [
+        (A, "clock"),
+        (A, "hot"),
+        (A, "blip"),
+        (A, "humid"),
+        (A, "silent"),
+        (B, "other"),
+    ];
+    provision(&db.pool, &[A, B], &devices).await?;
+    let hot = rule(
+        &db.pool,
+        A,
+        "hot now",
+        "kind='threshold'; metric='temp'; op='>'; threshold=30",
+    )
+    .await?;
+    let hot_for = rule(
+        &db.pool,
+        A,
+        "hot for 10 s",
+        "kind='threshold'; metric='temp'; op='>'; threshold=30; for_s=10; severity='critical'",
+    )
+    .await?;
+    let humid = rule(
+        &db.pool,
+        A,
+        "humid on average",
+        "kind='window'; metric='humidity'; agg='avg'; window_s=10; op='>'; threshold=70",
+    )
+    .await?;
+    let silent = rule(
+        &db.pool,
+        A,
+        "silent",
+        "kind='no_data'; no_data_s=30; device_id='silent'",
+    )
+    .await?;
+    rule(
+        &db.pool,
+        A,
+        "disabled",
+        "kind='threshold'; metric='temp'; op='>'; threshold=0; enabled=false",
+    )
+    .await?;
+
+    let t0 = Utc::now() - chrono::Duration::minutes(10);
+    let t0 = DateTime::<Utc>::from_timestamp(t0.timestamp(), 0).unwrap();
+    let readings = scenario(t0);
+    store_telemetry(&db.pool, &readings).await?;
+    produce(&producer(&topics)?, &topics.args.telemetry_topic, &readings).await?;
+
+    let group = format!("eval-{}", db.name);
+    let (shutdown, task) = start(config(&db, &topics, &group, &[])?).await;
+    let total = readings.len() as i64;
+    eventually(
+        "every reading evaluated and committed",
+        Duration::from_secs(60),
+        || async {
+            let stored = stored_total(&db.pool, &group)
+                .await
+                .map_err(|e| e.to_string())?;
+            let unsent = unsent(&db.pool).await.map_err(|e| e.to_string())?;
+            if stored == total && unsent == 0 {
+                Ok(())
+            } else {
+                Err(format!(
+                    "stored {stored} of {total}, {unsent} events unsent"
+                ))
+            }
+        },
+    )
+    .await?;
+
+    let got: Vec<Seen> = alerts(&db.pool)
+        .await?
+        .into_iter()
+        .map(|(r, d, s, st, f, re)| (r, d, s, at(t0, st), at(t0, f), at(t0, re)))
+        .collect();
+    let row = |r: i64, d: &str, st: i64, f: Option<i64>, re: i64| {
+        (
+            r,
+            d.to_owned(),
+            "resolved".to_owned(),
+            Some(st),
+            f,
+            Some(re),
+        )
+    };
+    assert_eq!(
+        got,
+        vec![
+            row(hot, "blip", 30, Some(30), 35),
+            row(hot, "hot", 10, Some(10), 25),
+            // A blip shorter than for_s never fires.
+            row(hot_for, "blip", 30, None, 35),
+            row(hot_for, "hot", 10, Some(20), 25),
+            // avg over 10 s passes 70 with the sixth reading of 80, falls back at 70.
+            row(humid, "humid", 45, Some(45), 54),
+            // Silent from 60 (last reading 59): fires at 59 + 30, resolves on the reading at 100.
+            row(silent, "silent", 89, Some(89), 100),
+        ],
+        "layout {layout:?}"
+    );
+
+    // Every transition is on alerts.v1 once (13 steps: firing+resolved ×4, pending+firing+
+    // resolved, pending+resolved), keyed by device, with the event id in a header.
+    let args = topics.args.clone();
+    let (total_events, ids) =
+        tokio::task::spawn_blocking(move || event_ids_on(&args, Duration::from_secs(3))).await??;
+    assert_eq!(total_events, 13);
+    assert_eq!(ids.len(), 13);
+    let outbox: i64 = sqlx::query_scalar("SELECT count(*) FROM alert_outbox")
+        .fetch_one(&db.pool)
+        .await?;
+    assert_eq!(outbox, 13);
+
+    // Late readings: 2 s behind the partition clock is accepted, 60 s behind is dropped.
+    let last = t0 + chrono::Duration::seconds(120);
+    let late = vec![
+        reading(
+            A,
+            "hot",
+            last - chrono::Duration::seconds(2),
+            &[("temp", 99.0)],
+        ),
+        reading(
+            A,
+            "hot",
+            last - chrono::Duration::seconds(60),
+            &[("temp", 99.0)],
+        ),
+    ];
+    produce(&producer(&topics)?, &topics.args.telemetry_topic, &late).await?;
+    eventually("late readings counted in system_metrics", Duration::from_secs(30), || async {
+        let figures: Vec<(String, f64)> = sqlx::query_as(
+            "SELECT DISTINCT ON (metric_name) metric_name, value FROM system_metrics \
+             WHERE metric_name IN ('evaluator_late_accepted_total', 'evaluator_late_dropped_total') \
+             ORDER BY metric_name, time DESC",
+        )
+        .fetch_all(&db.pool)
+        .await
+        .map_err(|e| e.to_string())?;
+        let want = vec![
+            ("evaluator_late_accepted_total".to_owned(), 1.0),
+            ("evaluator_late_dropped_total".to_owned(), 1.0),
+        ];
+        if figures == want {
+            Ok(())
+        } else {
+            Err(format!("{figures:?}"))
+        }
+    })
+    .await?;
+    // Neither late reading changed an alert.
+    assert_eq!(alerts(&db.pool).await?.len(), 6);
+
+    shutdown.cancel();
+    task.await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rule_added_while_running_applies_without_a_restart() -> Result<()> {
+    let db = TestDb::new(LayoutChoice::Postgres).await?;
+    let topics = TestTopics::new(2).await?;
+    provision(&db.pool, &[A], &[(A, "d1")]).await?;
+    let group = format!("eval-{}", db.name);
+    let (shutdown, task) = start(config(&db, &topics, &group, &["--rules-refresh", "1h"])?).await;
+    let producer = producer(&topics)?;
+    let t0 = Utc::now();
+    produce(
+        &producer,
+        &topics.args.telemetry_topic,
+        &[reading(A, "d1", t0, &[("temp", 50.0)])],
+    )
+    .await?;
+    eventually(
+        "first reading committed",
+        Duration::from_secs(30),
+        || async {
+            match stored_total(&db.pool, &group).await {
+                Ok(1) => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await?;
+    assert!(alerts(&db.pool).await?.is_empty());
+
+    // The NOTIFY from the insert reloads the rules (the periodic refresh is an hour away).
+    let id = rule(
+        &db.pool,
+        A,
+        "hot",
+        "kind='threshold'; metric='temp'; op='>'; threshold=30",
+    )
+    .await?;
+    let mut i = 1;
+    eventually("the new rule fires", Duration::from_secs(30), || {
+        i += 1;
+        let producer = producer.clone();
+        let topic = topics.args.telemetry_topic.clone();
+        let pool = db.pool.clone();
+        let t = t0 + chrono::Duration::seconds(i);
+        async move {
+            produce(&producer, &topic, &[reading(A, "d1", t, &[("temp", 50.0)])])
+                .await
+                .map_err(|e| e.to_string())?;
+            let rows = alerts(&pool).await.map_err(|e| e.to_string())?;
+            match rows.as_slice() {
+                [(rule, device, status, ..)]
+                    if *rule == id && device == "d1" && status == "firing" =>
+                {
+                    Ok(())
+                }
+                other => Err(format!("{other:?}")),
+            }
+        }
+    })
+    .await?;
+    shutdown.cancel();
+    task.await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn invalid_rules_are_rejected_by_the_table() -> Result<()> {
+    let db = TestDb::new(LayoutChoice::Postgres).await?;
+    provision(&db.pool, &[A], &[]).await?;
+    let bad = [
+        (
+            "threshold without metric",
+            "kind='threshold'; op='>'; threshold=1",
+        ),
+        (
+            "window without agg",
+            "kind='window'; metric='m'; op='>'; threshold=1; window_s=60",
+        ),
+        (
+            "unknown op",
+            "kind='threshold'; metric='m'; op='=>'; threshold=1",
+        ),
+        (
+            "negative for",
+            "kind='threshold'; metric='m'; op='>'; threshold=1; for_s=-1",
+        ),
+        ("no_data without length", "kind='no_data'"),
+        (
+            "hysteresis on equality",
+            "kind='threshold'; metric='m'; op='=='; threshold=1; resolve_threshold=2",
+        ),
+        (
+            "agg on a threshold rule",
+            "kind='threshold'; metric='m'; op='>'; threshold=1; agg='avg'; window_s=5",
+        ),
+        (
+            "window longer than a day",
+            "kind='window'; metric='m'; op='>'; threshold=1; agg='avg'; window_s=86401",
+        ),
+        (
+            "bad severity",
+            "kind='no_data'; no_data_s=5; severity='fatal'",
+        ),
+    ];
+    for (what, fields) in bad {
+        let err = rule(&db.pool, A, what, fields).await.expect_err(what);
+        let code = err
+            .downcast_ref::<sqlx::Error>()
+            .and_then(|e| e.as_database_error())
+            .and_then(|e| e.code())
+            .map(|c| c.into_owned());
+        // 23514 check_violation (22P02 would be a typo in the test itself).
+        assert_eq!(code.as_deref(), Some("23514"), "{what}: {err}");
+    }
+    Ok(())
+}
