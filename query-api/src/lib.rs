@@ -36,6 +36,7 @@ use clap::{Args, Parser, Subcommand};
 use plumbing::admin::{self, Health};
 use plumbing::config::{parse_duration, DatabaseArgs, ObservabilityArgs, StorageArgs};
 use plumbing::Shutdown;
+use tokio::net::TcpListener;
 use tracing::info;
 
 pub use error::{ApiError, Error};
@@ -188,8 +189,15 @@ pub async fn create_key(pool: &sqlx::PgPool, args: &CreateKeyArgs) -> Result<Str
     Ok(created.key)
 }
 
-/// Serves the API, dashboard and admin endpoints until `shutdown` is cancelled.
+/// Serves the API, dashboard and admin endpoints on `HTTP_LISTEN` until `shutdown` is
+/// cancelled.
 pub async fn run(cli: Cli, shutdown: Shutdown) -> Result<(), Error> {
+    let (listener, _) = admin::bind(cli.api.http_listen).await?;
+    serve(cli, listener, shutdown).await
+}
+
+/// Like [`run`], on a listener the caller bound (tests bind port 0).
+pub async fn serve(cli: Cli, listener: TcpListener, shutdown: Shutdown) -> Result<(), Error> {
     metrics::describe();
     let pool = plumbing::db::pool(&cli.database, SERVICE)?;
     let health = Health::new(&["database"]);
@@ -214,8 +222,7 @@ pub async fn run(cli: Cli, shutdown: Shutdown) -> Result<(), Error> {
     ));
     let state = AppState::new(pool.clone(), cli.api.limits(), stats);
     let router = http::router(state, health)?;
-    let (listener, addr) = admin::bind(cli.api.http_listen).await?;
-    info!(%addr, "API and dashboard listening");
+    info!(addr = %listener.local_addr()?, "API and dashboard listening");
     let served = admin::serve(listener, router, shutdown).await;
     background.cancel();
     for task in tasks {

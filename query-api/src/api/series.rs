@@ -144,8 +144,16 @@ const RAW_SQL: &str = "SELECT t.time, t.metrics FROM telemetry_view t \
      WHERE t.tenant_id = $1 AND t.device_id = $2 AND t.time >= $3 AND t.time < $4 \
      ORDER BY t.time LIMIT $5";
 
-/// Whole seconds of a bucket parameter.
-fn parse_bucket(text: &str) -> Result<u64, ApiError> {
+/// Whole seconds of a bucket parameter (`10s`, `1m`, `1h`, `1d`).
+pub(crate) fn parse_bucket(text: &str) -> Result<u64, ApiError> {
+    // Bounded before parsing: the shared duration parser panics on values beyond `Duration`.
+    let digits = text.chars().filter(char::is_ascii_digit).count();
+    if text.len() > 16 || digits > 9 {
+        return Err(ApiError::bad(
+            "bucket",
+            "must be a duration such as 10s, 1m or 1h",
+        ));
+    }
     let bucket = plumbing::config::parse_duration(text).map_err(|e| ApiError::bad("bucket", e))?;
     if bucket.subsec_nanos() != 0 || bucket.as_secs() == 0 {
         return Err(ApiError::bad(
@@ -313,6 +321,7 @@ mod tests {
         assert!(parse_bucket("500ms").is_err());
         assert!(parse_bucket("0s").is_err());
         assert!(parse_bucket("1'; DROP TABLE x").is_err());
+        assert!(parse_bucket("99999999999999999999999").is_err());
     }
 
     #[test]

@@ -105,17 +105,7 @@ pub async fn metrics(
     }
     let bucket_s = match q.bucket.as_deref() {
         None => 60,
-        Some(text) => {
-            let d =
-                plumbing::config::parse_duration(text).map_err(|e| ApiError::bad("bucket", e))?;
-            if d.subsec_nanos() != 0 || d.as_secs() == 0 {
-                return Err(ApiError::bad(
-                    "bucket",
-                    "must be whole seconds, at least 1s",
-                ));
-            }
-            d.as_secs()
-        }
+        Some(text) => crate::api::series::parse_bucket(text)?,
     };
     let buckets = range_s.div_ceil(bucket_s) + 1;
     if buckets > state.limits.max_points {
