@@ -251,6 +251,11 @@ impl Engine {
         p
     }
 
+    /// A partition's event-time clock.
+    pub fn clock(&self, partition: i32) -> Option<Micros> {
+        self.partitions.get(&partition).and_then(|p| p.clock)
+    }
+
     pub fn is_assigned(&self, partition: i32) -> bool {
         self.partitions.contains_key(&partition)
     }
@@ -353,8 +358,9 @@ impl Engine {
             .devices
             .entry(key.clone())
             .or_insert_with(|| DeviceState::new(tenant_id, device_id, site_id));
+        // Only the no-data deadline: `last_time` orders this device's readings and is set by
+        // the readings themselves (the stored latest one may lie ahead of the stream).
         let last_seen = dev.last_time.map_or(last_seen, |t| t.max(last_seen));
-        dev.last_time = Some(last_seen);
         for rule in rules.of_tenant(tenant_id) {
             if let Condition::NoData { silence_us, .. } = rule.condition {
                 if rule.applies_to(device_id, site_id) && !dev.open.contains_key(&rule.rule_id) {

@@ -600,12 +600,41 @@ impl Runner {
             })
             .await
             .unwrap_or_default();
+        // A stored latest reading beyond the partition's clock will be read again: what
+        // counts is the last reading at or before the clock.
+        let mut exact = Vec::new();
+        let mut beyond = Vec::new();
         for (tenant, device, site, last) in seen {
             let partition = partition_of(&tenant, &device);
-            if partitions.contains(&partition) {
-                self.engine
-                    .restore_last_seen(partition, &tenant, &device, site.as_deref(), last);
+            if !partitions.contains(&partition) {
+                continue;
             }
+            match self.engine.clock(partition) {
+                Some(clock) if last > clock => {
+                    beyond.push((tenant, device, site, partition, clock))
+                }
+                _ => exact.push((tenant, device, site, partition, last)),
+            }
+        }
+        if !beyond.is_empty() {
+            let keys: Vec<(String, String, engine::Micros)> = beyond
+                .iter()
+                .map(|(t, d, _, _, clock)| (t.clone(), d.clone(), *clock))
+                .collect();
+            let before = self
+                .retry("load last readings before the clock", || {
+                    store::load_last_seen_before(&pool, &keys)
+                })
+                .await
+                .unwrap_or_default();
+            for (i, (tenant, device, site, partition, clock)) in beyond.into_iter().enumerate() {
+                let last = before.get(i).copied().flatten().unwrap_or(clock);
+                exact.push((tenant, device, site, partition, last));
+            }
+        }
+        for (tenant, device, site, partition, last) in exact {
+            self.engine
+                .restore_last_seen(partition, &tenant, &device, site.as_deref(), last);
         }
     }
 

@@ -114,6 +114,42 @@ pub async fn load_last_seen(
         .collect())
 }
 
+/// For devices whose stored latest reading lies beyond their partition's clock (they will be
+/// read again from Kafka), the time of their last reading at or before that clock, from
+/// `telemetry` (one backward primary-key probe per device). Devices with none keep `None`.
+pub async fn load_last_seen_before(
+    pool: &PgPool,
+    devices: &[(String, String, Micros)],
+) -> Result<Vec<Option<Micros>>, sqlx::Error> {
+    if devices.is_empty() {
+        return Ok(Vec::new());
+    }
+    let index: Vec<i32> = (0..devices.len() as i32).collect();
+    let tenants: Vec<&str> = devices.iter().map(|d| d.0.as_str()).collect();
+    let ids: Vec<&str> = devices.iter().map(|d| d.1.as_str()).collect();
+    let clocks: Vec<DateTime<Utc>> = devices.iter().map(|d| to_time(d.2)).collect();
+    let rows: Vec<(i32, Option<DateTime<Utc>>)> = sqlx::query_as(
+        "SELECT d.i, (SELECT t.time FROM telemetry t \
+                      WHERE t.tenant_id = d.tenant_id AND t.device_id = d.device_id \
+                        AND t.time <= d.clock ORDER BY t.time DESC LIMIT 1) \
+         FROM unnest($1::int[], $2::text[], $3::text[], $4::timestamptz[]) \
+              AS d(i, tenant_id, device_id, clock)",
+    )
+    .bind(&index)
+    .bind(&tenants)
+    .bind(&ids)
+    .bind(&clocks)
+    .fetch_all(pool)
+    .await?;
+    let mut out = vec![None; devices.len()];
+    for (i, time) in rows {
+        if let Some(slot) = usize::try_from(i).ok().and_then(|i| out.get_mut(i)) {
+            *slot = time.map(|t| t.timestamp_micros());
+        }
+    }
+    Ok(out)
+}
+
 /// Window history of cold devices: each one's readings of the needed metrics in the longest
 /// window before its first message, ascending by time. One query for the whole set.
 pub async fn load_history(
