@@ -4,7 +4,8 @@
 #   deps.sh up      install (if needed) and start PostgreSQL + a single-node
 #                   Apache Kafka 4.x (KRaft), create roles, database and topics;
 #                   prints the export lines for DATABASE_URL and
-#                   KAFKA_BOOTSTRAP_SERVERS on stdout (everything else on stderr)
+#                   KAFKA_BOOTSTRAP_SERVERS (and FLEETSTREAM_KAFKA_LIBS, the broker jars)
+#                   on stdout (everything else on stderr)
 #   deps.sh down    stop Kafka and the PostgreSQL cluster (data is kept)
 #   deps.sh status  print whether each is up; exit 0 only if both are
 #   deps.sh env     print only the export lines:  eval "$(deploy/local/deps.sh env)"
@@ -65,6 +66,9 @@ die() { printf '[deps] ERROR: %s\n' "$*" >&2; exit 1; }
 print_env() {
     printf 'export DATABASE_URL=%s\n' "$DATABASE_URL_OUT"
     printf 'export KAFKA_BOOTSTRAP_SERVERS=%s\n' "$KAFKA_BOOTSTRAP_OUT"
+    # Tests that need a broker of their own (plumbing::testing::PrivateKafka) start it from
+    # the same jars.
+    printf 'export FLEETSTREAM_KAFKA_LIBS=%s\n' "$KAFKA_LIBS"
 }
 
 need_root() {
@@ -592,6 +596,12 @@ kafka_stop() {
 # Serialise concurrent invocations (parallel CI steps, two terminals): re-run
 # this script under flock(1). -o closes the lock's descriptor before running us,
 # so the daemons started below (postgres, the broker) do not inherit and hold it.
+# Headless Chromium for query-api's dashboard test (Debian's package; skipped when present).
+browser_up() {
+    command -v chromium >/dev/null 2>&1 && return 0
+    apt_install chromium
+}
+
 take_lock() {
     if [[ -z ${FLEETSTREAM_DEPS_LOCKED:-} ]]; then
         mkdir -p "$STATE"
@@ -605,6 +615,7 @@ cmd_up() {
     local t0=$SECONDS
     pg_up
     kafka_up
+    browser_up
     log "all up in $((SECONDS - t0))s. Logs: $(pg_logfile), $KAFKA_LOG. Use:"
     print_env | sed 's/^/[deps]   /' >&2
     print_env

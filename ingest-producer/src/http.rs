@@ -354,6 +354,19 @@ fn atomic_mode(uri: &Uri) -> Result<bool, Rejection> {
 
 /// Reads at most `limit` bytes: a declared length over it is refused before reading, a
 /// streamed body as soon as it passes the limit.
+///
+/// Why not a library limit (checked against tower-http 0.6.11 and 0.7.1, axum 0.8.9):
+/// * `tower_http::limit::RequestBodyLimitLayer` answers a declared `Content-Length` over the
+///   limit itself, with a fixed `text/plain` body (`length limit exceeded`) and no hook to
+///   replace it, so the documented `{"error","field","index"}` 413 would be lost; rewriting
+///   its response in another layer would depend on the library's wording.
+/// * `axum::extract::DefaultBodyLimit` only applies to buffering extractors (`Bytes`, `Json`),
+///   which run before the handler: the body would be read before the token and the content
+///   type are checked (an unauthenticated client could make us read up to the limit), a
+///   declared oversize length is not refused before reading, and its rejection is plain text.
+///
+/// This function keeps the order (authenticate, check the type, then read) and the JSON body,
+/// and never holds more than `limit` bytes.
 async fn read_limited(headers: &HeaderMap, body: Body, limit: usize) -> Result<Vec<u8>, Rejection> {
     let declared = headers
         .get(axum::http::header::CONTENT_LENGTH)

@@ -12,7 +12,8 @@
 //! * [`db`]: the PostgreSQL pool.
 //! * [`probe`]: background readiness probes for the database and the brokers.
 //! * [`system_metrics`]: key figures into the `system_metrics` table.
-//! * `testing` (feature `testing`): a fresh migrated database and fresh topics per test.
+//! * `testing` (feature `testing`): a fresh migrated database and fresh topics per test, and a
+//!   private Kafka broker for tests that stop and restart it.
 
 pub mod admin;
 pub mod config;

@@ -7,6 +7,8 @@
 //! 2. Otherwise, when a Docker engine answers, testcontainers starts a TimescaleDB and an
 //!    Apache Kafka container once per test process.
 //! 3. Otherwise the test fails with a message saying how to start them.
+//!
+//! Tests that stop or restart the broker use a [`PrivateKafka`] of their own instead.
 
 use std::time::Duration;
 
@@ -18,6 +20,10 @@ use sqlx::{ConnectOptions, Connection, PgConnection, PgPool};
 use tokio::sync::OnceCell;
 
 use crate::config::KafkaArgs;
+
+mod kafka_broker;
+
+pub use kafka_broker::PrivateKafka;
 
 const HOW_TO_START: &str = "no PostgreSQL/Kafka for tests: set DATABASE_URL and \
 KAFKA_BOOTSTRAP_SERVERS (run `eval \"$(deploy/local/deps.sh env)\"` after \
@@ -275,7 +281,12 @@ pub struct TestTopics {
 impl TestTopics {
     /// Creates a telemetry, an alerts and a DLQ topic for this test.
     pub async fn new(telemetry_partitions: i32) -> anyhow::Result<Self> {
-        let mut args = kafka_args().await?;
+        Self::on(kafka_args().await?, telemetry_partitions).await
+    }
+
+    /// The same topics on the broker `args` points at (e.g. a [`PrivateKafka`]); the topic
+    /// names in `args` are replaced.
+    pub async fn on(mut args: KafkaArgs, telemetry_partitions: i32) -> anyhow::Result<Self> {
         let base = unique_name("t");
         args.telemetry_topic = format!("{base}.telemetry");
         args.alerts_topic = format!("{base}.alerts");
