@@ -27,6 +27,9 @@ SELECT k.key_id, k.tenant_id, k.role,
        set_config('statement_timeout', $2, true)
 FROM api_key_authenticate($1) AS k";
 
+/// (key_id, tenant_id, role, and the three values `set_config` returned).
+type AuthenticatedRow = (i64, Option<String>, String, String, String, String);
+
 /// An authenticated caller and its scoped transaction. Dropping it uncommitted rolls back.
 #[derive(Debug)]
 pub struct Session {
@@ -45,12 +48,11 @@ impl FromRequestParts<AppState> for Session {
             .and_then(bearer)
             .ok_or(ApiError::Unauthorized)?;
         let mut tx = state.pool.begin().await?;
-        let row: Option<(i64, Option<String>, String, String, String, String)> =
-            sqlx::query_as(AUTHENTICATE_SQL)
-                .bind(hash_secret(token))
-                .bind(state.limits.statement_timeout.as_millis().to_string())
-                .fetch_optional(&mut *tx)
-                .await?;
+        let row: Option<AuthenticatedRow> = sqlx::query_as(AUTHENTICATE_SQL)
+            .bind(hash_secret(token))
+            .bind(state.limits.statement_timeout.as_millis().to_string())
+            .fetch_optional(&mut *tx)
+            .await?;
         let Some((key_id, tenant_id, role, ..)) = row else {
             return Err(ApiError::Unauthorized);
         };

@@ -1,6 +1,8 @@
 //! Keyset pagination returns every row exactly once, whatever the page size, including rows
 //! that share a sort time.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::collections::BTreeSet;

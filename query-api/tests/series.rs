@@ -1,6 +1,8 @@
 //! Bucketed series equal hand-computed values on a known dataset, in every layout this server
 //! offers (plain PostgreSQL always, TimescaleDB when installed); limits are 400s naming them.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use axum::http::StatusCode;
@@ -64,6 +66,9 @@ async fn load(pool: &PgPool) {
     }
 }
 
+/// (agg, metric, points as (seconds after base, value)).
+type Expected = (&'static str, &'static str, Vec<(i64, f64)>);
+
 fn series_uri(query: &str) -> String {
     let from = base().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
     let to = (base() + Duration::seconds(180)).to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
@@ -90,7 +95,7 @@ async fn bucket_aggregates_equal_hand_computed_values_in_every_layout() {
     for layout in plumbing::testing::available_layouts().await.unwrap() {
         let fx = Fixture::with(layout, Limits::default()).await.unwrap();
         load(&fx.owner).await;
-        let expected: [(&str, &str, Vec<(i64, f64)>); 8] = [
+        let expected: [Expected; 8] = [
             ("avg", "temp", vec![(0, 20.0), (60, 6.0), (120, 1.5)]),
             ("min", "temp", vec![(0, 10.0), (60, 5.0), (120, 1.5)]),
             ("max", "temp", vec![(0, 30.0), (60, 7.0), (120, 1.5)]),

@@ -2,6 +2,8 @@
 //! `fleet_api`; probes, metrics, the OpenAPI document against real answers, the statement
 //! timeout, and key figures in `system_metrics`.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::time::Duration;

@@ -182,3 +182,26 @@ pub async fn revoke(mut s: Session, ApiPath(key_id): ApiPath<i64>) -> Result<Sta
     s.commit().await?;
     Ok(StatusCode::NO_CONTENT)
 }
+
+/// The caller's key.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct WhoAmI {
+    pub key_id: i64,
+    pub role: Role,
+    /// Absent for operator keys.
+    pub tenant_id: Option<String>,
+}
+
+#[utoipa::path(get, path = "/v1/me", tag = "api keys",
+    responses((status = 200, description = "The key's role and tenant", body = WhoAmI),
+              (status = 401, body = ErrorBody)),
+    security(("api_key" = [])))]
+pub async fn whoami(s: Session) -> Result<Json<WhoAmI>, ApiError> {
+    let principal = s.principal.clone();
+    s.commit().await?;
+    Ok(Json(WhoAmI {
+        key_id: principal.key_id,
+        role: principal.role,
+        tenant_id: principal.tenant_id,
+    }))
+}

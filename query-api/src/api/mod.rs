@@ -75,6 +75,7 @@ pub fn routes() -> Router<AppState> {
         )
         .route("/v1/api-keys", get(keys::list).post(keys::create))
         .route("/v1/api-keys/{key_id}", delete(keys::revoke))
+        .route("/v1/me", get(keys::whoami))
         .route("/v1/fleet/latest", get(latest::fleet))
         .route("/v1/fleet/summary", get(latest::summary))
         .route("/v1/alerts", get(alerts::list))
@@ -133,7 +134,7 @@ impl Modify for BearerAuth {
         devices::list, devices::create, devices::get, devices::disable, devices::enable,
         devices::rotate_token, devices::list_gateway_tokens, devices::create_gateway_token,
         devices::revoke_gateway_token,
-        keys::list, keys::create, keys::revoke,
+        keys::list, keys::create, keys::revoke, keys::whoami,
         latest::device, latest::fleet, latest::summary,
         series::series,
         alerts::list, alerts::acknowledge, alerts::list_rules, alerts::get_rule,

@@ -55,6 +55,9 @@ pub struct SystemMetrics {
     pub series: Vec<SystemSeries>,
 }
 
+/// (metric_name, instance, service, bucket, average).
+type SystemRow = (String, String, Option<String>, DateTime<Utc>, Option<f64>);
+
 macro_rules! system_sql {
     ($bucket_fn:literal) => {
         concat!(
@@ -121,19 +124,18 @@ pub async fn metrics(
         Layout::TimescaleDb => system_sql!("time_bucket"),
         Layout::Postgres => system_sql!("date_bin"),
     };
-    let rows: Vec<(String, String, Option<String>, DateTime<Utc>, Option<f64>)> =
-        sqlx::query_as(sql)
-            .bind(sqlx::postgres::types::PgInterval {
-                months: 0,
-                days: 0,
-                microseconds: (bucket_s as i64).saturating_mul(1_000_000),
-            })
-            .bind(from)
-            .bind(to)
-            .bind(&names)
-            .bind(MAX_SYSTEM_SERIES)
-            .fetch_all(&mut *s.tx)
-            .await?;
+    let rows: Vec<SystemRow> = sqlx::query_as(sql)
+        .bind(sqlx::postgres::types::PgInterval {
+            months: 0,
+            days: 0,
+            microseconds: (bucket_s as i64).saturating_mul(1_000_000),
+        })
+        .bind(from)
+        .bind(to)
+        .bind(&names)
+        .bind(MAX_SYSTEM_SERIES)
+        .fetch_all(&mut *s.tx)
+        .await?;
     s.commit().await?;
     let mut series: BTreeMap<(String, String), SystemSeries> = BTreeMap::new();
     for (metric_name, instance, service, time, value) in rows {
