@@ -7,7 +7,8 @@
 //! renders (ports and data directory replaced, thread pools trimmed), in a temporary
 //! directory, on two free ports. `stop` and `kill` end the JVM; `start` brings it back on the
 //! same ports with the same data, so clients configured with its address reconnect by
-//! themselves. Dropping it kills the JVM and removes the directory.
+//! themselves. Dropping it kills the JVM and removes the directory; a watchdog process does
+//! the same if the test process dies without dropping it (killed by a timeout, SIGKILL).
 //!
 //! Where things are found:
 //! * jars: `FLEETSTREAM_KAFKA_LIBS` (exported by `deps.sh env`), otherwise
@@ -15,6 +16,7 @@
 //!   version from `deploy/kafka/pom.xml`), exactly where deps.sh puts them;
 //! * Java ≥ 17: `$JAVA_HOME/bin/java`, `java` on `PATH`, or `/usr/lib/jvm/java-*/bin/java`.
 
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -49,6 +51,10 @@ pub struct PrivateKafka {
     libs: PathBuf,
     /// The running JVM; `None` while stopped.
     child: Option<Child>,
+    /// Kills the JVM and removes `dir` should this process die without dropping `self` (a
+    /// test killed by a timeout): `tail --pid` on this process, then `kill -KILL` of the JVM,
+    /// in a process group of its own so it can be ended as a whole.
+    watchdog: Option<Child>,
 }
 
 impl PrivateKafka {
@@ -68,6 +74,7 @@ impl PrivateKafka {
             java,
             libs,
             child: None,
+            watchdog: None,
         };
         kafka.write_config()?;
         kafka.format().await?;
@@ -105,6 +112,8 @@ impl PrivateKafka {
         if self.is_running() {
             return Ok(());
         }
+        // Ended by itself (or never started): its watchdog must not outlive it.
+        self.forget_jvm();
         let out = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -140,7 +149,24 @@ impl PrivateKafka {
             .stderr(out)
             .spawn()
             .with_context(|| format!("starting {}", self.java.display()))?;
+        let jvm = child.id();
         self.child = Some(child);
+        self.watchdog = Command::new("sh")
+            .args([
+                "-c",
+                "tail --pid=\"$1\" -f /dev/null 2>/dev/null; kill -KILL \"$2\" 2>/dev/null; \
+                 sleep 1; rm -rf \"$3\"",
+                "private-kafka-watchdog",
+                &std::process::id().to_string(),
+                &jvm.to_string(),
+            ])
+            .arg(&self.dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .ok();
         self.wait_ready().await
     }
 
@@ -175,15 +201,30 @@ impl PrivateKafka {
         if exited.is_err() {
             self.kill();
         }
-        self.child = None;
+        self.forget_jvm();
         Ok(())
     }
 
     /// Kills the JVM at once (SIGKILL), as a crash would.
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
+        if let Some(child) = self.child.as_mut() {
             let _ = child.kill();
             let _ = child.wait();
+        }
+        self.forget_jvm();
+    }
+
+    /// After the JVM ended: drops its handle and ends its watchdog.
+    fn forget_jvm(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.try_wait();
+        }
+        if let Some(mut watchdog) = self.watchdog.take() {
+            let _ = Command::new("kill")
+                .args(["-KILL", "--", &format!("-{}", watchdog.id())])
+                .stderr(Stdio::null())
+                .status();
+            let _ = watchdog.wait();
         }
     }
 
@@ -315,7 +356,7 @@ impl PrivateKafka {
         match ready {
             Ok(true) => Ok(()),
             Ok(false) => {
-                self.child = None;
+                self.forget_jvm();
                 bail!(
                     "the private broker exited during startup\n{}",
                     self.log_tail(30)
