@@ -48,7 +48,13 @@ enum Outage {
     Stop,
     /// SIGKILL: a crash, with fetches and commits in flight.
     Kill,
+    /// SIGKILL, and the broker stays away longer than the consumer's session timeout, so the
+    /// sink loses its partitions and must rejoin the group when the broker is back.
+    KillPastSessionTimeout,
 }
+
+/// The sink's session timeout in the long-outage case (the broker's minimum is 6 s).
+const SESSION_TIMEOUT: Duration = Duration::from_secs(6);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_stopped_and_restarted_mid_run_loses_and_duplicates_nothing() -> Result<()> {
@@ -58,6 +64,12 @@ async fn a_broker_stopped_and_restarted_mid_run_loses_and_duplicates_nothing() -
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_killed_and_restarted_mid_run_loses_and_duplicates_nothing() -> Result<()> {
     broker_restarted_mid_run(Outage::Kill).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_away_longer_than_the_session_timeout_loses_and_duplicates_nothing() -> Result<()>
+{
+    broker_restarted_mid_run(Outage::KillPastSessionTimeout).await
 }
 
 async fn broker_restarted_mid_run(outage: Outage) -> Result<()> {
@@ -75,7 +87,15 @@ async fn broker_restarted_mid_run(outage: Outage) -> Result<()> {
         first
     );
     // Small batches so the sink is still at work when the broker goes.
-    let config = sink_config(&db, &topics, &["--batch-max-rows", "500"])?;
+    let session = format!(
+        "session.timeout.ms={},heartbeat.interval.ms=1000",
+        SESSION_TIMEOUT.as_millis()
+    );
+    let config = sink_config(
+        &db,
+        &topics,
+        &["--batch-max-rows", "500", "--kafka-option", &session],
+    )?;
     let group = config.group_id.clone();
     let shutdown = Shutdown::new();
     let sink = tokio::spawn(timescale_sink::run(config, shutdown.clone()));
@@ -84,6 +104,12 @@ async fn broker_restarted_mid_run(outage: Outage) -> Result<()> {
     match outage {
         Outage::Stop => kafka.stop().await?,
         Outage::Kill => kafka.kill(),
+        Outage::KillPastSessionTimeout => {
+            kafka.kill();
+            // Not a synchronisation: the outage itself, long enough for the consumer's
+            // session to expire while no broker answers its heartbeats.
+            tokio::time::sleep(SESSION_TIMEOUT * 2).await;
+        }
     }
     let stored_at_stop = stored_total(&db.pool, &group).await?;
     eprintln!("{outage:?}: broker gone with {stored_at_stop} of {first} messages stored");
