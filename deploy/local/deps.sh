@@ -4,7 +4,8 @@
 #   deps.sh up      install (if needed) and start PostgreSQL + a single-node
 #                   Apache Kafka 4.x (KRaft), create roles, database and topics;
 #                   prints the export lines for DATABASE_URL and
-#                   KAFKA_BOOTSTRAP_SERVERS on stdout (everything else on stderr)
+#                   KAFKA_BOOTSTRAP_SERVERS (and FLEETSTREAM_KAFKA_LIBS, the broker jars)
+#                   on stdout (everything else on stderr)
 #   deps.sh down    stop Kafka and the PostgreSQL cluster (data is kept)
 #   deps.sh status  print whether each is up; exit 0 only if both are
 #   deps.sh env     print only the export lines:  eval "$(deploy/local/deps.sh env)"
@@ -65,6 +66,9 @@ die() { printf '[deps] ERROR: %s\n' "$*" >&2; exit 1; }
 print_env() {
     printf 'export DATABASE_URL=%s\n' "$DATABASE_URL_OUT"
     printf 'export KAFKA_BOOTSTRAP_SERVERS=%s\n' "$KAFKA_BOOTSTRAP_OUT"
+    # Tests that need a broker of their own (plumbing::testing::PrivateKafka) start it from
+    # the same jars.
+    printf 'export FLEETSTREAM_KAFKA_LIBS=%s\n' "$KAFKA_LIBS"
 }
 
 need_root() {
