@@ -3,8 +3,10 @@
 # the services in release mode, migrates the database and runs all four services in the
 # foreground until Ctrl-C (then stops them cleanly). Logs: $FLEETSTREAM_STATE/logs/<service>.log.
 #
-# Ports: ingest HTTP 8080; admin (/metrics, /healthz, /readyz) of ingest-producer 9101,
-# timescale-sink 9102, evaluator-stream 9103, query-api 9104.
+# Ports: ingest HTTP 8080; query-api (API, dashboard, /docs) 8081; admin (/metrics, /healthz,
+# /readyz) of ingest-producer 9101, timescale-sink 9102, evaluator-stream 9103, query-api 9104.
+# query-api connects as fleet_api (row-level security applies; the superuser would bypass it);
+# an operator_admin API key is created and printed for the dashboard.
 #
 # Simulated devices: once ingest is ready, `ingest-producer simulate --provision` drives
 # SIM_DEVICES devices (default 10,000; the design's full profile is 100,000) every
@@ -25,6 +27,9 @@ cargo build --locked --release --bins
 BIN="$CARGO_TARGET_DIR/release"
 
 "$BIN/query-api" migrate
+# The API role's URL: same server and database, user fleet_api (deploy/postgres/bootstrap.sql).
+API_DATABASE_URL=${API_DATABASE_URL:-$(printf '%s' "$DATABASE_URL" | sed -E 's#^(postgres(ql)?://)[^@]*@#\1fleet_api:fleet_api@#')}
+API_KEY=$(DATABASE_URL="$API_DATABASE_URL" "$BIN/query-api" create-key --role operator_admin --name "run.sh $(date -u +%FT%TZ)")
 
 pids=()
 stop() {
@@ -44,7 +49,7 @@ start() {
 start ingest-producer 9101
 start timescale-sink 9102
 start evaluator-stream 9103
-start query-api 9104
+DATABASE_URL="$API_DATABASE_URL" HTTP_LISTEN=127.0.0.1:8081 start query-api 9104
 
 SIM_DEVICES=${SIM_DEVICES:-10000}
 if [ "$SIM_DEVICES" -gt 0 ]; then
@@ -58,5 +63,6 @@ if [ "$SIM_DEVICES" -gt 0 ]; then
     pids+=("$!")
     printf '[run] simulator started: %s devices every %s (log %s)\n' "$SIM_DEVICES" "${SIM_INTERVAL:-5s}" "$LOGS/simulator.log" >&2
 fi
+printf '[run] dashboard: http://127.0.0.1:8081/ (API docs: /docs); sign in with this operator_admin key:\n[run]   %s\n' "$API_KEY" >&2
 printf '[run] all services running; Ctrl-C stops them\n' >&2
 wait
