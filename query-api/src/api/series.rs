@@ -91,12 +91,14 @@ pub struct SeriesResponse {
     pub series: Vec<Series>,
 }
 
-/// The numeric value of `metrics -> k` (booleans as 0/1), NULL otherwise.
+/// The numeric value of `metrics -> k` (booleans as 0/1), NULL otherwise; `j` is extracted
+/// once per row and metric, and NULLs are left to the aggregates (which skip them) instead of
+/// a filter that would evaluate the expression a second time.
 macro_rules! metric_value {
     () => {
-        "CASE jsonb_typeof(t.metrics -> k) \
-           WHEN 'number' THEN (t.metrics ->> k)::float8 \
-           WHEN 'boolean' THEN CASE WHEN (t.metrics -> k)::boolean THEN 1.0 ELSE 0.0 END \
+        "CASE jsonb_typeof(x.j) \
+           WHEN 'number' THEN x.j::float8 \
+           WHEN 'boolean' THEN CASE WHEN x.j::boolean THEN 1.0 ELSE 0.0 END \
          END"
     };
 }
@@ -106,15 +108,15 @@ macro_rules! bucketed_sql {
         concat!(
             "SELECT ",
             $bucket_fn,
-            "($3::interval, t.time, '2000-01-01 00:00:00+00'::timestamptz) AS bucket, m.k AS metric, ",
+            "($3::interval, t.time, '2000-01-01 00:00:00+00'::timestamptz) AS bucket, m.k AS metric, \
+             CASE WHEN count(m.v) > 0 THEN ",
             $agg,
-            " AS value \
+            " END AS value \
              FROM telemetry_view t \
-             CROSS JOIN LATERAL (SELECT k, ",
+             CROSS JOIN LATERAL (SELECT x.k, ",
             metric_value!(),
-            " AS v FROM unnest($4::text[]) AS k) m \
+            " AS v FROM (SELECT k, t.metrics -> k AS j FROM unnest($4::text[]) AS k) x) m \
              WHERE t.tenant_id = $1 AND t.device_id = $2 AND t.time >= $5 AND t.time < $6 \
-               AND m.v IS NOT NULL \
              GROUP BY 1, 2 ORDER BY 2, 1"
         )
     };
@@ -127,7 +129,10 @@ macro_rules! bucketed_for_layout {
             Agg::Min => bucketed_sql!($bucket_fn, "min(m.v)"),
             Agg::Max => bucketed_sql!($bucket_fn, "max(m.v)"),
             Agg::Count => bucketed_sql!($bucket_fn, "count(m.v)::float8"),
-            Agg::Last => bucketed_sql!($bucket_fn, "(array_agg(m.v ORDER BY t.time DESC))[1]"),
+            Agg::Last => bucketed_sql!(
+                $bucket_fn,
+                "(array_agg(m.v ORDER BY t.time DESC) FILTER (WHERE m.v IS NOT NULL))[1]"
+            ),
         }
     };
 }
