@@ -12,7 +12,8 @@
 //!
 //! `cargo bench -p evaluator-stream --bench evaluator_throughput` with `DATABASE_URL` and
 //! `KAFKA_BOOTSTRAP_SERVERS` set. Environment: `BENCH_MESSAGES` (default 1,000,000),
-//! `BENCH_LIVE_RATE` (20,000), `BENCH_LIVE_SECONDS` (20). Prints figures; asserts nothing.
+//! `BENCH_LIVE_RATE` (20,000), `BENCH_LIVE_SECONDS` (20), `BENCH_HOT_EVERY` (500: one reading
+//! in 500 of each device is hot). Prints figures; asserts nothing.
 #![allow(clippy::print_stdout, clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::Arc;
@@ -29,6 +30,8 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use schemas::{telemetry_codec, LayoutChoice, MetricValue, Telemetry};
 
 const TENANTS: usize = 100;
+static HOT_EVERY: std::sync::LazyLock<i64> =
+    std::sync::LazyLock::new(|| env_or("BENCH_HOT_EVERY", 500).max(1));
 const DEVICES_PER_TENANT: usize = 1_000;
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
@@ -108,9 +111,10 @@ fn rules_in_memory() -> RuleSet {
     RuleSet::new(rules)
 }
 
-/// Reading `seq` of device `d`: temperature mostly 20–30, every 97th reading of a device hot.
+/// Reading `seq` of device `d`: temperature mostly 20–30; one reading in `HOT_EVERY` of each
+/// device is hot (55 °C), so thresholds fire and resolve at a realistic rate.
 fn reading(d: usize, seq: i64, time: DateTime<Utc>) -> Telemetry {
-    let hot = (seq + d as i64) % 97 == 0;
+    let hot = (seq * 7 + d as i64) % *HOT_EVERY == 0;
     let temperature = if hot {
         55.0
     } else {
@@ -236,7 +240,7 @@ fn config(db: &TestDb, topics: &TestTopics, start_from: &str) -> Result<evaluato
         &format!("bench-{}", db.name),
         "--start-from",
         start_from,
-        "--log-filter",
+        "--log",
         "warn",
     ])?)
 }

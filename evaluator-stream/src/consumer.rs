@@ -16,6 +16,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
+use rdkafka::message::Headers;
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 use sqlx::PgPool;
 use tokio::runtime::Handle;
@@ -40,6 +41,8 @@ pub enum Input {
         partition: i32,
         offset: i64,
         payload: Vec<u8>,
+        /// W3C trace context of the ingest request, when the producer sent one.
+        traceparent: Option<String>,
     },
     /// Partitions now owned, each with its stored offset and event-time clock.
     Assigned {
@@ -277,6 +280,13 @@ pub fn poll_loop(consumer: &BaseConsumer<EvalContext>) {
                     partition: message.partition(),
                     offset: message.offset(),
                     payload: message.payload().unwrap_or_default().to_vec(),
+                    traceparent: message.headers().and_then(|headers| {
+                        headers
+                            .iter()
+                            .find(|h| h.key == schemas::topics::HEADER_TRACEPARENT)
+                            .and_then(|h| h.value)
+                            .map(|v| String::from_utf8_lossy(v).into_owned())
+                    }),
                 };
                 if let Ok(mut pending) = context.pending.lock() {
                     pending.push_back(input);

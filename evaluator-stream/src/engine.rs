@@ -579,7 +579,13 @@ impl Engine {
                         ));
                     }
                     let due = t.saturating_add(*silence_us);
-                    dev.silence_due.insert(rule.rule_id, due);
+                    // Move the deadline rather than leave the old one to expire: a busy device
+                    // would otherwise pile up stale timers.
+                    if let Some(old) = dev.silence_due.insert(rule.rule_id, due) {
+                        if old != due {
+                            ps.timers.remove(&(old, rule.rule_id, key.clone()));
+                        }
+                    }
                     ps.timers.insert((due, rule.rule_id, key.clone()));
                 }
             }
@@ -668,6 +674,11 @@ impl Engine {
         !self.pending.is_empty()
     }
 
+    /// Number of transitions waiting to be committed.
+    pub fn pending_transitions(&self) -> usize {
+        self.pending.len()
+    }
+
     /// Takes the transitions and the progress of every partition since its last commit.
     pub fn take_commit(&mut self) -> CommitUnit {
         let mut progress: Vec<PartitionProgress> = self
@@ -702,6 +713,11 @@ impl Engine {
     /// Number of devices held in state.
     pub fn devices(&self) -> usize {
         self.partitions.values().map(|p| p.devices.len()).sum()
+    }
+
+    /// Number of armed timers (pending deadlines and no-data deadlines).
+    pub fn timers(&self) -> usize {
+        self.partitions.values().map(|p| p.timers.len()).sum()
     }
 
     /// Number of open (pending or firing) alerts held in state.
@@ -1098,6 +1114,22 @@ mod tests {
                 ),
             ]
         );
+    }
+
+    #[test]
+    fn a_busy_device_keeps_one_no_data_timer() {
+        let mut e = engine(vec![rule(
+            1,
+            Condition::NoData {
+                metric: None,
+                silence_us: 60 * S,
+            },
+            0,
+        )]);
+        for i in 0..100 {
+            e.process(0, i, &reading("t1", "d1", T0 + i * S, &[("temp", 1.0)]));
+        }
+        assert_eq!(e.timers(), 1);
     }
 
     #[test]

@@ -210,6 +210,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), Error> {
         give_up: give_up.clone(),
         stats: stats.clone(),
         reported: engine::Counters::default(),
+        traces: Vec::new(),
     };
     let engine_task = tokio::spawn(runner.run(input_rx, rules_rx));
 
@@ -408,6 +409,12 @@ fn now_micros() -> engine::Micros {
     chrono::Utc::now().timestamp_micros()
 }
 
+/// A message of a chunk: partition, offset, the reading (`None`: undecodable), traceparent.
+type Decoded = (i32, i64, Option<Telemetry>, Option<String>);
+
+/// Trace links on one commit span at most.
+const MAX_TRACE_LINKS: usize = 32;
+
 /// The evaluation task: owns the engine, warms devices, commits.
 struct Runner {
     engine: Engine,
@@ -422,6 +429,8 @@ struct Runner {
     give_up: Shutdown,
     stats: Arc<Stats>,
     reported: engine::Counters,
+    /// `traceparent`s of the messages that caused the transitions of the next commit.
+    traces: Vec<String>,
 }
 
 impl Runner {
@@ -462,13 +471,14 @@ impl Runner {
     }
 
     async fn handle(&mut self, buf: &mut Vec<consumer::Input>) {
-        let mut chunk: Vec<(i32, i64, Option<Telemetry>)> = Vec::with_capacity(buf.len());
+        let mut chunk: Vec<Decoded> = Vec::with_capacity(buf.len());
         for input in buf.drain(..) {
             match input {
                 consumer::Input::Message {
                     partition,
                     offset,
                     payload,
+                    traceparent,
                 } => {
                     let message = match self.codec.decode(&payload) {
                         Ok(message) => Some(message),
@@ -478,7 +488,7 @@ impl Runner {
                             None
                         }
                     };
-                    chunk.push((partition, offset, message));
+                    chunk.push((partition, offset, message, traceparent));
                 }
                 control => {
                     self.evaluate(&mut chunk).await;
@@ -490,14 +500,14 @@ impl Runner {
     }
 
     /// Warms the chunk's cold devices (one query), then evaluates every message in order.
-    async fn evaluate(&mut self, chunk: &mut Vec<(i32, i64, Option<Telemetry>)>) {
+    async fn evaluate(&mut self, chunk: &mut Vec<Decoded>) {
         if chunk.is_empty() {
             return;
         }
         let mut seen = HashSet::new();
         let mut cold = Vec::new();
         let mut sites = Vec::new();
-        for (partition, _, message) in chunk.iter() {
+        for (partition, _, message, _) in chunk.iter() {
             let Some(message) = message else { continue };
             if let Some(device) = self.engine.cold(*partition, message) {
                 if seen.insert((device.tenant_id.clone(), device.device_id.clone())) {
@@ -517,9 +527,19 @@ impl Runner {
                 }
             }
         }
-        for (partition, offset, message) in chunk.drain(..) {
+        for (partition, offset, message, traceparent) in chunk.drain(..) {
             match message {
-                Some(message) => self.engine.process(partition, offset, &message),
+                Some(message) => {
+                    let before = self.engine.pending_transitions();
+                    self.engine.process(partition, offset, &message);
+                    if let Some(traceparent) = traceparent {
+                        if self.engine.pending_transitions() > before
+                            && self.traces.len() < MAX_TRACE_LINKS
+                        {
+                            self.traces.push(traceparent);
+                        }
+                    }
+                }
                 None => self.engine.skip(partition, offset),
             }
         }
@@ -686,6 +706,7 @@ impl Runner {
     async fn commit(&mut self) {
         self.last_commit = Instant::now();
         let mut unit: CommitUnit = self.engine.take_commit();
+        let traces = std::mem::take(&mut self.traces);
         if unit.is_empty() {
             return;
         }
@@ -697,6 +718,9 @@ impl Runner {
                 transitions = unit.transitions.len(),
                 partitions = unit.progress.len()
             );
+            for traceparent in &traces {
+                plumbing::observability::link_traceparent(&span, traceparent);
+            }
             let result = store::commit(&self.pool, &self.group, &self.topic, &unit)
                 .instrument(span)
                 .await;

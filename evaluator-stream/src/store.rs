@@ -236,31 +236,103 @@ pub async fn commit(
             return Err(StoreError::Fenced(fenced));
         }
     }
+    let done = if unit.transitions.is_empty() {
+        Committed::default()
+    } else {
+        apply_transitions(&mut tx, &unit.transitions).await?
+    };
+    tx.commit().await?;
+    Ok(done)
+}
+
+/// Applies the transitions to `alerts` in order (one server-side call), then writes an
+/// outbox row for each one that changed a row (one insert).
+async fn apply_transitions(
+    conn: &mut PgConnection,
+    transitions: &[Transition],
+) -> Result<Committed, StoreError> {
+    let column = |f: &dyn Fn(&Transition) -> Option<String>| -> Vec<Option<String>> {
+        transitions.iter().map(f).collect()
+    };
+    let tenants = column(&|t| Some(t.tenant_id.clone()));
+    let devices = column(&|t| Some(t.device_id.clone()));
+    let sites = column(&|t| t.site_id.clone());
+    let from = column(&|t| t.from.map(|s| s.as_str().to_owned()));
+    let to = column(&|t| Some(t.to.as_str().to_owned()));
+    let severities = column(&|t| Some(t.rule.severity.clone()));
+    let metrics = column(&|t| t.rule.metric().map(str::to_owned));
+    let rules: Vec<i64> = transitions.iter().map(|t| t.rule.rule_id).collect();
+    let values: Vec<Option<f64>> = transitions.iter().map(|t| t.value).collect();
+    let thresholds: Vec<Option<f64>> = transitions.iter().map(|t| t.rule.threshold()).collect();
+    let started: Vec<DateTime<Utc>> = transitions.iter().map(|t| to_time(t.started_at)).collect();
+    let times: Vec<DateTime<Utc>> = transitions.iter().map(|t| to_time(t.time)).collect();
+    let ids: Vec<Option<i64>> = sqlx::query_scalar(
+        "SELECT fleet_apply_alert_transitions($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+    )
+    .bind(&tenants)
+    .bind(&rules)
+    .bind(&devices)
+    .bind(&sites)
+    .bind(&from)
+    .bind(&to)
+    .bind(&severities)
+    .bind(&metrics)
+    .bind(&values)
+    .bind(&thresholds)
+    .bind(&started)
+    .bind(&times)
+    .fetch_one(&mut *conn)
+    .await?;
+
     let codec = schemas::alert_codec()?;
     let mut done = Committed::default();
-    for t in &unit.transitions {
-        match apply(&mut tx, t).await? {
-            Some(alert_id) => {
-                let event = event(t, alert_id);
-                let payload = codec.encode(&event)?;
-                sqlx::query(
-                    "INSERT INTO alert_outbox (event_id, tenant_id, device_id, alert_id, payload, source_received_at) \
-                     VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (event_id) DO NOTHING",
-                )
-                .bind(&event.event_id)
-                .bind(&t.tenant_id)
-                .bind(&t.device_id)
-                .bind(alert_id)
-                .bind(payload)
-                .bind(t.received_at.map(to_time))
-                .execute(&mut *tx)
-                .await?;
-                done.written += 1;
-            }
-            None => done.skipped += 1,
-        }
+    let (
+        mut event_ids,
+        mut out_tenants,
+        mut out_devices,
+        mut alert_ids,
+        mut payloads,
+        mut received,
+    ) = (
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+    );
+    for (t, id) in transitions
+        .iter()
+        .zip(ids.iter().chain(std::iter::repeat(&None)))
+    {
+        let Some(alert_id) = *id else {
+            done.skipped += 1;
+            continue;
+        };
+        let event = event(t, alert_id);
+        payloads.push(codec.encode(&event)?);
+        event_ids.push(event.event_id);
+        out_tenants.push(t.tenant_id.as_str());
+        out_devices.push(t.device_id.as_str());
+        alert_ids.push(alert_id);
+        received.push(t.received_at.map(to_time));
+        done.written += 1;
     }
-    tx.commit().await?;
+    if !event_ids.is_empty() {
+        sqlx::query(
+            "INSERT INTO alert_outbox (event_id, tenant_id, device_id, alert_id, payload, source_received_at) \
+             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[], $5::bytea[], $6::timestamptz[]) \
+             ON CONFLICT (event_id) DO NOTHING",
+        )
+        .bind(&event_ids)
+        .bind(&out_tenants)
+        .bind(&out_devices)
+        .bind(&alert_ids)
+        .bind(&payloads)
+        .bind(&received)
+        .execute(&mut *conn)
+        .await?;
+    }
     Ok(done)
 }
 
@@ -307,65 +379,6 @@ async fn store_progress(
         .into_iter()
         .filter(|p| !moved.contains(p))
         .collect())
-}
-
-/// Applies one transition to `alerts`; returns the alert's id, or `None` when the table
-/// already reflects it.
-async fn apply(conn: &mut PgConnection, t: &Transition) -> Result<Option<i64>, sqlx::Error> {
-    let rule = &t.rule;
-    let id: Option<i64> = match (t.from, t.to) {
-        (None, to) => {
-            sqlx::query_scalar(
-                "INSERT INTO alerts (tenant_id, rule_id, device_id, site_id, status, severity, \
-                                     metric, value, threshold, started_at, fired_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, \
-                         CASE WHEN $5 = 'firing' THEN $10 END) \
-                 ON CONFLICT (rule_id, tenant_id, device_id) WHERE status IN ('pending', 'firing') \
-                 DO NOTHING RETURNING alert_id",
-            )
-            .bind(&t.tenant_id)
-            .bind(rule.rule_id)
-            .bind(&t.device_id)
-            .bind(&t.site_id)
-            .bind(to.as_str())
-            .bind(&rule.severity)
-            .bind(rule.metric())
-            .bind(t.value)
-            .bind(rule.threshold())
-            .bind(to_time(t.started_at))
-            .fetch_optional(&mut *conn)
-            .await?
-        }
-        (Some(Status::Pending), Status::Firing) => sqlx::query_scalar(
-            "UPDATE alerts SET status = 'firing', fired_at = $4, value = $5, updated_at = now() \
-                 WHERE rule_id = $1 AND tenant_id = $2 AND device_id = $3 AND status = 'pending' \
-                 RETURNING alert_id",
-        )
-        .bind(rule.rule_id)
-        .bind(&t.tenant_id)
-        .bind(&t.device_id)
-        .bind(to_time(t.time))
-        .bind(t.value)
-        .fetch_optional(&mut *conn)
-        .await?,
-        (Some(_), _) => {
-            sqlx::query_scalar(
-                "UPDATE alerts SET status = 'resolved', resolved_at = $4, \
-                        value = COALESCE($5, value), updated_at = now() \
-                 WHERE rule_id = $1 AND tenant_id = $2 AND device_id = $3 \
-                   AND status IN ('pending', 'firing') \
-                 RETURNING alert_id",
-            )
-            .bind(rule.rule_id)
-            .bind(&t.tenant_id)
-            .bind(&t.device_id)
-            .bind(to_time(t.time))
-            .bind(t.value)
-            .fetch_optional(&mut *conn)
-            .await?
-        }
-    };
-    Ok(id)
 }
 
 /// The `alerts.v1` event of a transition.
