@@ -41,6 +41,10 @@ struct Args {
     /// Readings per device with history, evenly over the last 24 h.
     #[arg(long, default_value_t = 5_000)]
     readings: usize,
+    /// Load the history in time order across devices (as the sink writes it) instead of one
+    /// device after another: a device's rows then sit on many pages, not a few.
+    #[arg(long)]
+    interleave: bool,
     /// Concurrent HTTP clients.
     #[arg(long, default_value_t = 8)]
     concurrency: usize,
@@ -86,7 +90,13 @@ async fn main() -> Result<()> {
         .telemetry_devices
         .unwrap_or(args.devices)
         .min(args.devices);
-    let dataset = format!("{}x{}x{}", args.devices, telemetry_devices, args.readings);
+    let dataset = format!(
+        "{}x{}x{}{}",
+        args.devices,
+        telemetry_devices,
+        args.readings,
+        if args.interleave { " interleaved" } else { "" }
+    );
 
     let mut admin = PgConnection::connect(&admin_url).await?;
     let exists: bool =
@@ -182,10 +192,11 @@ async fn main() -> Result<()> {
     let server = tokio::spawn(query_api::serve(cli, listener, shutdown.clone()));
 
     println!(
-        "\ndataset: {} telemetry rows ({} devices with history x {} readings over 24 h), {} devices, layout {layout}, database {:.1} GB",
+        "\ndataset: {} telemetry rows ({} devices with history x {} readings over 24 h, {}), {} devices, layout {layout}, database {:.1} GB",
         rows,
         telemetry_devices,
         args.readings,
+        if args.interleave { "interleaved" } else { "clustered by device" },
         args.devices,
         bytes as f64 / 1e9
     );
@@ -306,20 +317,37 @@ async fn load(
     let copied = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
     const STREAMS: usize = 2;
+    const STEPS_PER_CHUNK: usize = 5;
     for stream in 0..STREAMS {
         let owner = owner.clone();
         let copied = copied.clone();
         let readings = args.readings;
+        let interleave = args.interleave;
         tasks.push(tokio::spawn(async move {
             let mut rng = StdRng::from_os_rng();
             let mut since_checkpoint = 0usize;
-            for d in (stream..telemetry_devices).step_by(STREAMS) {
+            // A chunk is one COPY: a device's whole history (clustered), or a few time steps
+            // of every device (interleaved, the order in which the sink writes them).
+            let chunks = if interleave {
+                readings.div_ceil(STEPS_PER_CHUNK)
+            } else {
+                telemetry_devices
+            };
+            for chunk in (stream..chunks).step_by(STREAMS) {
+                let pairs: Vec<(usize, usize)> = if interleave {
+                    let first = chunk * STEPS_PER_CHUNK;
+                    (first..(first + STEPS_PER_CHUNK).min(readings))
+                        .flat_map(|r| (0..telemetry_devices).map(move |d| (d, r)))
+                        .collect()
+                } else {
+                    (0..readings).map(|r| (chunk, r)).collect()
+                };
                 let mut conn = owner.acquire().await?;
                 let mut copy = conn
                     .copy_in_raw("COPY telemetry (time, tenant_id, device_id, site_id, msg_type, seq, metrics) FROM STDIN")
                     .await?;
-                let mut buf = String::with_capacity(readings * 120);
-                for r in 0..readings {
+                let mut buf = String::with_capacity(pairs.len() * 120);
+                for &(d, r) in &pairs {
                     let time = now - chrono::Duration::microseconds(step_us * (readings - r) as i64);
                     let temp = 20.0 + 5.0 * ((r as f64) / 200.0).sin() + rng.random::<f64>();
                     let hum = 40.0 + rng.random::<f64>() * 20.0;
@@ -334,8 +362,8 @@ async fn load(
                 }
                 copy.send(buf.as_bytes()).await?;
                 copy.finish().await?;
-                let done = copied.fetch_add(readings as u64, Ordering::Relaxed) + readings as u64;
-                since_checkpoint += readings;
+                let done = copied.fetch_add(pairs.len() as u64, Ordering::Relaxed) + pairs.len() as u64;
+                since_checkpoint += pairs.len();
                 // Bounded WAL on a small disk: recycle it every ~2M rows per stream.
                 if since_checkpoint >= 2_000_000 {
                     sqlx::query("CHECKPOINT").execute(&owner).await?;

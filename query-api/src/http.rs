@@ -6,12 +6,13 @@ use std::time::{Duration, Instant};
 
 use axum::extract::{MatchedPath, Request, State};
 use axum::middleware::{self, Next};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::Router;
 use plumbing::admin::Health;
 use schemas::Layout;
 use sqlx::PgPool;
 use tokio::sync::OnceCell;
+use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::trace::TraceLayer;
 use tracing::{error, info_span};
@@ -90,6 +91,9 @@ pub fn router(state: AppState, health: Health) -> Result<Router, crate::Error> {
         .merge(crate::api::routes().with_state(state))
         .merge(crate::web::routes())
         .merge(plumbing::admin::router(health)?)
+        // A panicking handler answers a generic 500 in the error shape (logged and counted by
+        // `observe`) instead of dropping the connection.
+        .layer(CatchPanicLayer::custom(panic_response))
         .layer(middleware::from_fn_with_state(stats, observe))
         .layer(RequestBodyLimitLayer::new(MAX_BODY_BYTES))
         .layer(
@@ -102,6 +106,15 @@ pub fn router(state: AppState, health: Health) -> Result<Router, crate::Error> {
                 info_span!("request", method = %request.method(), route = %route)
             }),
         ))
+}
+
+fn panic_response(panic: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    let message = panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+        .unwrap_or_else(|| "unknown panic".to_owned());
+    ApiError::Internal(format!("handler panicked: {message}")).into_response()
 }
 
 /// Counts, times and (for 5xx) logs each request, once.
@@ -124,4 +137,20 @@ async fn observe(State(stats): State<Arc<Stats>>, request: Request, next: Next) 
     metrics::counter!(crate::metrics::REQUESTS, "route" => route.clone(), "method" => method.clone(), "status" => status.as_u16().to_string()).increment(1);
     metrics::histogram!(crate::metrics::REQUEST_DURATION, "route" => route, "method" => method, "status" => class).record(elapsed);
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panic_becomes_a_generic_500_with_its_cause_kept_for_the_log() {
+        let response = panic_response(Box::new("index out of bounds"));
+        assert_eq!(
+            response.status(),
+            axum::http::StatusCode::INTERNAL_SERVER_ERROR
+        );
+        let cause = response.extensions().get::<InternalCause>().unwrap();
+        assert!(cause.0.contains("index out of bounds"));
+    }
 }
