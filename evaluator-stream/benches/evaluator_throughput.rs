@@ -292,7 +292,9 @@ async fn service_figures(messages: usize, live_rate: usize, live_seconds: u64) -
     producer_config.set("queue.buffering.max.messages", "2000000");
     let producer: FutureProducer = producer_config.create()?;
     let devices = TENANTS * DEVICES_PER_TENANT;
-    let t0 = Utc::now() - chrono::Duration::minutes(30);
+    // The backlog ends about now, so the live phase continues its event time.
+    let rounds = messages.div_ceil(devices) as i64;
+    let t0 = Utc::now() - chrono::Duration::seconds(rounds * 5 + 10);
     let produced = produce(
         &producer,
         &topics.args.telemetry_topic,

@@ -16,6 +16,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::KafkaError;
 use rdkafka::message::Headers;
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 use sqlx::PgPool;
@@ -49,6 +50,8 @@ pub enum Input {
         partitions: Vec<(i32, Option<i64>, Option<Micros>)>,
         partition_count: i32,
     },
+    /// The partition has been read to its end.
+    Eof { partition: i32 },
     /// Partitions to commit and forget; `ack` once done.
     Revoked {
         partitions: Vec<i32>,
@@ -290,6 +293,11 @@ pub fn poll_loop(consumer: &BaseConsumer<EvalContext>) {
                 };
                 if let Ok(mut pending) = context.pending.lock() {
                     pending.push_back(input);
+                }
+            }
+            Some(Err(KafkaError::PartitionEOF(partition))) => {
+                if let Ok(mut pending) = context.pending.lock() {
+                    pending.push_back(Input::Eof { partition });
                 }
             }
             Some(Err(err)) => warn!(error = %err, "kafka consumer error"),

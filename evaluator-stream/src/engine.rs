@@ -153,6 +153,8 @@ struct PartitionState {
     devices: HashMap<String, DeviceState>,
     timers: BTreeSet<Timer>,
     last_message: Instant,
+    /// Read to the end of the partition, nothing newer yet.
+    at_end: bool,
     /// Offset after the last processed message.
     next_offset: Option<i64>,
     /// What `consumer_offsets` holds (the fence's expectation).
@@ -270,6 +272,7 @@ impl Engine {
                 devices: HashMap::new(),
                 timers: BTreeSet::new(),
                 last_message: Instant::now(),
+                at_end: false,
                 next_offset: None,
                 stored_offset,
             },
@@ -425,6 +428,7 @@ impl Engine {
     pub fn skip(&mut self, partition: i32, offset: i64) {
         if let Some(ps) = self.partitions.get_mut(&partition) {
             ps.last_message = Instant::now();
+            ps.at_end = false;
             ps.next_offset = Some(offset + 1);
             self.counters.messages += 1;
         }
@@ -438,6 +442,7 @@ impl Engine {
             return;
         };
         ps.last_message = Instant::now();
+        ps.at_end = false;
         ps.next_offset = Some(offset + 1);
         self.counters.messages += 1;
         let t = message.time.timestamp_micros();
@@ -592,14 +597,26 @@ impl Engine {
         }
     }
 
-    /// Advances the clock of partitions silent for `idle_timeout` to `now - allowed_lateness`
-    /// (wall clock), firing their due timers. Returns how many partitions moved.
+    /// Records that `partition` has been read to its end (the broker's end-of-partition event;
+    /// the next message clears it).
+    pub fn caught_up(&mut self, partition: i32) {
+        if let Some(ps) = self.partitions.get_mut(&partition) {
+            ps.at_end = true;
+        }
+    }
+
+    /// Advances the clock of partitions read to their end and silent for `idle_timeout` to
+    /// `now - allowed_lateness` (wall clock), firing their due timers. Returns how many
+    /// partitions moved.
     pub fn tick(&mut self, now: Micros) -> usize {
         let rules = self.rules.clone();
         let to = now.saturating_sub(micros(self.config.allowed_lateness));
         let mut moved = 0;
         for (&partition, ps) in &mut self.partitions {
-            if ps.last_message.elapsed() < self.config.idle_timeout
+            // Only a partition read to its end is silent; one still catching up on a backlog
+            // is merely waiting for its next fetch.
+            if !ps.at_end
+                || ps.last_message.elapsed() < self.config.idle_timeout
                 || ps.clock.is_some_and(|clock| clock >= to)
             {
                 continue;
@@ -1114,6 +1131,34 @@ mod tests {
                 ),
             ]
         );
+    }
+
+    #[test]
+    fn the_wall_clock_moves_only_a_silent_partition_read_to_its_end() {
+        let mut e = Engine::new(
+            EngineConfig {
+                allowed_lateness: Duration::from_secs(5),
+                idle_timeout: Duration::ZERO,
+            },
+            Arc::new(RuleSet::new(vec![rule(
+                1,
+                Condition::NoData {
+                    metric: None,
+                    silence_us: 10 * S,
+                },
+                0,
+            )])),
+        );
+        e.assign(0, None, None);
+        e.process(0, 0, &reading("t1", "d1", T0, &[("temp", 1.0)]));
+        // Still catching up: no end-of-partition yet, so the wall clock does not count.
+        assert_eq!(e.tick(T0 + 3600 * S), 0);
+        assert!(!e.has_transitions());
+        e.caught_up(0);
+        assert_eq!(e.tick(T0 + 3600 * S), 1);
+        let unit = e.take_commit();
+        assert_eq!(unit.transitions.len(), 1);
+        assert_eq!(unit.transitions[0].time, T0 + 10 * S);
     }
 
     #[test]

@@ -229,6 +229,9 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), Error> {
         plumbing::kafka::consumer_config(&config.kafka, SERVICE, &config.group_id);
     // Eager protocol: see the sink's `consumer` module for why not cooperative-sticky.
     consumer_config.set("partition.assignment.strategy", "roundrobin");
+    // End-of-partition events tell a silent partition (wall-clock fallback) from one whose
+    // backlog is still being fetched.
+    consumer_config.set("enable.partition.eof", "true");
     let consumer: Arc<BaseConsumer<consumer::EvalContext>> =
         Arc::new(consumer_config.create_with_context(context)?);
     consumer.subscribe(&[&config.kafka.telemetry_topic])?;
@@ -568,6 +571,7 @@ impl Runner {
                 }
                 let _ = ack.send(());
             }
+            consumer::Input::Eof { partition } => self.engine.caught_up(partition),
             consumer::Input::Message { .. } => {}
         }
     }

@@ -337,3 +337,64 @@ async fn invalid_rules_are_rejected_by_the_table() -> Result<()> {
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_silent_in_real_time_fires_no_data_by_the_wall_clock() -> Result<()> {
+    let db = TestDb::new(LayoutChoice::Postgres).await?;
+    let topics = TestTopics::new(1).await?;
+    provision(&db.pool, &[A], &[(A, "lonely")]).await?;
+    let id = rule(&db.pool, A, "silent 2 s", "kind='no_data'; no_data_s=2").await?;
+    let group = format!("eval-{}", db.name);
+    let config = config(
+        &db,
+        &topics,
+        &group,
+        &["--idle-timeout", "1s", "--allowed-lateness", "1s"],
+    )?;
+    let (shutdown, task) = start(config).await;
+    let producer = producer(&topics)?;
+    // Microseconds, as Avro carries them.
+    let first = DateTime::<Utc>::from_timestamp_micros(Utc::now().timestamp_micros()).unwrap();
+    produce(
+        &producer,
+        &topics.args.telemetry_topic,
+        &[reading(A, "lonely", first, &[("temp", 1.0)])],
+    )
+    .await?;
+    // Nothing else arrives on the partition: only the wall clock can tell it went silent.
+    let fired = eventually(
+        "no-data fires by the wall clock",
+        Duration::from_secs(30),
+        || async {
+            let rows = alerts(&db.pool).await.map_err(|e| e.to_string())?;
+            match rows.as_slice() {
+                [(rule, device, status, Some(started), ..)]
+                    if *rule == id && device == "lonely" && status == "firing" =>
+                {
+                    Ok(*started)
+                }
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await?;
+    // The alert starts when the silence reached 2 s (event time), not when it was noticed.
+    assert_eq!(fired, first + chrono::Duration::seconds(2));
+    produce(
+        &producer,
+        &topics.args.telemetry_topic,
+        &[reading(A, "lonely", Utc::now(), &[("temp", 1.0)])],
+    )
+    .await?;
+    eventually("a reading resolves it", Duration::from_secs(30), || async {
+        let rows = alerts(&db.pool).await.map_err(|e| e.to_string())?;
+        match rows.as_slice() {
+            [(_, _, status, ..)] if status == "resolved" => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await?;
+    shutdown.cancel();
+    task.await?;
+    Ok(())
+}

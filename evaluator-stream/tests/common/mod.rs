@@ -129,29 +129,28 @@ pub fn config(
     group: &str,
     extra: &[&str],
 ) -> Result<evaluator_stream::Config> {
-    let mut args = vec![
-        "evaluator-stream".to_owned(),
-        "--database-url".to_owned(),
-        db.url.clone(),
-        "--kafka-bootstrap-servers".to_owned(),
-        topics.args.bootstrap_servers.clone(),
-        "--telemetry-topic".to_owned(),
-        topics.args.telemetry_topic.clone(),
-        "--alerts-topic".to_owned(),
-        topics.args.alerts_topic.clone(),
-        "--admin-listen".to_owned(),
-        "127.0.0.1:0".to_owned(),
-        "--group-id".to_owned(),
-        group.to_owned(),
-        "--start-from".to_owned(),
-        "earliest".to_owned(),
-        "--idle-timeout".to_owned(),
-        "1h".to_owned(),
-        "--commit-interval".to_owned(),
-        "200ms".to_owned(),
-        "--system-metrics-interval".to_owned(),
-        "1s".to_owned(),
+    let telemetry = topics.args.telemetry_topic.clone();
+    let alerts = topics.args.alerts_topic.clone();
+    let defaults: [(&str, &str); 10] = [
+        ("--database-url", &db.url),
+        ("--kafka-bootstrap-servers", &topics.args.bootstrap_servers),
+        ("--telemetry-topic", &telemetry),
+        ("--alerts-topic", &alerts),
+        ("--admin-listen", "127.0.0.1:0"),
+        ("--group-id", group),
+        ("--start-from", "earliest"),
+        // Replays must be deterministic: no wall-clock moves unless a test asks for them.
+        ("--idle-timeout", "1h"),
+        ("--commit-interval", "200ms"),
+        ("--system-metrics-interval", "1s"),
     ];
+    let mut args = vec!["evaluator-stream".to_owned()];
+    for (flag, value) in defaults {
+        if !extra.contains(&flag) {
+            args.push(flag.to_owned());
+            args.push(value.to_owned());
+        }
+    }
     args.extend(extra.iter().map(|s| (*s).to_owned()));
     Ok(evaluator_stream::Config::try_parse_from(args)?)
 }
