@@ -59,6 +59,8 @@ pub enum ApiError {
     Timeout,
     #[error("the database is unavailable, retry later")]
     Unavailable,
+    #[error("the service is misconfigured: its database role bypasses row-level security, so it refuses to serve tenant data (connect as fleet_api)")]
+    BypassesIsolation,
     #[error("internal error")]
     Internal(String),
 }
@@ -84,7 +86,9 @@ impl ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
             ApiError::Conflict { .. } => StatusCode::CONFLICT,
-            ApiError::Timeout | ApiError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Timeout | ApiError::Unavailable | ApiError::BypassesIsolation => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

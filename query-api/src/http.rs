@@ -53,6 +53,8 @@ pub struct AppState {
     /// Storage layout, read from `fleetstream_settings` on first use (the database may be
     /// down when the service starts).
     layout: Arc<OnceCell<Layout>>,
+    /// Whether the pool's role is subject to row-level security, checked once.
+    isolated: Arc<OnceCell<bool>>,
     stats: Arc<Stats>,
 }
 
@@ -62,7 +64,32 @@ impl AppState {
             pool,
             limits: Arc::new(limits),
             layout: Arc::new(OnceCell::new()),
+            isolated: Arc::new(OnceCell::new()),
             stats,
+        }
+    }
+
+    /// Refuses to serve tenant data over a role that bypasses row-level security (a superuser
+    /// or `BYPASSRLS` URL by mistake): isolation would then rest on handler `WHERE` clauses.
+    pub async fn require_isolation(&self) -> Result<(), ApiError> {
+        let isolated = self
+            .isolated
+            .get_or_try_init(|| async {
+                let bypass: bool = sqlx::query_scalar(
+                    "SELECT rolsuper OR rolbypassrls FROM pg_roles WHERE rolname = current_user",
+                )
+                .fetch_one(&self.pool)
+                .await?;
+                if bypass {
+                    error!("the database role bypasses row-level security; refusing to serve tenant data (connect as fleet_api)");
+                }
+                Ok::<bool, ApiError>(!bypass)
+            })
+            .await?;
+        if *isolated {
+            Ok(())
+        } else {
+            Err(ApiError::BypassesIsolation)
         }
     }
 

@@ -7,7 +7,8 @@
 //! request's tenant into the next. Operators get an empty `app.tenant_id`, so the database
 //! lets them read every tenant (policy `operator_read`) and write none unless they are
 //! `operator_admin` (policy `operator_admin_write`). Handlers never widen this; the `WHERE
-//! tenant_id = ...` they add only narrows what a caller asked for.
+//! tenant_id = ...` they add only narrows what a caller asked for. A pool whose role bypasses
+//! row-level security (superuser, `BYPASSRLS`) is refused with a 503 before any of this.
 
 use axum::extract::FromRequestParts;
 use axum::http::header::AUTHORIZATION;
@@ -47,6 +48,7 @@ impl FromRequestParts<AppState> for Session {
             .and_then(|value| value.to_str().ok())
             .and_then(bearer)
             .ok_or(ApiError::Unauthorized)?;
+        state.require_isolation().await?;
         let mut tx = state.pool.begin().await?;
         let row: Option<AuthenticatedRow> = sqlx::query_as(AUTHENTICATE_SQL)
             .bind(hash_secret(token))

@@ -235,3 +235,29 @@ async fn the_openapi_document_describes_the_real_answers() {
     }
     assert!(compared >= 12, "compared {compared} GET answers");
 }
+
+#[tokio::test]
+async fn a_role_that_bypasses_row_level_security_is_refused() {
+    let fx = Fixture::new().await.unwrap();
+    // The migration owner (a superuser here) instead of fleet_api.
+    let state = query_api::AppState::new(fx.owner.clone(), Limits::default(), Default::default());
+    let app = query_api::http::router(state, plumbing::admin::Health::new(&[])).unwrap();
+    let request = axum::http::Request::builder()
+        .uri("/v1/devices")
+        .header("authorization", format!("Bearer {}", fx.viewer))
+        .body(axum::body::Body::empty())
+        .unwrap();
+    let response = tower::ServiceExt::oneshot(app, request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let body = axum::body::to_bytes(response.into_body(), 1 << 20)
+        .await
+        .unwrap();
+    let body: Value = serde_json::from_slice(&body).unwrap();
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("bypasses row-level security"),
+        "{body}"
+    );
+}
