@@ -18,6 +18,10 @@ use crate::page::{fetch_limit, Page, PageParams};
 use crate::session::Session;
 use crate::validate;
 
+/// A stored `jsonb` passed through as its JSON text: validated, never decoded into a tree and
+/// re-encoded (a 1,000-device page is mostly metrics).
+pub type StoredJson = sqlx::types::Json<Box<serde_json::value::RawValue>>;
+
 /// Most metrics a projection may name.
 pub const MAX_PROJECTED_METRICS: usize = 32;
 
@@ -35,7 +39,7 @@ pub struct DeviceLatest {
     pub seq: Option<i64>,
     pub msg_type: Option<String>,
     #[schema(value_type = Option<Object>)]
-    pub metrics: Option<serde_json::Value>,
+    pub metrics: Option<StoredJson>,
 }
 
 #[utoipa::path(get, path = "/v1/devices/{device_id}/latest", tag = "telemetry",
@@ -91,7 +95,7 @@ pub struct FleetLatest {
     pub time: DateTime<Utc>,
     pub seq: i64,
     #[schema(value_type = Object)]
-    pub metrics: serde_json::Value,
+    pub metrics: StoredJson,
 }
 
 /// Projection of `metrics` onto the requested names (NULL array: all of them).
