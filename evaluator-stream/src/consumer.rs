@@ -25,6 +25,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use schemas::{Codec, Telemetry};
+
 use crate::engine::Micros;
 use crate::store::StoredPartition;
 
@@ -41,7 +43,8 @@ pub enum Input {
     Message {
         partition: i32,
         offset: i64,
-        payload: Vec<u8>,
+        /// Decoded on the consumer thread (in parallel with evaluation); `None`: undecodable.
+        reading: Option<Box<Telemetry>>,
         /// W3C trace context of the ingest request, when the producer sent one.
         traceparent: Option<String>,
     },
@@ -70,6 +73,7 @@ pub struct EvalContext {
     pub revoke_timeout: Duration,
     pub health: plumbing::admin::Health,
     pub shutdown: CancellationToken,
+    codec: &'static Codec<Telemetry>,
     pending: Mutex<VecDeque<Input>>,
 }
 
@@ -94,8 +98,10 @@ impl EvalContext {
         revoke_timeout: Duration,
         health: plumbing::admin::Health,
         shutdown: CancellationToken,
+        codec: &'static Codec<Telemetry>,
     ) -> Self {
         Self {
+            codec,
             input,
             pool,
             runtime,
@@ -279,10 +285,18 @@ pub fn poll_loop(consumer: &BaseConsumer<EvalContext>) {
         };
         match consumer.poll(timeout) {
             Some(Ok(message)) => {
+                let reading = match context.codec.decode(message.payload().unwrap_or_default()) {
+                    Ok(reading) => Some(Box::new(reading)),
+                    Err(err) => {
+                        tracing::debug!(partition = message.partition(), offset = message.offset(), error = %err, "undecodable message skipped");
+                        metrics::counter!(crate::metrics::UNDECODABLE).increment(1);
+                        None
+                    }
+                };
                 let input = Input::Message {
                     partition: message.partition(),
                     offset: message.offset(),
-                    payload: message.payload().unwrap_or_default().to_vec(),
+                    reading,
                     traceparent: message.headers().and_then(|headers| {
                         headers
                             .iter()

@@ -478,7 +478,12 @@ impl Engine {
         }
         if let Some(windows) = rules.windows_of(&message.tenant_id) {
             for (metric, longest) in windows {
-                let samples = dev.windows.entry(metric.clone()).or_default();
+                if !dev.windows.contains_key(metric) {
+                    dev.windows.insert(metric.clone(), VecDeque::new());
+                }
+                let Some(samples) = dev.windows.get_mut(metric) else {
+                    continue;
+                };
                 if let Some(v) = numeric(message.metrics.get(metric)) {
                     let at = samples.partition_point(|(st, _)| *st <= t);
                     samples.insert(at, (t, v));

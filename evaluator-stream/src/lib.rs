@@ -30,7 +30,7 @@ use plumbing::system_metrics::{LatencyWindow, Rate};
 use plumbing::Shutdown;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::FutureProducer;
-use schemas::{Codec, Telemetry};
+use schemas::Telemetry;
 use sqlx::PgPool;
 use tokio::sync::{mpsc, watch, Notify};
 use tracing::{info, info_span, warn, Instrument};
@@ -203,7 +203,6 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), Error> {
         group: config.group_id.clone(),
         topic: config.kafka.telemetry_topic.clone(),
         partition_count: 0,
-        codec: schemas::telemetry_codec()?,
         commit_interval: config.commit_interval,
         last_commit: Instant::now(),
         wake,
@@ -224,6 +223,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), Error> {
         config.shutdown_timeout,
         health.clone(),
         shutdown.clone(),
+        schemas::telemetry_codec()?,
     );
     let mut consumer_config =
         plumbing::kafka::consumer_config(&config.kafka, SERVICE, &config.group_id);
@@ -413,7 +413,7 @@ fn now_micros() -> engine::Micros {
 }
 
 /// A message of a chunk: partition, offset, the reading (`None`: undecodable), traceparent.
-type Decoded = (i32, i64, Option<Telemetry>, Option<String>);
+type Decoded = (i32, i64, Option<Box<Telemetry>>, Option<String>);
 
 /// Trace links on one commit span at most.
 const MAX_TRACE_LINKS: usize = 32;
@@ -425,7 +425,6 @@ struct Runner {
     group: String,
     topic: String,
     partition_count: i32,
-    codec: &'static Codec<Telemetry>,
     commit_interval: Duration,
     last_commit: Instant,
     wake: Arc<Notify>,
@@ -480,19 +479,9 @@ impl Runner {
                 consumer::Input::Message {
                     partition,
                     offset,
-                    payload,
+                    reading,
                     traceparent,
-                } => {
-                    let message = match self.codec.decode(&payload) {
-                        Ok(message) => Some(message),
-                        Err(err) => {
-                            tracing::debug!(partition, offset, error = %err, "undecodable message skipped");
-                            ::metrics::counter!(metrics::UNDECODABLE).increment(1);
-                            None
-                        }
-                    };
-                    chunk.push((partition, offset, message, traceparent));
-                }
+                } => chunk.push((partition, offset, reading, traceparent)),
                 control => {
                     self.evaluate(&mut chunk).await;
                     self.control(control).await;

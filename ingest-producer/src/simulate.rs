@@ -267,6 +267,17 @@ pub async fn run(args: SimulateArgs, shutdown: Shutdown) -> Result<Summary, Simu
         )?),
     });
 
+    if args.provision {
+        if let Sink::Http {
+            client,
+            url,
+            tokens,
+        } = sink.as_ref()
+        {
+            await_tokens_known(client, url, tokens, &shutdown).await;
+        }
+    }
+
     let mut rng = StdRng::seed_from_u64(0x5eed);
     let started = Instant::now();
     let interval_us = args.interval.as_micros().max(1) as u64;
@@ -491,6 +502,37 @@ async fn dispatch(
         drop(permit);
     });
     true
+}
+
+/// Freshly provisioned gateway tokens reach ingest's credential cache through NOTIFY a moment
+/// later: until each token stops being refused with 401 (at most 30 s), sending would only
+/// count refusals.
+async fn await_tokens_known(
+    client: &reqwest::Client,
+    url: &str,
+    tokens: &HashMap<u32, String>,
+    shutdown: &Shutdown,
+) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for token in tokens.values() {
+        loop {
+            let probe = client
+                .post(url)
+                .bearer_auth(token)
+                .header("content-type", "application/json")
+                .body("[]")
+                .send()
+                .await;
+            let unknown = match &probe {
+                Ok(response) => response.status().as_u16() == 401,
+                Err(_) => true,
+            };
+            if !unknown || Instant::now() >= deadline || shutdown.is_cancelled() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
 }
 
 async fn send_http(
