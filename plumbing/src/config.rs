@@ -144,7 +144,8 @@ pub fn parse_duration(input: &str) -> Result<Duration, String> {
     if !seconds.is_finite() || seconds < 0.0 {
         return Err(format!("`{input}` is not a non-negative duration"));
     }
-    Ok(Duration::from_secs_f64(seconds))
+    // `from_secs_f64` panics past `Duration::MAX`; a value that large is a typo, not a setting.
+    Duration::try_from_secs_f64(seconds).map_err(|_| format!("`{input}` is too long a duration"))
 }
 
 fn parse_key_value(input: &str) -> Result<(String, String), String> {
@@ -179,6 +180,10 @@ mod tests {
         assert_eq!(parse_duration("90d"), Ok(Duration::from_secs(90 * 86_400)));
         assert!(parse_duration("ten").is_err());
         assert!(parse_duration("5y").is_err());
+        assert_eq!(
+            parse_duration("99999999999999999999999d"),
+            Err("`99999999999999999999999d` is too long a duration".to_owned())
+        );
     }
 
     #[test]
