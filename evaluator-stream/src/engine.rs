@@ -637,7 +637,16 @@ impl Engine {
     /// rule are forgotten (the database deleted them with the rule); no-data deadlines start
     /// for new no-data rules; devices whose tenant's windows changed are warmed again.
     pub fn set_rules(&mut self, rules: Arc<RuleSet>) {
+        if *rules == *self.rules {
+            // A periodic reload that found nothing new: no walk over every device.
+            return;
+        }
         let old = std::mem::replace(&mut self.rules, rules.clone());
+        let rewarm: std::collections::HashSet<&str> = old
+            .tenants()
+            .chain(rules.tenants())
+            .filter(|t| old.windows_of(t) != rules.windows_of(t))
+            .collect();
         for (&partition, ps) in &mut self.partitions {
             let time_now = ps.clock;
             for (key, dev) in &mut ps.devices {
@@ -669,7 +678,7 @@ impl Engine {
                 }
                 dev.silence_due
                     .retain(|rule_id, _| rules.by_id.get(rule_id).is_some_and(|r| r.enabled));
-                if old.windows_of(&dev.tenant_id) != rules.windows_of(&dev.tenant_id) {
+                if rewarm.contains(dev.tenant_id.as_str()) {
                     dev.windows_warm = false;
                 }
                 let Some(last) = dev.last_time else {

@@ -257,7 +257,7 @@ impl RuleRow {
 }
 
 /// Every rule, indexed for evaluation. Immutable; a reload builds a new one.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, PartialEq)]
 pub struct RuleSet {
     /// Every rule by id, enabled or not (a disabled rule resolves its open alerts).
     pub by_id: HashMap<i64, Arc<Rule>>,
@@ -314,6 +314,11 @@ impl RuleSet {
     /// Metrics `tenant`'s window rules read, with the longest window over each.
     pub fn windows_of(&self, tenant: &str) -> Option<&HashMap<String, i64>> {
         self.windows.get(tenant)
+    }
+
+    /// Tenants with an enabled rule.
+    pub fn tenants(&self) -> impl Iterator<Item = &str> {
+        self.by_tenant.keys().map(String::as_str)
     }
 
     /// Tenants with an enabled no-data rule.
