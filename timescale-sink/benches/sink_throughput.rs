@@ -99,7 +99,7 @@ async fn raw_copy(
     rows: &[Telemetry],
     connections: usize,
     batch: usize,
-) -> Result<f64> {
+) -> Result<(f64, f64)> {
     sqlx::query("TRUNCATE telemetry").execute(&db.pool).await?;
     let chunks: Vec<Vec<u8>> = rows
         .chunks(batch)
@@ -111,18 +111,22 @@ async fn raw_copy(
             e.finish()
         })
         .collect();
+    // Open the connections first, so their backends are counted from the start.
+    let mut conns = Vec::new();
+    for _ in 0..connections {
+        conns.push(db.pool.acquire().await?);
+    }
+    let cpu_before = backend_cpu(db).await?;
     let started = Instant::now();
     let mut tasks = Vec::new();
-    for c in 0..connections {
+    for (c, mut conn) in conns.into_iter().enumerate() {
         let mine: Vec<Vec<u8>> = chunks
             .iter()
             .skip(c)
             .step_by(connections)
             .cloned()
             .collect();
-        let pool = db.pool.clone();
         tasks.push(tokio::spawn(async move {
-            let mut conn = pool.acquire().await?;
             for bytes in mine {
                 let mut tx = sqlx::Acquire::begin(&mut *conn).await?;
                 let mut copy = tx.copy_in_raw(COPY_TELEMETRY_SQL).await?;
@@ -136,7 +140,65 @@ async fn raw_copy(
     for t in tasks {
         t.await??;
     }
-    Ok(rows.len() as f64 / started.elapsed().as_secs_f64())
+    let rate = rows.len() as f64 / started.elapsed().as_secs_f64();
+    let cpu = cpu_delta(&cpu_before, &backend_cpu(db).await?);
+    Ok((rate, cpu))
+}
+
+/// CPU seconds (user + system) a process has used, from `/proc/<pid>/stat` (0 if gone).
+fn proc_cpu(pid: &str) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return 0.0;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // Linux reports clock ticks of 1/100 s (USER_HZ) on every architecture we run on.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// CPU seconds of every PostgreSQL backend connected to `db`, by pid.
+async fn backend_cpu(db: &TestDb) -> Result<HashMap<i32, f64>> {
+    let pids: Vec<i32> = sqlx::query_scalar("SELECT pid FROM pg_stat_activity WHERE datname = $1")
+        .bind(&db.name)
+        .fetch_all(&db.pool)
+        .await?;
+    Ok(pids
+        .into_iter()
+        .map(|pid| (pid, proc_cpu(&pid.to_string())))
+        .collect())
+}
+
+fn cpu_delta(before: &HashMap<i32, f64>, after: &HashMap<i32, f64>) -> f64 {
+    after
+        .iter()
+        .map(|(pid, cpu)| cpu - before.get(pid).copied().unwrap_or(0.0))
+        .sum()
+}
+
+/// CPU seconds of the Kafka broker processes on this machine (shared: includes other users).
+fn kafka_cpu() -> f64 {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0.0;
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|pid| pid.bytes().all(|b| b.is_ascii_digit()))
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| c.windows(11).any(|w| w == b"kafka.Kafka"))
+        })
+        .map(|pid| proc_cpu(&pid))
+        .sum()
 }
 
 async fn stored(db: &TestDb, group: &str) -> Result<i64> {
@@ -173,11 +235,11 @@ fn latency_buckets() -> Result<Vec<(f64, f64)>> {
 }
 
 /// `(sum, count)` of a histogram in the sink's Prometheus output.
-fn sum_count(name: &str) -> Result<(f64, f64)> {
+fn sum_count(name: &str, labels: &str) -> Result<(f64, f64)> {
     let text = plumbing::observability::prometheus()?.render();
     let value = |suffix: &str| {
         text.lines()
-            .find_map(|l| l.strip_prefix(&format!("{name}{suffix} ")))
+            .find_map(|l| l.strip_prefix(&format!("{name}{suffix}{labels} ")))
             .and_then(|v| v.trim().parse::<f64>().ok())
             .unwrap_or(0.0)
     };
@@ -241,29 +303,49 @@ async fn main() -> Result<()> {
         (config.writers, config.batch_max_rows, config.batch_max_age);
 
     let ceiling_db = TestDb::new(layout).await?;
-    let one = raw_copy(&ceiling_db, &data, 1, max_rows).await?;
-    let parallel = raw_copy(&ceiling_db, &data, writers, max_rows).await?;
+    let (one, one_cpu) = raw_copy(&ceiling_db, &data, 1, max_rows).await?;
+    let (parallel, parallel_cpu) = raw_copy(&ceiling_db, &data, writers, max_rows).await?;
     let ceiling = one.max(parallel);
     drop(ceiling_db);
 
     let group = config.group_id.clone();
     let shutdown = Shutdown::new();
+    let self_pid = std::process::id().to_string();
+    let (sink_cpu_before, kafka_cpu_before) = (proc_cpu(&self_pid), kafka_cpu());
     let started = Instant::now();
     let sink = tokio::spawn(timescale_sink::run(config, shutdown.clone()));
+    let mut backends = HashMap::new();
     let mut first: Option<(Instant, i64)> = None;
     loop {
         let s = stored(&sink_db, &group).await?;
         if first.is_none() && s > 0 {
             first = Some((Instant::now(), s));
         }
+        // The pool's backends, sampled while they live (the last sample counts).
+        backends.extend(backend_cpu(&sink_db).await?);
         if s >= n as i64 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let total = started.elapsed().as_secs_f64();
-    let (copy_sum, batches) = sum_count("fleetstream_sink_copy_duration_seconds")?;
-    let (commit_sum, _) = sum_count("fleetstream_sink_batch_commit_duration_seconds")?;
+    let sink_cpu = proc_cpu(&self_pid) - sink_cpu_before;
+    let kafka_cpu = kafka_cpu() - kafka_cpu_before;
+    backends.extend(backend_cpu(&sink_db).await?);
+    let sink_pg_cpu: f64 = backends.values().sum();
+    let stages: Vec<(&str, f64)> = ["decode", "offsets", "copy", "latest", "commit"]
+        .into_iter()
+        .map(|stage| {
+            let (sum, _) = sum_count(
+                "fleetstream_sink_stage_duration_seconds",
+                &format!("{{stage=\"{stage}\"}}"),
+            )
+            .unwrap_or((0.0, 0.0));
+            (stage, sum)
+        })
+        .collect();
+    let (copy_sum, batches) = sum_count("fleetstream_sink_copy_duration_seconds", "")?;
+    let (commit_sum, _) = sum_count("fleetstream_sink_batch_commit_duration_seconds", "")?;
     let (first_at, first_rows) = first.unwrap();
     let steady = (n as i64 - first_rows) as f64 / first_at.elapsed().as_secs_f64();
 
@@ -326,6 +408,24 @@ async fn main() -> Result<()> {
         copy_sum / batches.max(1.0) * 1e3,
         commit_sum / batches.max(1.0) * 1e3,
         commit_sum / total
+    );
+    println!(
+        "per batch by stage (ms): {}",
+        stages
+            .iter()
+            .map(|(stage, sum)| format!("{stage} {:.1}", sum / batches.max(1.0) * 1e3))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let per_100k = |cpu: f64| cpu / n as f64 * 100_000.0;
+    println!(
+        "CPU s per 100k rows: raw COPY backends {:.2} (1 conn) / {:.2} ({writers} conns); \
+         sink: PostgreSQL backends {:.2}, sink process {:.2}, Kafka broker {:.2} (shared broker)",
+        per_100k(one_cpu),
+        per_100k(parallel_cpu),
+        per_100k(sink_pg_cpu),
+        per_100k(sink_cpu),
+        per_100k(kafka_cpu)
     );
     println!(
         "ratio sink/ceiling: {:.2} (steady) / {:.2} (overall)",

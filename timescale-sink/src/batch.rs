@@ -59,6 +59,8 @@ pub struct Batch {
     pub opened_at: Instant,
     /// `traceparent` of the first traced message, to link the batch span.
     pub traceparent: Option<String>,
+    /// Time spent decoding, validating and encoding the batch's messages.
+    pub decode_time: std::time::Duration,
 }
 
 impl Batch {
@@ -71,6 +73,7 @@ impl Batch {
             partitions: BTreeMap::new(),
             opened_at: Instant::now(),
             traceparent: None,
+            decode_time: std::time::Duration::ZERO,
         }
     }
 

@@ -24,6 +24,10 @@ pub const COPY_TELEMETRY_SQL: &str = "COPY telemetry (time, tenant_id, device_id
 /// Number of columns in [`COPY_TELEMETRY_SQL`].
 const TELEMETRY_COLUMNS: i16 = 7;
 
+/// Number of columns of a `device_latest` staging row: the telemetry columns, then
+/// `received_at` (see [`CopyEncoder::push_latest`]).
+const LATEST_COLUMNS: i16 = 8;
+
 const SIGNATURE: &[u8; 11] = b"PGCOPY\n\xff\r\n\0";
 
 /// End of the stream: a field count of -1.
@@ -84,8 +88,19 @@ impl CopyEncoder {
     /// Appends one telemetry row in the column order of [`COPY_TELEMETRY_SQL`]. On error the
     /// buffer is left exactly as before the call.
     pub fn push_telemetry(&mut self, row: &Telemetry) -> Result<(), CopyEncodeError> {
+        self.push(row, false)
+    }
+
+    /// Appends one row for the `device_latest` staging table: the columns of
+    /// [`COPY_TELEMETRY_SQL`] in the same order, then `received_at` (`timestamptz`). On error
+    /// the buffer is left exactly as before the call.
+    pub fn push_latest(&mut self, row: &Telemetry) -> Result<(), CopyEncodeError> {
+        self.push(row, true)
+    }
+
+    fn push(&mut self, row: &Telemetry, latest: bool) -> Result<(), CopyEncodeError> {
         let start = self.buf.len();
-        let result = self.encode_telemetry(row);
+        let result = self.encode_telemetry(row, latest);
         match result {
             Ok(()) => {
                 self.rows += 1;
@@ -98,8 +113,13 @@ impl CopyEncoder {
         }
     }
 
-    fn encode_telemetry(&mut self, row: &Telemetry) -> Result<(), CopyEncodeError> {
-        self.buf.extend_from_slice(&TELEMETRY_COLUMNS.to_be_bytes());
+    fn encode_telemetry(&mut self, row: &Telemetry, latest: bool) -> Result<(), CopyEncodeError> {
+        let columns = if latest {
+            LATEST_COLUMNS
+        } else {
+            TELEMETRY_COLUMNS
+        };
+        self.buf.extend_from_slice(&columns.to_be_bytes());
         self.timestamptz(row.time);
         self.text("tenant_id", &row.tenant_id)?;
         self.text("device_id", &row.device_id)?;
@@ -109,7 +129,11 @@ impl CopyEncoder {
         }
         self.text("msg_type", &row.msg_type)?;
         self.int8(row.seq);
-        self.jsonb("metrics", &row.metrics)
+        self.jsonb("metrics", &row.metrics)?;
+        if latest {
+            self.timestamptz(row.received_at);
+        }
+        Ok(())
     }
 
     /// The finished COPY stream: every row and the trailer.
@@ -226,6 +250,22 @@ mod tests {
         encoder.push_telemetry(&row()).unwrap();
         let streamed = encoder.stream().concat();
         assert_eq!(streamed, encoder.finish());
+    }
+
+    #[test]
+    fn latest_rows_are_telemetry_rows_plus_received_at() {
+        let mut telemetry = CopyEncoder::default();
+        telemetry.push_telemetry(&row()).unwrap();
+        let mut latest = CopyEncoder::default();
+        latest.push_latest(&row()).unwrap();
+        let (telemetry, latest) = (telemetry.finish(), latest.finish());
+        let t = &telemetry[19..telemetry.len() - 2];
+        let l = &latest[19..latest.len() - 2];
+        assert_eq!(&l[..2], &[0, 8]);
+        assert_eq!(&l[2..t.len()], &t[2..]);
+        let mut received_at = vec![0, 0, 0, 8];
+        received_at.extend_from_slice(&1_000_000i64.to_be_bytes());
+        assert_eq!(&l[t.len()..], received_at.as_slice());
     }
 
     #[test]

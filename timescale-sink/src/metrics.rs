@@ -7,6 +7,7 @@ pub const BATCHES: &str = "fleetstream_sink_batches_total";
 pub const BATCH_ROWS: &str = "fleetstream_sink_batch_rows";
 pub const COPY_DURATION: &str = "fleetstream_sink_copy_duration_seconds";
 pub const COMMIT_DURATION: &str = "fleetstream_sink_batch_commit_duration_seconds";
+pub const STAGE_DURATION: &str = "fleetstream_sink_stage_duration_seconds";
 pub const INGEST_TO_COMMIT: &str = "fleetstream_sink_ingest_to_commit_seconds";
 pub const DUPLICATES: &str = "fleetstream_sink_duplicate_rows_total";
 pub const DEAD_LETTERS: &str = "fleetstream_sink_dead_letters_total";
@@ -37,6 +38,12 @@ pub fn describe() {
         COMMIT_DURATION,
         Unit::Seconds,
         "Duration of one batch transaction, from BEGIN to COMMIT."
+    );
+    describe_histogram!(
+        STAGE_DURATION,
+        Unit::Seconds,
+        "Time one batch spends in each stage (label `stage`: decode, offsets, copy, latest, \
+         commit), to see where a batch's time goes."
     );
     describe_histogram!(
         INGEST_TO_COMMIT,

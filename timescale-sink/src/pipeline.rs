@@ -1,5 +1,6 @@
-//! Per-writer pipeline: a batcher task decodes messages and closes batches on size or age,
-//! and a committer task writes them. The one-batch channel between them lets decoding of the
+//! Per-writer pipeline: a batcher task decodes messages and closes batches on size or age
+//! (an aged batch keeps growing, up to the size limit, while the committer is still busy with
+//! the previous one), and a committer task writes them. The one-batch channel between them lets decoding of the
 //! next batch overlap the COPY of the current one, and bounds memory: when the database is
 //! slow or down, the batcher waits, its input channel fills, and the consumer pauses fetching.
 //!
@@ -84,7 +85,7 @@ async fn batcher(
     limits: BatchLimits,
 ) {
     let codec = match schemas::telemetry_codec() {
-        Ok(codec) => codec,
+        Ok(codec) => crate::decode::TelemetryDecoder::new(codec),
         Err(err) => {
             tracing::error!(error = %err, "no telemetry codec; writer stops");
             return;
@@ -93,16 +94,27 @@ async fn batcher(
     // Stored-offset expectation of the next batch, per assigned partition.
     let mut positions: HashMap<i32, Option<i64>> = HashMap::new();
     let mut batch = Batch::with_capacity(limits.max_rows);
+    // At least one row per batch, or the loop below would have no branch to wait on.
+    let max_rows = limits.max_rows.max(1);
     loop {
         let deadline = batch.opened_at + limits.max_age;
+        let full = batch.messages() >= max_rows;
+        let due = !batch.is_empty() && (full || std::time::Instant::now() >= deadline);
+        // A due batch goes to the committer as soon as it has room. Until then (the previous
+        // batch is still being written) the batch keeps taking messages up to `max_rows`:
+        // under a backlog batches grow to the size limit instead of closing at the age limit,
+        // which costs no latency — the committer could not have taken the batch earlier.
         let input = tokio::select! {
-            input = rx.recv() => input,
-            _ = tokio::time::sleep_until(deadline.into()), if !batch.is_empty() => {
-                if flush(&mut batch, &to_committer, limits).await.is_err() {
-                    return;
-                }
+            biased;
+            permit = to_committer.reserve(), if due => {
+                let Ok(permit) = permit else {
+                    return; // the committer is gone: the writer is shutting down
+                };
+                permit.send(ToCommitter::Batch(take(&mut batch, limits)));
                 continue;
             }
+            _ = tokio::time::sleep_until(deadline.into()), if !batch.is_empty() && !due => continue,
+            input = rx.recv(), if !full => input,
         };
         match input {
             None => {
@@ -121,13 +133,10 @@ async fn batcher(
                 if batch.is_empty() {
                     batch.opened_at = tokio::time::Instant::now().into_std();
                 }
+                let decode_started = std::time::Instant::now();
                 let decoded = codec.decode(&message.payload);
                 batch.push(message, expected, decoded);
-                if batch.messages() >= limits.max_rows
-                    && flush(&mut batch, &to_committer, limits).await.is_err()
-                {
-                    return;
-                }
+                batch.decode_time += decode_started.elapsed();
             }
             Some(Input::Assigned {
                 partition,
@@ -162,9 +171,16 @@ async fn flush(
         batch.opened_at = std::time::Instant::now();
         return Ok(());
     }
-    let full = std::mem::replace(batch, Batch::with_capacity(limits.max_rows));
     to_committer
-        .send(ToCommitter::Batch(full))
+        .send(ToCommitter::Batch(take(batch, limits)))
         .await
         .map_err(|_| ())
+}
+
+/// The closed batch, leaving an empty one in its place.
+fn take(batch: &mut Batch, limits: BatchLimits) -> Batch {
+    let full = std::mem::replace(batch, Batch::with_capacity(limits.max_rows));
+    metrics::histogram!(crate::metrics::STAGE_DURATION, "stage" => "decode")
+        .record(full.decode_time.as_secs_f64());
+    full
 }
