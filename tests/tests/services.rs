@@ -92,11 +92,14 @@ async fn every_service_becomes_ready_and_stops_on_shutdown() -> Result<()> {
         db.url.clone(),
         "--admin-listen".to_owned(),
         admin.to_string(),
+        "--http-listen".to_owned(),
+        free_addr()?.to_string(),
     ])?;
     let shutdown = Shutdown::new();
     let token = shutdown.clone();
     check_lifecycle("query-api", admin, shutdown, async move {
-        Ok(query_api::main(cli, token).await?)
+        query_api::main(cli, token).await?;
+        Ok(())
     })
     .await?;
     Ok(())
