@@ -4,8 +4,9 @@ use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::RDKafkaErrorCode;
-use rdkafka::ClientConfig;
+use rdkafka::{ClientConfig, Offset};
 
 use crate::config::KafkaArgs;
 use crate::Error;
@@ -104,6 +105,27 @@ pub async fn delete_topics(args: &KafkaArgs, topics: &[&str]) -> Result<(), Erro
     Ok(())
 }
 
+/// Messages behind the end of each partition the consumer is positioned on:
+/// `(partition, high watermark − position)`. Partitions without a position yet are left out.
+pub fn consumer_lag<C: ConsumerContext>(consumer: &BaseConsumer<C>) -> Vec<(i32, u64)> {
+    let Ok(positions) = consumer.position() else {
+        return Vec::new();
+    };
+    positions
+        .elements()
+        .iter()
+        .filter_map(|element| {
+            let Offset::Offset(position) = element.offset() else {
+                return None;
+            };
+            let (_, high) = consumer
+                .fetch_watermarks(element.topic(), element.partition(), Duration::from_secs(1))
+                .ok()?;
+            Some((element.partition(), (high - position).max(0) as u64))
+        })
+        .collect()
+}
+
 /// The partition of `key` among `partitions`, as the producers place it: librdkafka's
 /// `murmur2_random` partitioner and the Java client's default both compute
 /// `toPositive(murmur2(key)) % partitions`. Consumers use it to know which devices belong to
@@ -145,4 +167,32 @@ pub fn murmur2(data: &[u8]) -> i32 {
     h = h.wrapping_mul(M);
     h ^= h >> 15;
     h as i32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn murmur2_matches_kafkas_test_vectors() {
+        // From Kafka's UtilsTest.testMurmur2.
+        assert_eq!(murmur2(b"21"), -973_932_308);
+        assert_eq!(murmur2(b"foobar"), -790_332_482);
+        assert_eq!(murmur2(b"a-little-bit-long-string"), -985_981_536);
+        assert_eq!(murmur2(b"a-little-bit-longer-string"), -1_486_304_829);
+        assert_eq!(
+            murmur2(b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8"),
+            -58_897_971
+        );
+        assert_eq!(murmur2(b"abc"), 479_470_107);
+    }
+
+    #[test]
+    fn partitions_are_non_negative_and_in_range() {
+        for key in [&b""[..], b"t/d", b"tenant-a/dev-000001"] {
+            let p = partition_for_key(key, 12);
+            assert!((0..12).contains(&p), "{p}");
+        }
+        assert_eq!(partition_for_key(b"x", 0), 0);
+    }
 }

@@ -343,61 +343,21 @@ where
 }
 
 /// The partition Kafka's Java client (default partitioner) picks for `key`:
-/// `toPositive(murmur2(key)) % partitions`, written from the Java source as the reference our
-/// producers' placement is checked against.
+/// `toPositive(murmur2(key)) % partitions` ([`crate::kafka::partition_for_key`], checked
+/// against Kafka's own test vectors below), the reference librdkafka's placement is tested
+/// against.
 pub fn java_partition(key: &[u8], partitions: i32) -> i32 {
-    (java_murmur2(key) & 0x7fff_ffff) % partitions
+    crate::kafka::partition_for_key(key, partitions)
 }
 
 /// Kafka's `Utils.murmur2`.
 pub fn java_murmur2(data: &[u8]) -> i32 {
-    const SEED: u32 = 0x9747_b28c;
-    const M: u32 = 0x5bd1_e995;
-    const R: u32 = 24;
-    let mut h: u32 = SEED ^ (data.len() as u32);
-    let chunks = data.chunks_exact(4);
-    let tail = chunks.remainder();
-    for chunk in chunks {
-        let mut k = u32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
-        k = k.wrapping_mul(M);
-        k ^= k >> R;
-        k = k.wrapping_mul(M);
-        h = h.wrapping_mul(M);
-        h ^= k;
-    }
-    if tail.len() >= 3 {
-        h ^= u32::from(tail[2]) << 16;
-    }
-    if tail.len() >= 2 {
-        h ^= u32::from(tail[1]) << 8;
-    }
-    if !tail.is_empty() {
-        h ^= u32::from(tail[0]);
-        h = h.wrapping_mul(M);
-    }
-    h ^= h >> 13;
-    h = h.wrapping_mul(M);
-    h ^= h >> 15;
-    h as i32
+    crate::kafka::murmur2(data)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn murmur2_matches_kafkas_test_vectors() {
-        // From Kafka's UtilsTest.testMurmur2.
-        assert_eq!(java_murmur2(b"21"), -973_932_308);
-        assert_eq!(java_murmur2(b"foobar"), -790_332_482);
-        assert_eq!(java_murmur2(b"a-little-bit-long-string"), -985_981_536);
-        assert_eq!(java_murmur2(b"a-little-bit-longer-string"), -1_486_304_829);
-        assert_eq!(
-            java_murmur2(b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8"),
-            -58_897_971
-        );
-        assert_eq!(java_murmur2(b"abc"), 479_470_107);
-    }
 
     #[tokio::test]
     async fn eventually_returns_the_value_or_names_what_it_waited_for() {
