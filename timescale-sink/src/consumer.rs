@@ -56,7 +56,8 @@ pub struct SinkContext {
     pub revoke_timeout: Duration,
     pub health: plumbing::admin::Health,
     pub shutdown: CancellationToken,
-    pending: Mutex<Vec<VecDeque<Input>>>,
+    /// Messages polled but not yet handed to their writer, per writer.
+    pending: Mutex<Vec<VecDeque<RawMessage>>>,
 }
 
 impl std::fmt::Debug for SinkContext {
@@ -151,7 +152,7 @@ impl ConsumerContext for SinkContext {
         info!(?partitions, "partitions revoked");
         if let Ok(mut pending) = self.pending.lock() {
             for queue in pending.iter_mut() {
-                queue.retain(|input| !matches!(input, Input::Message(m) if partitions.contains(&m.partition)));
+                queue.retain(|m| !partitions.contains(&m.partition));
             }
         }
         let mut acks = Vec::new();
@@ -252,48 +253,65 @@ pub fn commit_to_kafka(
     }
 }
 
+/// Messages per writer handed over at once while the broker keeps delivering: one wake-up
+/// of the batcher per chunk instead of per message (a batch may exceed its row limit by less
+/// than this).
+const SEND_CHUNK: usize = 256;
+
 /// Polls until `shutdown`, routing messages to writers with backpressure. Returns when the
 /// shutdown token is cancelled; the caller then flushes and closes.
 pub fn poll_loop(consumer: &BaseConsumer<SinkContext>, stats: &crate::stats::Stats) {
     let context = consumer.context();
     let mut paused = false;
     let mut last_lag = Instant::now();
+    // Whether the last poll found librdkafka's queue empty: then whatever is pending goes out
+    // now; while messages keep coming they go out in chunks of `SEND_CHUNK`.
+    let mut idle = true;
     while !context.shutdown.is_cancelled() {
-        // Drain what waits for room first.
-        let backlog = match context.pending.lock() {
+        // Hand pending messages to the writers, as far as they have room.
+        let blocked = match context.pending.lock() {
             Ok(mut pending) => {
+                let mut blocked = false;
                 for (writer, queue) in pending.iter_mut().enumerate() {
-                    while let Some(input) = queue.pop_front() {
-                        match context.writers[writer].try_send(input) {
+                    while !queue.is_empty() && (idle || queue.len() >= SEND_CHUNK) {
+                        let n = queue.len().min(SEND_CHUNK);
+                        let chunk: Vec<RawMessage> = queue.drain(..n).collect();
+                        match context.writers[writer].try_send(Input::Messages(chunk)) {
                             Ok(()) => {}
-                            Err(mpsc::error::TrySendError::Full(input)) => {
-                                queue.push_front(input);
+                            Err(mpsc::error::TrySendError::Full(Input::Messages(chunk))) => {
+                                for message in chunk.into_iter().rev() {
+                                    queue.push_front(message);
+                                }
+                                blocked = true;
                                 break;
                             }
-                            Err(mpsc::error::TrySendError::Closed(_)) => return,
+                            Err(_) => return,
                         }
                     }
                 }
-                pending.iter().map(VecDeque::len).sum::<usize>()
+                blocked
             }
             Err(_) => return,
         };
-        if backlog > 0 && !paused {
+        if blocked && !paused {
             if let Ok(assignment) = consumer.assignment() {
                 paused = consumer.pause(&assignment).is_ok();
             }
-        } else if backlog == 0 && paused {
+        } else if !blocked && paused {
             if let Ok(assignment) = consumer.assignment() {
                 paused = consumer.resume(&assignment).is_err();
             }
         }
-        let timeout = if backlog > 0 {
+        let timeout = if blocked {
             Duration::from_millis(20)
-        } else {
+        } else if idle {
             Duration::from_millis(100)
+        } else {
+            Duration::ZERO
         };
         match consumer.poll(timeout) {
             Some(Ok(message)) => {
+                idle = false;
                 let raw = RawMessage {
                     partition: message.partition(),
                     offset: message.offset(),
@@ -308,11 +326,11 @@ pub fn poll_loop(consumer: &BaseConsumer<SinkContext>, stats: &crate::stats::Sta
                 };
                 let writer = context.writer_of(raw.partition);
                 if let Ok(mut pending) = context.pending.lock() {
-                    pending[writer].push_back(Input::Message(raw));
+                    pending[writer].push_back(raw);
                 }
             }
             Some(Err(err)) => warn!(error = %err, "kafka consumer error"),
-            None => {}
+            None => idle = true,
         }
         if last_lag.elapsed() > Duration::from_secs(10) {
             last_lag = Instant::now();

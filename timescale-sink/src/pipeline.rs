@@ -19,8 +19,9 @@ use crate::writer::BatchWriter;
 /// What the consumer sends a writer.
 #[derive(Debug)]
 pub enum Input {
-    /// A message of an assigned partition.
-    Message(RawMessage),
+    /// Messages of assigned partitions, in offset order per partition. Sent in chunks so the
+    /// batcher is woken once per chunk, not once per message.
+    Messages(Vec<RawMessage>),
     /// The partition is now ours; `position` is its stored `next_offset` (None: none stored).
     Assigned {
         partition: i32,
@@ -121,22 +122,25 @@ async fn batcher(
                 let _ = flush(&mut batch, &to_committer, limits).await;
                 return;
             }
-            Some(Input::Message(message)) => {
-                let Some(position) = positions.get_mut(&message.partition) else {
-                    continue; // not (or no longer) ours
-                };
-                if position.is_some_and(|p| message.offset < p) {
-                    continue; // already stored
+            Some(Input::Messages(messages)) => {
+                // A chunk may take the batch past `max_rows` by less than one chunk.
+                for message in messages {
+                    let Some(position) = positions.get_mut(&message.partition) else {
+                        continue; // not (or no longer) ours
+                    };
+                    if position.is_some_and(|p| message.offset < p) {
+                        continue; // already stored
+                    }
+                    let expected = *position;
+                    *position = Some(message.offset + 1);
+                    if batch.is_empty() {
+                        batch.opened_at = tokio::time::Instant::now().into_std();
+                    }
+                    let decode_started = std::time::Instant::now();
+                    let decoded = codec.decode(&message.payload);
+                    batch.push(message, expected, decoded);
+                    batch.decode_time += decode_started.elapsed();
                 }
-                let expected = *position;
-                *position = Some(message.offset + 1);
-                if batch.is_empty() {
-                    batch.opened_at = tokio::time::Instant::now().into_std();
-                }
-                let decode_started = std::time::Instant::now();
-                let decoded = codec.decode(&message.payload);
-                batch.push(message, expected, decoded);
-                batch.decode_time += decode_started.elapsed();
             }
             Some(Input::Assigned {
                 partition,
