@@ -64,7 +64,7 @@ pub enum Input {
 
 /// State shared by the poll loop and the rebalance callbacks (same thread).
 pub struct EvalContext {
-    pub input: mpsc::Sender<Input>,
+    pub input: mpsc::Sender<Vec<Input>>,
     pub pool: PgPool,
     pub runtime: Handle,
     pub group: String,
@@ -89,7 +89,7 @@ impl std::fmt::Debug for EvalContext {
 impl EvalContext {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
-        input: mpsc::Sender<Input>,
+        input: mpsc::Sender<Vec<Input>>,
         pool: PgPool,
         runtime: Handle,
         group: String,
@@ -170,7 +170,7 @@ impl ConsumerContext for EvalContext {
         let (ack, done) = oneshot::channel();
         if self
             .input
-            .blocking_send(Input::Revoked { partitions, ack })
+            .blocking_send(vec![Input::Revoked { partitions, ack }])
             .is_ok()
         {
             let timeout = self.revoke_timeout;
@@ -229,10 +229,10 @@ impl ConsumerContext for EvalContext {
                         (p, offset, clock)
                     })
                     .collect();
-                let _ = self.input.blocking_send(Input::Assigned {
+                let _ = self.input.blocking_send(vec![Input::Assigned {
                     partitions: list,
                     partition_count,
-                });
+                }]);
                 info!(
                     ?partitions,
                     stored = stored.len(),
@@ -247,43 +247,60 @@ impl ConsumerContext for EvalContext {
     }
 }
 
+/// Messages handed to the evaluation task at once while the broker keeps delivering.
+pub const SEND_CHUNK: usize = 256;
+
 /// Polls until `shutdown`, handing messages to the evaluation task with backpressure.
 pub fn poll_loop(consumer: &BaseConsumer<EvalContext>) {
     let context = consumer.context();
     let mut paused = false;
     let mut last_lag = Instant::now();
+    // Whether the last poll found nothing: then whatever is pending goes out now; while
+    // messages keep coming they go out in chunks, one wake-up of the evaluation task each.
+    let mut idle = true;
     while !context.shutdown.is_cancelled() {
-        let backlog = match context.pending.lock() {
+        let (blocked, backlog) = match context.pending.lock() {
             Ok(mut pending) => {
-                while let Some(input) = pending.pop_front() {
-                    match context.input.try_send(input) {
+                let mut blocked = false;
+                while !pending.is_empty() && (idle || pending.len() >= SEND_CHUNK) {
+                    let n = pending.len().min(SEND_CHUNK);
+                    let chunk: Vec<Input> = pending.drain(..n).collect();
+                    match context.input.try_send(chunk) {
                         Ok(()) => {}
-                        Err(mpsc::error::TrySendError::Full(input)) => {
-                            pending.push_front(input);
+                        Err(mpsc::error::TrySendError::Full(chunk)) => {
+                            for input in chunk.into_iter().rev() {
+                                pending.push_front(input);
+                            }
+                            blocked = true;
                             break;
                         }
                         Err(mpsc::error::TrySendError::Closed(_)) => return,
                     }
                 }
-                pending.len()
+                (blocked, pending.len())
             }
             Err(_) => return,
         };
-        if backlog > 0 && !paused {
+        if blocked && !paused {
             if let Ok(assignment) = consumer.assignment() {
                 paused = consumer.pause(&assignment).is_ok();
             }
-        } else if backlog == 0 && paused {
+        } else if !blocked && paused {
             if let Ok(assignment) = consumer.assignment() {
                 paused = consumer.resume(&assignment).is_err();
             }
         }
-        let timeout = if backlog > 0 {
+        let timeout = if blocked {
             Duration::from_millis(5)
+        } else if backlog > 0 {
+            // Something waits for a fuller chunk: only take what is already fetched.
+            Duration::ZERO
         } else {
             Duration::from_millis(100)
         };
-        match consumer.poll(timeout) {
+        let polled = consumer.poll(timeout);
+        idle = polled.is_none();
+        match polled {
             Some(Ok(message)) => {
                 let reading = match context.codec.decode(message.payload().unwrap_or_default()) {
                     Ok(reading) => Some(Box::new(reading)),

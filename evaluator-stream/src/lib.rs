@@ -190,7 +190,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), Error> {
     ));
 
     let give_up = Shutdown::new();
-    let (input_tx, input_rx) = mpsc::channel(config.queue.max(1));
+    let (input_tx, input_rx) = mpsc::channel((config.queue / consumer::SEND_CHUNK).max(2));
     let runner = Runner {
         engine: Engine::new(
             EngineConfig {
@@ -438,19 +438,21 @@ struct Runner {
 impl Runner {
     async fn run(
         mut self,
-        mut input: mpsc::Receiver<consumer::Input>,
+        mut input: mpsc::Receiver<Vec<consumer::Input>>,
         mut rules: watch::Receiver<Arc<RuleSet>>,
     ) {
+        let mut chunks = Vec::with_capacity(16);
         let mut buf = Vec::with_capacity(4096);
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut rules_open = true;
         loop {
             tokio::select! {
-                n = input.recv_many(&mut buf, 4096) => {
+                n = input.recv_many(&mut chunks, 16) => {
                     if n == 0 {
                         break;
                     }
+                    buf.extend(chunks.drain(..).flatten());
                     self.handle(&mut buf).await;
                 }
                 changed = rules.changed(), if rules_open => {
