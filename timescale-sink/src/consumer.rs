@@ -340,22 +340,10 @@ pub fn poll_loop(consumer: &BaseConsumer<SinkContext>, stats: &crate::stats::Sta
 }
 
 fn report_lag(consumer: &BaseConsumer<SinkContext>, stats: &crate::stats::Stats) {
-    let Ok(positions) = consumer.position() else {
-        return;
-    };
     let mut total = 0u64;
-    for element in positions.elements() {
-        let Offset::Offset(position) = element.offset() else {
-            continue;
-        };
-        if let Ok((_, high)) =
-            consumer.fetch_watermarks(element.topic(), element.partition(), Duration::from_secs(1))
-        {
-            let lag = (high - position).max(0) as u64;
-            total += lag;
-            metrics::gauge!(crate::metrics::LAG, "partition" => element.partition().to_string())
-                .set(lag as f64);
-        }
+    for (partition, lag) in plumbing::kafka::consumer_lag(consumer) {
+        total += lag;
+        metrics::gauge!(crate::metrics::LAG, "partition" => partition.to_string()).set(lag as f64);
     }
     stats.set_lag(total);
 }
