@@ -101,7 +101,8 @@ pub struct SimulateArgs {
 }
 
 impl SimulateArgs {
-    fn tenant_id(&self, tenant: u32) -> String {
+    /// Id of simulated tenant number `tenant`.
+    pub fn tenant_id(&self, tenant: u32) -> String {
         format!("{}-t{tenant}", self.prefix)
     }
 
@@ -186,7 +187,8 @@ enum Sink {
     Kafka(Producer),
 }
 
-/// Provisions the simulated tenants, devices and gateway tokens (idempotent).
+/// Provisions the simulated tenants, devices, gateway tokens and a few demo alert rules per
+/// tenant (idempotent).
 pub async fn provision(args: &SimulateArgs, pool: &sqlx::PgPool) -> Result<(), SimulateError> {
     let mut tx = pool.begin().await?;
     sqlx::query(
@@ -216,6 +218,23 @@ pub async fn provision(args: &SimulateArgs, pool: &sqlx::PgPool) -> Result<(), S
         )
         .bind(&tenant_id)
         .bind(token_hash(&args.gateway_token(&tenant_id)))
+        .execute(&mut *tx)
+        .await?;
+        // Demo alert rules the profiles trip: temperature spikes, slow warming, silent devices.
+        sqlx::query(
+            "INSERT INTO alert_rules (tenant_id, name, kind, metric, agg, op, threshold, window_s, \
+                                      for_s, no_data_s, resolve_threshold, severity) \
+             SELECT $1, r.name, r.kind, r.metric, r.agg, r.op, r.threshold, r.window_s, r.for_s, \
+                    r.no_data_s, r.resolve_threshold, r.severity \
+             FROM (VALUES \
+                 ('Temperature spike', 'threshold', 'temperature', NULL, '>', 45.0, NULL, 0, NULL, NULL, 'critical'), \
+                 ('Warm for a minute', 'window', 'temperature', 'avg', '>', 30.0, 60, 0, NULL, 28.0, 'warning'), \
+                 ('Device silent', 'no_data', NULL, NULL, NULL, NULL, NULL, 0, 60, NULL, 'warning'), \
+                 ('Weak signal', 'threshold', 'rssi', NULL, '<', -105.0, NULL, 20, NULL, -100.0, 'info') \
+             ) AS r(name, kind, metric, agg, op, threshold, window_s, for_s, no_data_s, resolve_threshold, severity) \
+             WHERE NOT EXISTS (SELECT 1 FROM alert_rules a WHERE a.tenant_id = $1 AND a.name = r.name)",
+        )
+        .bind(&tenant_id)
         .execute(&mut *tx)
         .await?;
     }

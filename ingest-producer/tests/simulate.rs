@@ -77,9 +77,18 @@ async fn simulated_devices_provision_themselves_and_every_accepted_reading_is_on
     ])?;
     // The service learns of the provisioned devices through NOTIFY; readings sent before
     // that are refused (422) and counted as failed, so only the accepted count is compared.
-    let summary = simulate::run(args, plumbing::Shutdown::new()).await?;
+    let summary = simulate::run(args.clone(), plumbing::Shutdown::new()).await?;
     assert!(summary.accepted > 0, "{summary:?}");
     assert_eq!(topic_count(&topics.args).await, summary.accepted as i64);
+
+    // Four demo alert rules per tenant, valid for the table's checks; provisioning again
+    // adds nothing.
+    simulate::provision(&args, &db.pool).await?;
+    let rules: Vec<(String, i64)> =
+        sqlx::query_as("SELECT tenant_id::text, count(*) FROM alert_rules GROUP BY 1 ORDER BY 1")
+            .fetch_all(&db.pool)
+            .await?;
+    assert_eq!(rules, vec![(args.tenant_id(0), 4), (args.tenant_id(1), 4)]);
 
     shutdown.cancel();
     tokio::time::timeout(Duration::from_secs(30), service).await???;
