@@ -16,7 +16,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Headers;
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 use sqlx::PgPool;
@@ -149,7 +149,20 @@ fn on_consumer_thread() -> bool {
     Handle::try_current().is_err()
 }
 
-impl ClientContext for EvalContext {}
+impl ClientContext for EvalContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        // End-of-partition is an event here (asked for with `enable.partition.eof`), reported
+        // through `poll`; librdkafka also raises it as a global error on every fetch that
+        // reaches the end.
+        if matches!(
+            error,
+            KafkaError::PartitionEOF(_) | KafkaError::Global(RDKafkaErrorCode::PartitionEOF)
+        ) {
+            return;
+        }
+        tracing::error!(error = %error, reason, "librdkafka error");
+    }
+}
 
 impl ConsumerContext for EvalContext {
     fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {

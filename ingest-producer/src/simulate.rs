@@ -230,7 +230,7 @@ pub async fn provision(args: &SimulateArgs, pool: &sqlx::PgPool) -> Result<(), S
                  ('Temperature spike', 'threshold', 'temperature', NULL, '>', 45.0, NULL, 0, NULL, NULL, 'critical'), \
                  ('Warm for a minute', 'window', 'temperature', 'avg', '>', 30.0, 60, 0, NULL, 28.0, 'warning'), \
                  ('Device silent', 'no_data', NULL, NULL, NULL, NULL, NULL, 0, 60, NULL, 'warning'), \
-                 ('Weak signal', 'threshold', 'rssi', NULL, '<', -105.0, NULL, 20, NULL, -100.0, 'info') \
+                 ('Weak signal', 'window', 'rssi', 'avg', '<', -95.0, 60, 0, NULL, -90.0, 'info') \
              ) AS r(name, kind, metric, agg, op, threshold, window_s, for_s, no_data_s, resolve_threshold, severity) \
              WHERE NOT EXISTS (SELECT 1 FROM alert_rules a WHERE a.tenant_id = $1 AND a.name = r.name)",
         )
