@@ -90,6 +90,36 @@ pub fn fetch_limit(limit: u32) -> i64 {
     i64::from(limit) + 1
 }
 
+/// One keyset page of a tenant-owned table ordered by its integer key: the rows of `scope`
+/// (every tenant the row-level policies let the caller see, when `None`) after the cursor.
+/// `columns`, `table` and `key_column` are constants of the caller, never request input.
+pub async fn by_integer_key<T>(
+    conn: &mut sqlx::PgConnection,
+    columns: &str,
+    table: &str,
+    key_column: &str,
+    scope: Option<&str>,
+    page: &PageParams,
+    key: impl Fn(&T) -> i64,
+) -> Result<Page<T>, ApiError>
+where
+    T: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> + Send + Unpin,
+{
+    let limit = page.limit()?;
+    let after: Option<i64> = page.after()?;
+    let rows: Vec<T> = sqlx::query_as(&format!(
+        "SELECT {columns} FROM {table} \
+         WHERE ($1::text IS NULL OR tenant_id = $1) AND ($2::bigint IS NULL OR {key_column} > $2) \
+         ORDER BY {key_column} LIMIT $3"
+    ))
+    .bind(scope)
+    .bind(after)
+    .bind(fetch_limit(limit))
+    .fetch_all(conn)
+    .await?;
+    Ok(Page::from_rows(rows, limit, key))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -326,20 +326,18 @@ pub async fn list_rules(
         limit: q.limit,
         cursor: q.cursor,
     };
-    let limit = page.limit()?;
-    let after: Option<i64> = page.after()?;
-    let rows: Vec<AlertRule> = sqlx::query_as(&format!(
-        "SELECT {RULE_COLUMNS} FROM alert_rules \
-         WHERE ($1::text IS NULL OR tenant_id = $1) AND ($2::bigint IS NULL OR rule_id > $2) \
-         ORDER BY rule_id LIMIT $3"
-    ))
-    .bind(scope)
-    .bind(after)
-    .bind(fetch_limit(limit))
-    .fetch_all(&mut *s.tx)
+    let page = crate::page::by_integer_key(
+        &mut s.tx,
+        RULE_COLUMNS,
+        "alert_rules",
+        "rule_id",
+        scope.as_deref(),
+        &page,
+        |r: &AlertRule| r.rule_id,
+    )
     .await?;
     s.commit().await?;
-    Ok(Json(Page::from_rows(rows, limit, |r| r.rule_id)))
+    Ok(Json(page))
 }
 
 #[utoipa::path(get, path = "/v1/alert-rules/{rule_id}", tag = "alerts",

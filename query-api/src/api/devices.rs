@@ -321,20 +321,18 @@ pub async fn list_gateway_tokens(
         limit: q.limit,
         cursor: q.cursor,
     };
-    let limit = page.limit()?;
-    let after: Option<i64> = page.after()?;
-    let rows: Vec<GatewayToken> = sqlx::query_as(&format!(
-        "SELECT {GATEWAY_COLUMNS} FROM gateway_tokens \
-         WHERE ($1::text IS NULL OR tenant_id = $1) AND ($2::bigint IS NULL OR token_id > $2) \
-         ORDER BY token_id LIMIT $3"
-    ))
-    .bind(scope)
-    .bind(after)
-    .bind(fetch_limit(limit))
-    .fetch_all(&mut *s.tx)
+    let page = crate::page::by_integer_key(
+        &mut s.tx,
+        GATEWAY_COLUMNS,
+        "gateway_tokens",
+        "token_id",
+        scope.as_deref(),
+        &page,
+        |g: &GatewayToken| g.token_id,
+    )
     .await?;
     s.commit().await?;
-    Ok(Json(Page::from_rows(rows, limit, |g| g.token_id)))
+    Ok(Json(page))
 }
 
 #[utoipa::path(post, path = "/v1/gateway-tokens", tag = "devices", params(TenantParam),

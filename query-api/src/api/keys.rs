@@ -15,7 +15,7 @@ use crate::api::TenantParam;
 use crate::auth::{new_secret, Role};
 use crate::error::{ApiError, ErrorBody};
 use crate::extract::{ApiJson, ApiPath, ApiQuery};
-use crate::page::{fetch_limit, Page, PageParams};
+use crate::page::{Page, PageParams};
 use crate::session::Session;
 use crate::validate;
 
@@ -113,20 +113,18 @@ pub async fn list(
         limit: q.limit,
         cursor: q.cursor,
     };
-    let limit = page.limit()?;
-    let after: Option<i64> = page.after()?;
-    let rows: Vec<ApiKey> = sqlx::query_as(&format!(
-        "SELECT {COLUMNS} FROM api_keys \
-         WHERE ($1::text IS NULL OR tenant_id = $1) AND ($2::bigint IS NULL OR key_id > $2) \
-         ORDER BY key_id LIMIT $3"
-    ))
-    .bind(scope)
-    .bind(after)
-    .bind(fetch_limit(limit))
-    .fetch_all(&mut *s.tx)
+    let page = crate::page::by_integer_key(
+        &mut s.tx,
+        COLUMNS,
+        "api_keys",
+        "key_id",
+        scope.as_deref(),
+        &page,
+        |k: &ApiKey| k.key_id,
+    )
     .await?;
     s.commit().await?;
-    Ok(Json(Page::from_rows(rows, limit, |k| k.key_id)))
+    Ok(Json(page))
 }
 
 #[utoipa::path(post, path = "/v1/api-keys", tag = "api keys", params(TenantParam),
