@@ -24,7 +24,7 @@ use chrono::{DateTime, Utc};
 use clap::Parser;
 use evaluator_stream::engine::{Engine, EngineConfig};
 use evaluator_stream::rules::{Agg, Condition, Op, Rule, RuleSet};
-use plumbing::testing::{TestDb, TestTopics};
+use plumbing::testing::{eventually, TestDb, TestTopics};
 use plumbing::Shutdown;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use schemas::{telemetry_codec, LayoutChoice, MetricValue, Telemetry};
@@ -146,7 +146,7 @@ fn engine_figures(messages: usize) -> Result<()> {
             let d = i % devices;
             let seq = (i / devices) as i64;
             let r = reading(d, seq, t0 + chrono::Duration::seconds(seq * 5));
-            (0, codec.encode(&r).unwrap())
+            (0, codec.encode(&r).expect("a generated reading encodes"))
         })
         .collect();
 
@@ -208,7 +208,7 @@ async fn provision(db: &TestDb) -> Result<()> {
     for (t, fields) in rules_sql() {
         let (columns, values): (Vec<&str>, Vec<&str>) = fields
             .split(';')
-            .map(|f| f.split_once('=').unwrap())
+            .filter_map(|f| f.split_once('='))
             .map(|(c, v)| (c.trim(), v.trim()))
             .unzip();
         sqlx::query(&format!(
@@ -243,6 +243,19 @@ fn config(db: &TestDb, topics: &TestTopics, start_from: &str) -> Result<evaluato
         "--log",
         "warn",
     ])?)
+}
+
+/// Longest wait for the evaluator to get through what was produced.
+const DEADLINE: Duration = Duration::from_secs(600);
+
+async fn until_stored(db: &TestDb, total: i64) -> Result<()> {
+    eventually("every offset stored", DEADLINE, || async {
+        match stored(db).await {
+            Ok(n) if n >= total => Ok(()),
+            other => Err(format!("{other:?} of {total}")),
+        }
+    })
+    .await
 }
 
 async fn stored(db: &TestDb) -> Result<i64> {
@@ -312,16 +325,14 @@ async fn service_figures(messages: usize, live_rate: usize, live_seconds: u64) -
         shutdown.clone(),
     ));
     // The first stored offset marks the end of the group join.
-    let (joined, at_join) = loop {
-        let n = stored(&db).await?;
-        if n > 0 {
-            break (Instant::now(), n);
+    let (joined, at_join) = eventually("the first commit", DEADLINE, || async {
+        match stored(&db).await {
+            Ok(n) if n > 0 => Ok((Instant::now(), n)),
+            other => Err(format!("{other:?}")),
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    while stored(&db).await? < produced as i64 {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await?;
+    until_stored(&db, produced as i64).await?;
     let elapsed = started.elapsed().as_secs_f64();
     let after_join = (produced as i64 - at_join) as f64 / joined.elapsed().as_secs_f64();
     let transitions: i64 = sqlx::query_scalar("SELECT count(*) FROM alert_outbox")
@@ -373,9 +384,7 @@ async fn service_figures(messages: usize, live_rate: usize, live_seconds: u64) -
         p.await?.map_err(|(e, _)| e)?;
     }
     let achieved = sent as f64 / live_seconds as f64;
-    while stored(&db).await? < (produced + sent) as i64 {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until_stored(&db, (produced + sent) as i64).await?;
     let (n, p50, p99, max): (i64, Option<f64>, Option<f64>, Option<f64>) = sqlx::query_as(
         "SELECT count(*), \
                 percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM created_at - source_received_at)::float8), \

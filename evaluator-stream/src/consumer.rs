@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Headers;
-use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
+use rdkafka::{ClientContext, Message};
 use sqlx::PgPool;
 use tokio::runtime::Handle;
 use tokio::sync::{mpsc, oneshot};
@@ -30,12 +30,7 @@ use schemas::{Codec, Telemetry};
 use crate::engine::Micros;
 use crate::store::StoredPartition;
 
-/// Where a partition with no stored offset starts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum StartFrom {
-    Earliest,
-    Latest,
-}
+pub use plumbing::kafka::StartFrom;
 
 /// What the consumer thread hands the evaluation task, in order.
 #[derive(Debug)]
@@ -143,12 +138,6 @@ impl EvalContext {
     }
 }
 
-/// Callbacks block (on the evaluation task and the database), which is only allowed off the
-/// async runtime.
-fn on_consumer_thread() -> bool {
-    Handle::try_current().is_err()
-}
-
 impl ClientContext for EvalContext {
     fn error(&self, error: KafkaError, reason: &str) {
         // End-of-partition is an event here (asked for with `enable.partition.eof`), reported
@@ -169,7 +158,7 @@ impl ConsumerContext for EvalContext {
         let Rebalance::Revoke(tpl) = rebalance else {
             return;
         };
-        if !on_consumer_thread() {
+        if !plumbing::kafka::on_consumer_thread() {
             warn!("revocation outside the consumer thread; relying on the offset fence");
             return;
         }
@@ -200,29 +189,20 @@ impl ConsumerContext for EvalContext {
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(tpl) => {
-                if !on_consumer_thread() {
+                if !plumbing::kafka::on_consumer_thread() {
                     return;
                 }
                 let partitions: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
                 let Some(stored) = self.load_offsets(&partitions) else {
                     return;
                 };
-                let mut assignment = TopicPartitionList::new();
-                for &partition in &partitions {
-                    let offset = match (stored.get(&partition), self.start_from) {
-                        (Some(&(next, _)), _) => Offset::Offset(next),
-                        (None, StartFrom::Earliest) => Offset::Beginning,
-                        (None, StartFrom::Latest) => Offset::End,
-                    };
-                    if let Err(err) =
-                        assignment.add_partition_offset(&self.topic, partition, offset)
-                    {
-                        warn!(partition, error = %err, "cannot build assignment");
-                    }
-                }
-                if let Err(err) = consumer.assign(&assignment) {
-                    warn!(error = %err, "cannot re-assign at stored offsets");
-                }
+                plumbing::kafka::assign_at_stored(
+                    consumer,
+                    &self.topic,
+                    &partitions,
+                    |p| stored.get(&p).map(|&(next, _)| next),
+                    self.start_from,
+                );
                 let partition_count = consumer
                     .fetch_metadata(Some(&self.topic), Duration::from_secs(10))
                     .ok()
@@ -369,14 +349,5 @@ pub fn leave(consumer: &BaseConsumer<EvalContext>) {
     if let Ok(mut pending) = consumer.context().pending.lock() {
         pending.clear();
     }
-    consumer.unsubscribe();
-    let until = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < until
-        && consumer
-            .assignment()
-            .map(|a| a.count() > 0)
-            .unwrap_or(false)
-    {
-        let _ = consumer.poll(Duration::from_millis(50));
-    }
+    plumbing::kafka::leave_group(consumer);
 }

@@ -6,7 +6,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::RDKafkaErrorCode;
-use rdkafka::{ClientConfig, Offset};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 use crate::config::KafkaArgs;
 use crate::Error;
@@ -103,6 +103,60 @@ pub async fn delete_topics(args: &KafkaArgs, topics: &[&str]) -> Result<(), Erro
         }
     }
     Ok(())
+}
+
+/// Where a partition with no stored offset starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum StartFrom {
+    Earliest,
+    Latest,
+}
+
+/// Whether the caller runs off the async runtime: rebalance callbacks block (on the service's
+/// tasks and the database), which is only allowed on the consumer's own thread, not in a task
+/// that happens to drop the consumer.
+pub fn on_consumer_thread() -> bool {
+    tokio::runtime::Handle::try_current().is_err()
+}
+
+/// Replaces the assignment (eager protocol, inside the assign callback) with `partitions` of
+/// `topic` starting at their `stored` next offsets, or at `start_from` where none is stored.
+pub fn assign_at_stored<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    topic: &str,
+    partitions: &[i32],
+    stored: impl Fn(i32) -> Option<i64>,
+    start_from: StartFrom,
+) {
+    let mut assignment = TopicPartitionList::new();
+    for &partition in partitions {
+        let offset = match (stored(partition), start_from) {
+            (Some(next), _) => Offset::Offset(next),
+            (None, StartFrom::Earliest) => Offset::Beginning,
+            (None, StartFrom::Latest) => Offset::End,
+        };
+        if let Err(err) = assignment.add_partition_offset(topic, partition, offset) {
+            tracing::warn!(partition, error = %err, "cannot build assignment");
+        }
+    }
+    if let Err(err) = consumer.assign(&assignment) {
+        tracing::warn!(error = %err, "cannot re-assign at stored offsets");
+    }
+}
+
+/// Leaves the group and polls (up to 5 s) until the revoke callback has run, so the other
+/// members take the partitions over at once instead of after the session timeout.
+pub fn leave_group<C: ConsumerContext>(consumer: &BaseConsumer<C>) {
+    consumer.unsubscribe();
+    let until = std::time::Instant::now() + Duration::from_secs(5);
+    while std::time::Instant::now() < until
+        && consumer
+            .assignment()
+            .map(|a| a.count() > 0)
+            .unwrap_or(false)
+    {
+        let _ = consumer.poll(Duration::from_millis(50));
+    }
 }
 
 /// Messages behind the end of each partition the consumer is positioned on:

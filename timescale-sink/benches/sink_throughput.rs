@@ -19,11 +19,14 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use chrono::Utc;
 use clap::Parser;
-use plumbing::testing::{TestDb, TestTopics};
+use plumbing::testing::{eventually, TestDb, TestTopics};
 use plumbing::Shutdown;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use schemas::{telemetry_codec, LayoutChoice, MetricValue, Telemetry};
 use timescale_sink::copy_writer::{CopyEncoder, COPY_TELEMETRY_SQL};
+
+/// Longest wait for the sink to store what was produced.
+const DEADLINE: Duration = Duration::from_secs(600);
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)
@@ -326,6 +329,10 @@ async fn main() -> Result<()> {
         if s >= n as i64 {
             break;
         }
+        anyhow::ensure!(
+            started.elapsed() < DEADLINE,
+            "the sink stored {s} of {n} offsets in {DEADLINE:?}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let total = started.elapsed().as_secs_f64();
@@ -385,12 +392,14 @@ async fn main() -> Result<()> {
     for d in pending {
         d.await?.map_err(|(e, _)| e)?;
     }
-    loop {
-        if stored(&sink_db, &group).await? >= (n as u64 + live_total) as i64 {
-            break;
+    let want = (n as u64 + live_total) as i64;
+    eventually("every live offset stored", DEADLINE, || async {
+        match stored(&sink_db, &group).await {
+            Ok(s) if s >= want => Ok(()),
+            other => Err(format!("{other:?} of {want}")),
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await?;
     let after = latency_buckets()?;
     shutdown.cancel();
     sink.await??;

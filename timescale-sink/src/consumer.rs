@@ -35,12 +35,7 @@ use tracing::{info, warn};
 use crate::batch::{PartitionRange, RawMessage};
 use crate::pipeline::Input;
 
-/// Where to start a partition that has no stored offset.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum StartFrom {
-    Earliest,
-    Latest,
-}
+pub use plumbing::kafka::StartFrom;
 
 /// State shared by the poll loop and the rebalance callbacks (same thread).
 pub struct SinkContext {
@@ -68,12 +63,6 @@ impl std::fmt::Debug for SinkContext {
             .field("writers", &self.writers.len())
             .finish()
     }
-}
-
-/// Callbacks block (on writers and the database), which is only allowed off the async
-/// runtime: on the consumer thread, not in a task that happens to drop the consumer.
-fn on_consumer_thread() -> bool {
-    Handle::try_current().is_err()
 }
 
 impl SinkContext {
@@ -144,7 +133,7 @@ impl ConsumerContext for SinkContext {
         let Rebalance::Revoke(tpl) = rebalance else {
             return;
         };
-        if !on_consumer_thread() {
+        if !plumbing::kafka::on_consumer_thread() {
             warn!("revocation outside the consumer thread; relying on the offset fence");
             return;
         }
@@ -179,31 +168,20 @@ impl ConsumerContext for SinkContext {
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(tpl) => {
-                if !on_consumer_thread() {
+                if !plumbing::kafka::on_consumer_thread() {
                     return;
                 }
                 let partitions: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
                 let Some(stored) = self.load_offsets(&partitions) else {
                     return;
                 };
-                let mut assignment = TopicPartitionList::new();
-                for &partition in &partitions {
-                    let offset = match (stored.get(&partition), self.start_from) {
-                        (Some(&next), _) => Offset::Offset(next),
-                        (None, StartFrom::Earliest) => Offset::Beginning,
-                        (None, StartFrom::Latest) => Offset::End,
-                    };
-                    if let Err(err) =
-                        assignment.add_partition_offset(&self.topic, partition, offset)
-                    {
-                        warn!(partition, error = %err, "cannot build assignment");
-                    }
-                }
-                // Eager protocol: this replaces the assignment just made with one that starts
-                // at the database's offsets.
-                if let Err(err) = consumer.assign(&assignment) {
-                    warn!(error = %err, "cannot re-assign at stored offsets");
-                }
+                plumbing::kafka::assign_at_stored(
+                    consumer,
+                    &self.topic,
+                    &partitions,
+                    |p| stored.get(&p).copied(),
+                    self.start_from,
+                );
                 for &partition in &partitions {
                     let position = stored.get(&partition).copied();
                     self.send_blocking(
@@ -376,14 +354,5 @@ pub fn drain_and_close(consumer: &BaseConsumer<SinkContext>, deadline: Instant) 
     }
     // Leaving the group runs the revoke callback (nothing left to drop) and lets the other
     // instances take the partitions over at once instead of after the session timeout.
-    consumer.unsubscribe();
-    let until = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < until
-        && consumer
-            .assignment()
-            .map(|a| a.count() > 0)
-            .unwrap_or(false)
-    {
-        let _ = consumer.poll(Duration::from_millis(50));
-    }
+    plumbing::kafka::leave_group(consumer);
 }
