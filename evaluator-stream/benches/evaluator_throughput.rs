@@ -29,6 +29,11 @@ use plumbing::Shutdown;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use schemas::{telemetry_codec, LayoutChoice, MetricValue, Telemetry};
 
+/// The service binary's allocator (see `src/main.rs`), so the in-process service measures
+/// what runs in production.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const TENANTS: usize = 100;
 static HOT_EVERY: std::sync::LazyLock<i64> =
     std::sync::LazyLock::new(|| env_or("BENCH_HOT_EVERY", 500).max(1));

@@ -14,13 +14,13 @@
 //! than its device's newest reading but within the lateness joins the device's windows
 //! (counted) and does not move threshold state, which already reflects a newer reading.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use schemas::{MetricValue, Telemetry};
 
-use crate::rules::{Condition, Rule, RuleSet};
+use crate::rules::{Condition, HashMap, Rule, RuleSet};
 
 /// Microseconds since the Unix epoch (event time).
 pub type Micros = i64;
@@ -137,9 +137,9 @@ impl DeviceState {
             site_id: site_id.map(str::to_owned),
             last_time: None,
             windows_warm: false,
-            windows: HashMap::new(),
-            open: HashMap::new(),
-            silence_due: HashMap::new(),
+            windows: HashMap::default(),
+            open: HashMap::default(),
+            silence_due: HashMap::default(),
         }
     }
 }
@@ -232,7 +232,7 @@ impl Engine {
         Self {
             config,
             rules,
-            partitions: HashMap::new(),
+            partitions: HashMap::default(),
             pending: Vec::new(),
             counters: Counters::default(),
         }
@@ -269,7 +269,7 @@ impl Engine {
             partition,
             PartitionState {
                 clock,
-                devices: HashMap::new(),
+                devices: HashMap::default(),
                 timers: BTreeSet::new(),
                 last_message: Instant::now(),
                 at_end: false,

@@ -210,6 +210,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), Error> {
         stats: stats.clone(),
         reported: engine::Counters::default(),
         traces: Vec::new(),
+        inflight: None,
     };
     let engine_task = tokio::spawn(runner.run(input_rx, rules_rx));
 
@@ -433,6 +434,8 @@ struct Runner {
     reported: engine::Counters,
     /// `traceparent`s of the messages that caused the transitions of the next commit.
     traces: Vec<String>,
+    /// The commit in flight (at most one), overlapping the evaluation of what follows.
+    inflight: Option<tokio::task::JoinHandle<CommitOutcome>>,
 }
 
 impl Runner {
@@ -466,12 +469,23 @@ impl Runner {
                 _ = tick.tick() => {
                     self.engine.tick(now_micros());
                 }
+                outcome = async {
+                    match self.inflight.as_mut() {
+                        Some(handle) => join_commit(handle).await,
+                        None => std::future::pending().await,
+                    }
+                }, if self.inflight.is_some() => {
+                    self.inflight = None;
+                    if let Some(outcome) = outcome {
+                        self.apply_outcome(outcome);
+                    }
+                }
             }
             if self.engine.has_transitions() || self.last_commit.elapsed() >= self.commit_interval {
-                self.commit().await;
+                self.start_commit();
             }
         }
-        self.commit().await;
+        self.flush().await;
     }
 
     async fn handle(&mut self, buf: &mut Vec<consumer::Input>) {
@@ -549,6 +563,7 @@ impl Runner {
                 if partition_count > 0 {
                     self.partition_count = partition_count;
                 }
+                self.finish_inflight().await;
                 let mine: HashSet<i32> = partitions.iter().map(|p| p.0).collect();
                 for (partition, offset, clock) in partitions {
                     self.engine.assign(partition, offset, clock);
@@ -556,7 +571,7 @@ impl Runner {
                 self.restore(&mine, None).await;
             }
             consumer::Input::Revoked { partitions, ack } => {
-                self.commit().await;
+                self.flush().await;
                 for partition in partitions {
                     self.engine.revoke(partition);
                 }
@@ -695,65 +710,75 @@ impl Runner {
         }
     }
 
-    /// Commits the engine's transitions and progress; retries until it succeeds, the
-    /// partitions are fenced, or the shutdown deadline passes (then nothing is stored and the
-    /// next owner re-reads the messages).
-    async fn commit(&mut self) {
+    /// Starts committing the engine's transitions and progress unless a commit is already in
+    /// flight (the next one starts when it ends: at most one at a time, so each commit's fence
+    /// expects the offsets the previous one stored). Evaluation goes on meanwhile.
+    fn start_commit(&mut self) {
+        if self.inflight.is_some() {
+            return;
+        }
         self.last_commit = Instant::now();
-        let mut unit: CommitUnit = self.engine.take_commit();
+        let unit: CommitUnit = self.engine.take_commit();
         let traces = std::mem::take(&mut self.traces);
         if unit.is_empty() {
             return;
         }
-        let mut backoff = Duration::from_millis(100);
+        self.spawn_commit(unit, traces);
+    }
+
+    fn spawn_commit(&mut self, unit: CommitUnit, traces: Vec<String>) {
+        let pool = self.pool.clone();
+        let group = self.group.clone();
+        let topic = self.topic.clone();
+        let give_up = self.give_up.clone();
+        self.inflight = Some(tokio::spawn(commit_until_done(
+            pool, group, topic, give_up, unit, traces,
+        )));
+    }
+
+    /// Waits for the commit in flight, if any, and applies its outcome.
+    async fn finish_inflight(&mut self) {
+        if let Some(mut handle) = self.inflight.take() {
+            if let Some(outcome) = join_commit(&mut handle).await {
+                self.apply_outcome(outcome);
+            }
+        }
+    }
+
+    /// Everything evaluated so far is committed (or given up at the shutdown deadline) when
+    /// this returns: before a rebalance and at the end.
+    async fn flush(&mut self) {
         loop {
-            let started = Instant::now();
-            let span = info_span!(
-                "commit",
-                transitions = unit.transitions.len(),
-                partitions = unit.progress.len()
-            );
-            for traceparent in &traces {
-                plumbing::observability::link_traceparent(&span, traceparent);
+            self.finish_inflight().await;
+            if self.give_up.is_cancelled() {
+                return;
             }
-            let result = store::commit(&self.pool, &self.group, &self.topic, &unit)
-                .instrument(span)
-                .await;
-            match result {
-                Ok(done) => {
-                    ::metrics::histogram!(metrics::COMMIT_DURATION)
-                        .record(started.elapsed().as_secs_f64());
-                    self.engine.committed(&unit);
-                    self.committed(&unit, done);
-                    return;
+            // A fenced commit may have left a remainder in flight; otherwise this takes
+            // whatever was evaluated while the last commit ran.
+            self.start_commit();
+            if self.inflight.is_none() {
+                return;
+            }
+        }
+    }
+
+    fn apply_outcome(&mut self, outcome: CommitOutcome) {
+        let CommitOutcome { mut unit, result } = outcome;
+        match result {
+            CommitResult::Done(done) => {
+                self.engine.committed(&unit);
+                self.committed(&unit, done);
+            }
+            CommitResult::Fenced(partitions) => {
+                for &partition in &partitions {
+                    self.engine.revoke(partition);
                 }
-                Err(store::StoreError::Fenced(partitions)) => {
-                    warn!(
-                        ?partitions,
-                        "commit fenced: partitions owned by another instance"
-                    );
-                    ::metrics::counter!(metrics::FENCED).increment(1);
-                    for &partition in &partitions {
-                        self.engine.revoke(partition);
-                    }
-                    unit.without(&partitions);
-                    if unit.is_empty() {
-                        return;
-                    }
-                }
-                Err(err) => {
-                    warn!(error = %err, "commit failed; retrying");
-                    ::metrics::counter!(metrics::DB_RETRIES).increment(1);
-                    tokio::select! {
-                        _ = self.give_up.cancelled() => {
-                            warn!("shutdown deadline passed; uncommitted work is left for the next owner");
-                            return;
-                        }
-                        _ = tokio::time::sleep(backoff) => {}
-                    }
-                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                unit.without(&partitions);
+                if !unit.is_empty() {
+                    self.spawn_commit(unit, Vec::new());
                 }
             }
+            CommitResult::GaveUp => {}
         }
     }
 
@@ -807,6 +832,91 @@ impl Runner {
         self.stats
             .late_dropped
             .store(now.late_dropped, Ordering::Relaxed);
+    }
+}
+
+/// What became of one commit unit.
+struct CommitOutcome {
+    unit: CommitUnit,
+    result: CommitResult,
+}
+
+enum CommitResult {
+    Done(store::Committed),
+    /// These partitions' stored offsets moved: another instance owns them now.
+    Fenced(Vec<i32>),
+    /// The shutdown deadline passed: nothing stored, the next owner re-reads the messages.
+    GaveUp,
+}
+
+/// Commits `unit`, retrying transient failures with backoff until it succeeds, the
+/// partitions are fenced, or the shutdown deadline passes.
+async fn commit_until_done(
+    pool: PgPool,
+    group: String,
+    topic: String,
+    give_up: Shutdown,
+    unit: CommitUnit,
+    traces: Vec<String>,
+) -> CommitOutcome {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let started = Instant::now();
+        let span = info_span!(
+            "commit",
+            transitions = unit.transitions.len(),
+            partitions = unit.progress.len()
+        );
+        for traceparent in &traces {
+            plumbing::observability::link_traceparent(&span, traceparent);
+        }
+        let result = store::commit(&pool, &group, &topic, &unit)
+            .instrument(span)
+            .await;
+        match result {
+            Ok(done) => {
+                ::metrics::histogram!(metrics::COMMIT_DURATION)
+                    .record(started.elapsed().as_secs_f64());
+                return CommitOutcome {
+                    unit,
+                    result: CommitResult::Done(done),
+                };
+            }
+            Err(store::StoreError::Fenced(partitions)) => {
+                warn!(
+                    ?partitions,
+                    "commit fenced: partitions owned by another instance"
+                );
+                ::metrics::counter!(metrics::FENCED).increment(1);
+                return CommitOutcome {
+                    unit,
+                    result: CommitResult::Fenced(partitions),
+                };
+            }
+            Err(err) => {
+                warn!(error = %err, "commit failed; retrying");
+                ::metrics::counter!(metrics::DB_RETRIES).increment(1);
+                tokio::select! {
+                    _ = give_up.cancelled() => {
+                        warn!("shutdown deadline passed; uncommitted work is left for the next owner");
+                        return CommitOutcome { unit, result: CommitResult::GaveUp };
+                    }
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+}
+
+/// The outcome of a spawned commit; a panic in it is re-raised here (the state it leaves is
+/// unknown, so the process must not go on as if it had committed); `None` when the task was
+/// cancelled (the runtime is shutting down).
+async fn join_commit(handle: &mut tokio::task::JoinHandle<CommitOutcome>) -> Option<CommitOutcome> {
+    match handle.await {
+        Ok(outcome) => Some(outcome),
+        Err(err) if err.is_panic() => std::panic::resume_unwind(err.into_panic()),
+        Err(_) => None,
     }
 }
 

@@ -4,8 +4,12 @@
 //! (a trigger on the table) and on a periodic refresh, in case a notification was missed
 //! while the listening connection was down.
 
-use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+
+/// Hash maps of the evaluator's state: foldhash (seeded per process) instead of SipHash.
+pub type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+/// See [`HashMap`].
+pub type HashSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
 
 use sqlx::PgPool;
 
