@@ -25,6 +25,11 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use schemas::{telemetry_codec, LayoutChoice, MetricValue, Telemetry};
 use timescale_sink::copy_writer::{CopyEncoder, COPY_TELEMETRY_SQL};
 
+/// The service binary's allocator (see `src/main.rs`), so the in-process sink measures what
+/// runs in production.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Longest wait for the sink to store what was produced.
 const DEADLINE: Duration = Duration::from_secs(600);
 

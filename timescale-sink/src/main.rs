@@ -3,6 +3,11 @@
 use anyhow::Context;
 use clap::Parser;
 
+/// mimalloc: batches are built from many small allocations on the consumer thread and freed
+/// by the writers on other threads, which glibc malloc handles poorly.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = timescale_sink::Config::parse();
