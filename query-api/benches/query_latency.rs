@@ -6,7 +6,13 @@
 //! * `fleet_page_1000`: `GET /v1/fleet/latest?limit=1000` of a random 1,000-device tenant;
 //!
 //! each once on a quiet database and once while a writer ingests telemetry with the sink's
-//! transaction shape (COPY of a batch, `device_latest` upsert, commit; every 200 ms).
+//! transaction shape (COPY of a batch, `device_latest` upsert, the rollup invalidation call,
+//! commit; every 200 ms) and a refresher brings the 1-minute rollups up to date every 10 s, as
+//! the sink's maintenance task does.
+//!
+//! After the bulk load (or when reusing a dataset) it builds the rollups with
+//! `fleet_refresh_rollup_1m()` calls (ten minutes of readings each, as the sink makes them) and
+//! reports how long that took.
 //!
 //! ```text
 //! DATABASE_URL=postgres://fleet:fleet@127.0.0.1:5432/fleetstream \
@@ -14,7 +20,8 @@
 //! ```
 //!
 //! The dataset is kept in database `--db` (default `fleet_bench`) and reused by the next run
-//! with the same size; `--drop` removes it at the end. 50M rows need about 10 GB of disk.
+//! with the same size; `--drop` removes it at the end. 50M rows need about 11 GB of disk, their
+//! rollups (3 metrics × 1,440 minutes × 10,000 devices) about 6 GB more.
 #![allow(clippy::print_stdout, clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -149,6 +156,8 @@ async fn main() -> Result<()> {
         .fetch_one(&owner)
         .await?;
 
+    build_rollups(&owner, data_end, rows).await?;
+
     let tenants = args.devices.div_ceil(DEVICES_PER_TENANT);
     let mut keys = Vec::new();
     for t in 0..tenants {
@@ -212,6 +221,7 @@ async fn main() -> Result<()> {
     for ingesting in [false, true] {
         let writer =
             ingesting.then(|| spawn_writer(connect.clone(), telemetry_devices, args.ingest_rate));
+        let refresher = ingesting.then(|| spawn_refresher(owner.clone()));
         for scenario in ["latest", "series_24h_1m", "fleet_page_1000"] {
             let report = measure(
                 &client,
@@ -243,6 +253,14 @@ async fn main() -> Result<()> {
                 args.ingest_rate
             );
         }
+        if let Some((stop, task)) = refresher {
+            stop.store(true, Ordering::Relaxed);
+            let (calls, slowest, lag) = task.await??;
+            println!(
+                "|  | rollup refreshed by {calls} calls, slowest {:.0} ms, lag at the end {lag:.0} s | | | | | | |",
+                slowest.as_secs_f64() * 1000.0
+            );
+        }
     }
     shutdown.cancel();
     server.await??;
@@ -253,6 +271,99 @@ async fn main() -> Result<()> {
             .await?;
     }
     Ok(())
+}
+
+/// One `fleet_refresh_rollup_1m()` call: (watermark, rollup rows written, work left).
+async fn refresh_once(pool: &PgPool) -> Result<(Option<DateTime<Utc>>, i64, bool)> {
+    Ok(
+        sqlx::query_as("SELECT watermark, rows_written, more FROM fleet_refresh_rollup_1m()")
+            .fetch_one(pool)
+            .await?,
+    )
+}
+
+/// Brings the 1-minute rollups up to date after a load, with the calls the sink would make
+/// (ten minutes of readings each), and reports the time taken.
+async fn build_rollups(owner: &PgPool, data_end: DateTime<Utc>, rows: i64) -> Result<()> {
+    // Rollup partitions for the loaded days (plain layout; a no-op on TimescaleDB).
+    sqlx::query(
+        "SELECT fleet_create_daily_partition('telemetry_1m', d::date) \
+         FROM generate_series(($1::timestamptz - interval '2 days') AT TIME ZONE 'UTC', \
+                              ($1::timestamptz + interval '3 days') AT TIME ZONE 'UTC', interval '1 day') d \
+         WHERE (SELECT value FROM fleetstream_settings WHERE key = 'storage_layout') = 'postgres'",
+    )
+    .bind(data_end)
+    .execute(owner)
+    .await?;
+    let before: Option<DateTime<Utc>> =
+        sqlx::query_scalar("SELECT watermark FROM telemetry_1m_state")
+            .fetch_one(owner)
+            .await?;
+    let started = Instant::now();
+    let (mut calls, mut written, mut slowest) = (0u64, 0i64, Duration::ZERO);
+    loop {
+        let call = Instant::now();
+        let (watermark, rows_written, more) = refresh_once(owner).await?;
+        slowest = slowest.max(call.elapsed());
+        calls += 1;
+        written += rows_written;
+        if calls % 20 == 0 {
+            println!("  rollup: watermark {watermark:?}, {written} rows written");
+        }
+        if !more {
+            break;
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    if before.is_none() {
+        println!(
+            "rollup built: {calls} calls (slowest {:.2} s), {written} rollup rows from {rows} readings in {secs:.0} s ({:.0} readings/s, {:.0} rollup rows/s)",
+            slowest.as_secs_f64(),
+            rows as f64 / secs,
+            written as f64 / secs
+        );
+    } else {
+        println!("rollup caught up: {calls} calls, {written} rows in {secs:.1} s");
+    }
+    if written > 0 {
+        sqlx::query("VACUUM ANALYZE telemetry_1m")
+            .execute(owner)
+            .await?;
+    }
+    Ok(())
+}
+
+type Refresher = (
+    Arc<AtomicBool>,
+    tokio::task::JoinHandle<Result<(u64, Duration, f64)>>,
+);
+
+/// Refreshes the rollups every 10 s (until no work is left each time), as the sink's
+/// maintenance task does. Returns (calls, slowest call, lag at the end in seconds).
+fn spawn_refresher(owner: PgPool) -> Refresher {
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let task = tokio::spawn(async move {
+        let (mut calls, mut slowest, mut lag) = (0u64, Duration::ZERO, 0.0);
+        let mut tick = tokio::time::interval(Duration::from_secs(10));
+        while !stop2.load(Ordering::Relaxed) {
+            tick.tick().await;
+            loop {
+                let call = Instant::now();
+                let (watermark, _, more) = refresh_once(&owner).await?;
+                slowest = slowest.max(call.elapsed());
+                calls += 1;
+                if let Some(watermark) = watermark {
+                    lag = (Utc::now() - watermark).num_milliseconds() as f64 / 1000.0;
+                }
+                if !more {
+                    break;
+                }
+            }
+        }
+        Ok((calls, slowest, lag))
+    });
+    (stop, task)
 }
 
 /// Tenants, sites, devices, latest values, then the history by COPY on two connections.
@@ -415,6 +526,7 @@ fn spawn_writer(connect: PgConnectOptions, devices: usize, rate: usize) -> Write
             let now = Utc::now();
             let mut buf = String::with_capacity(batch * 120);
             let (mut ts, mut ds, mut ss, mut ms) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            let mut times = Vec::with_capacity(batch);
             for _ in 0..batch {
                 let d = rng.random_range(0..devices);
                 seq += 1;
@@ -423,6 +535,7 @@ fn spawn_writer(connect: PgConnectOptions, devices: usize, rate: usize) -> Write
                     20.0 + rng.random::<f64>()
                 );
                 let time = now - chrono::Duration::microseconds(rng.random_range(0..200_000));
+                times.push(time);
                 buf.push_str(&format!(
                     "{}\t{}\t{}\t{}\ttelemetry\t{seq}\t{metrics}\n",
                     time.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
@@ -435,6 +548,10 @@ fn spawn_writer(connect: PgConnectOptions, devices: usize, rate: usize) -> Write
                 ss.push(site(d));
                 ms.push(metrics);
             }
+            let (lo, hi) = (
+                times.iter().min().copied().unwrap_or(now),
+                times.iter().max().copied().unwrap_or(now),
+            );
             let mut tx = conn.begin().await?;
             let mut copy = tx
                 .copy_in_raw("COPY telemetry (time, tenant_id, device_id, site_id, msg_type, seq, metrics) FROM STDIN")
@@ -462,6 +579,11 @@ fn spawn_writer(connect: PgConnectOptions, devices: usize, rate: usize) -> Write
             .execute(&mut *tx)
             .await
             .ok();
+            sqlx::query("SELECT fleet_rollup_1m_invalidate($1, $2)")
+                .bind(lo)
+                .bind(hi)
+                .execute(&mut *tx)
+                .await?;
             tx.commit().await?;
             written2.fetch_add(batch as u64, Ordering::Relaxed);
         }

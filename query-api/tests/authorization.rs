@@ -380,6 +380,20 @@ async fn every_endpoint_role_and_tenant_gets_the_expected_status_and_nothing_of_
     let fx = Fixture::new().await.unwrap();
     let own = seed_tenant(&fx.owner, OWN, "ac").await.unwrap();
     let other = seed_tenant(&fx.owner, OTHER, "gx").await.unwrap();
+    // Older readings of every device, rolled up: series requests read both tenants' rollups
+    // through the view.
+    sqlx::query(
+        "INSERT INTO telemetry (time, tenant_id, device_id, site_id, seq, metrics) \
+         SELECT now() - interval '10 minutes', tenant_id, device_id, site_id, 0, '{\"temp\": 19}' \
+         FROM devices",
+    )
+    .execute(&fx.owner)
+    .await
+    .unwrap();
+    sqlx::query("SELECT * FROM fleet_refresh_rollup_1m(1000)")
+        .execute(&fx.owner)
+        .await
+        .unwrap();
     let world = World { fx, own, other };
     let mut failures = Vec::new();
     let mut checked = 0;

@@ -239,6 +239,13 @@ async fn apply_policies(
                     "drop_after",
                     options.system_metrics_retention,
                 ),
+                // The rollup lives as long as the readings it summarises (migration 0009).
+                (
+                    "telemetry_1m",
+                    "policy_retention",
+                    "drop_after",
+                    options.telemetry_retention,
+                ),
             ];
             for (table, proc_name, key, age) in policies {
                 set_timescale_policy(conn, table, proc_name, key, age).await?;

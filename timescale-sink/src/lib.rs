@@ -17,7 +17,8 @@
 //! * [`writer`]: one batch, one transaction (fence, COPY, dedupe, bisect, latest);
 //! * [`offsets`]: the fenced offset store; [`copy_writer`]: the binary COPY encoder;
 //! * [`dlq`]: dead letters; [`stats`] and [`metrics`]: figures for Prometheus and
-//!   `system_metrics`; [`maintenance`]: plain-PostgreSQL partition upkeep.
+//!   `system_metrics`; [`maintenance`]: plain-PostgreSQL partition upkeep and the 1-minute
+//!   rollup refresh.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -96,6 +97,11 @@ pub struct Config {
     /// Plain PostgreSQL layout: partition upkeep interval.
     #[arg(long, env = "SINK_MAINTENANCE_INTERVAL", default_value = "1h", value_parser = plumbing::config::parse_duration)]
     pub maintenance_interval: Duration,
+    /// How often the 1-minute rollups are brought up to date (`fleet_refresh_rollup_1m()`,
+    /// repeated while it reports work left). Also bounds how long a late reading takes to
+    /// show in rollup-served series.
+    #[arg(long, env = "SINK_ROLLUP_INTERVAL", default_value = "10s", value_parser = plumbing::config::parse_duration)]
+    pub rollup_interval: Duration,
     /// Plain PostgreSQL layout: daily partitions kept ahead of today.
     #[arg(long, env = "PARTITIONS_AHEAD_DAYS", default_value_t = 3)]
     pub partitions_ahead_days: u32,
@@ -119,6 +125,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), Error> {
     let (listener, addr) = admin::bind(config.observability.admin_listen).await?;
     info!(%addr, "admin endpoints listening");
     let background = Shutdown::new();
+    let stats = Arc::new(stats::Stats::default());
     let probes = [
         plumbing::probe::spawn_database_probe(pool.clone(), health.clone(), background.clone()),
         plumbing::probe::spawn_kafka_probe(
@@ -129,11 +136,14 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), Error> {
         tokio::spawn(maintenance::run(
             pool.clone(),
             config.partitions_ahead_days,
-            config.maintenance_interval,
+            maintenance::Intervals {
+                partitions: config.maintenance_interval,
+                rollup: config.rollup_interval,
+            },
+            stats.clone(),
             background.clone(),
         )),
     ];
-    let stats = Arc::new(stats::Stats::default());
     let reporter = stats::spawn_reporter(
         pool.clone(),
         stats.clone(),
@@ -282,5 +292,6 @@ mod tests {
         assert_eq!(config.batch_max_rows, 5000);
         assert_eq!(config.batch_max_age, Duration::from_millis(150));
         assert_eq!(config.writers, 2);
+        assert_eq!(config.rollup_interval, Duration::from_secs(10));
     }
 }

@@ -1,32 +1,157 @@
-//! Plain-PostgreSQL layout upkeep: daily partitions ahead, partitions past retention dropped.
-//! A session advisory lock lets one sink instance at a time do it; in the TimescaleDB layout
-//! the SQL function is a no-op (policies do this there).
+//! Database upkeep done by the sink in the background:
+//!
+//! * plain-PostgreSQL partitions: daily partitions ahead, partitions past retention dropped.
+//!   A session advisory lock lets one sink instance at a time do it; in the TimescaleDB layout
+//!   the SQL function is a no-op (policies do this there);
+//! * the 1-minute rollups (`telemetry_1m`, migration 0009): `fleet_refresh_rollup_1m()` every
+//!   rollup interval, called again at once while it reports work left (catching up after
+//!   downtime or a backlog of late data). The function takes its own transaction-level
+//!   advisory lock, so with several sink instances one refreshes and the others return at
+//!   once; each call is one short transaction (at most ten minutes of readings).
+//!
+//! Late readings reach the rollups through the invalidation each batch transaction records
+//! (see [`crate::writer`]); the migration explains why the two together are exact.
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
+use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, info_span, warn, Instrument};
 
-/// Runs upkeep now and every `interval` until `shutdown`.
-pub async fn run(pool: PgPool, days_ahead: u32, interval: Duration, shutdown: CancellationToken) {
-    loop {
-        match pool.acquire().await {
-            Ok(mut conn) => {
-                match schemas::storage::maintain_partitions(&mut conn, days_ahead).await {
-                    Ok(actions) => {
-                        for action in actions {
-                            info!(%action, "partition maintenance");
-                        }
-                    }
-                    Err(err) => warn!(error = %err, "partition maintenance failed"),
+use crate::metrics as m;
+use crate::stats::Stats;
+
+/// Calls in a row while the refresh reports work left, before yielding to the next tick (so a
+/// long catch-up still lets partition upkeep and shutdown in between).
+const MAX_CALLS_PER_TICK: usize = 1_000;
+
+/// What one `fleet_refresh_rollup_1m()` call did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Refresh {
+    /// End of the rolled-up range (`None` before the first refresh).
+    pub watermark: Option<DateTime<Utc>>,
+    /// Rollup rows written (new minutes and recomputed ones).
+    pub rows_written: i64,
+    /// Minutes recomputed because late readings arrived in them.
+    pub minutes_recomputed: i32,
+    /// Whether more work is left (call again).
+    pub more: bool,
+}
+
+/// One rollup step, one transaction.
+pub async fn refresh_rollup(pool: &PgPool) -> Result<Refresh, sqlx::Error> {
+    let (watermark, rows_written, minutes_recomputed, more): (
+        Option<DateTime<Utc>>,
+        i64,
+        i32,
+        bool,
+    ) = sqlx::query_as(
+        "SELECT watermark, rows_written, minutes_recomputed, more FROM fleet_refresh_rollup_1m()",
+    )
+    .fetch_one(pool)
+    .await?;
+    Ok(Refresh {
+        watermark,
+        rows_written,
+        minutes_recomputed,
+        more,
+    })
+}
+
+/// Refreshes until no work is left (or `MAX_CALLS_PER_TICK` calls), recording metrics and the
+/// rollup lag. Returns the last call's answer.
+pub async fn refresh_rollup_until_done(
+    pool: &PgPool,
+    stats: &Stats,
+    shutdown: &CancellationToken,
+) -> Result<Refresh, sqlx::Error> {
+    let span = info_span!("refresh_rollup");
+    async {
+        let mut calls = 0usize;
+        loop {
+            let started = Instant::now();
+            let result = refresh_rollup(pool).await;
+            metrics::histogram!(m::ROLLUP_REFRESH_DURATION).record(started.elapsed().as_secs_f64());
+            let refresh = match result {
+                Ok(refresh) => refresh,
+                Err(err) => {
+                    metrics::counter!(m::ROLLUP_REFRESHES, "outcome" => "error").increment(1);
+                    return Err(err);
                 }
+            };
+            metrics::counter!(m::ROLLUP_REFRESHES, "outcome" => "ok").increment(1);
+            metrics::counter!(m::ROLLUP_ROWS_WRITTEN).increment(refresh.rows_written.max(0) as u64);
+            metrics::counter!(m::ROLLUP_MINUTES_RECOMPUTED)
+                .increment(refresh.minutes_recomputed.max(0) as u64);
+            if let Some(watermark) = refresh.watermark {
+                let lag = (Utc::now() - watermark).num_milliseconds().max(0) as f64 / 1000.0;
+                metrics::gauge!(m::ROLLUP_LAG).set(lag);
+                stats.set_rollup_lag(lag);
             }
-            Err(err) => warn!(error = %err, "partition maintenance: no connection"),
+            debug!(
+                watermark = ?refresh.watermark,
+                rows_written = refresh.rows_written,
+                minutes_recomputed = refresh.minutes_recomputed,
+                more = refresh.more,
+                "rollup refreshed"
+            );
+            calls += 1;
+            if !refresh.more || calls >= MAX_CALLS_PER_TICK || shutdown.is_cancelled() {
+                return Ok(refresh);
+            }
         }
+    }
+    .instrument(span)
+    .await
+}
+
+/// Intervals of the background upkeep.
+#[derive(Debug, Clone, Copy)]
+pub struct Intervals {
+    /// Partition upkeep (plain layout).
+    pub partitions: Duration,
+    /// Rollup refresh.
+    pub rollup: Duration,
+}
+
+/// Runs partition upkeep and the rollup refresh now and then every interval until `shutdown`.
+pub async fn run(
+    pool: PgPool,
+    days_ahead: u32,
+    intervals: Intervals,
+    stats: Arc<Stats>,
+    shutdown: CancellationToken,
+) {
+    let mut partitions = tokio::time::interval(intervals.partitions);
+    let mut rollup = tokio::time::interval(intervals.rollup);
+    for timer in [&mut partitions, &mut rollup] {
+        timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    }
+    loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(interval) => {}
+            _ = partitions.tick() => maintain_partitions(&pool, days_ahead).await,
+            _ = rollup.tick() => {
+                if let Err(err) = refresh_rollup_until_done(&pool, &stats, &shutdown).await {
+                    warn!(error = %err, "rollup refresh failed");
+                }
+            }
         }
+    }
+}
+
+async fn maintain_partitions(pool: &PgPool, days_ahead: u32) {
+    match pool.acquire().await {
+        Ok(mut conn) => match schemas::storage::maintain_partitions(&mut conn, days_ahead).await {
+            Ok(actions) => {
+                for action in actions {
+                    info!(%action, "partition maintenance");
+                }
+            }
+            Err(err) => warn!(error = %err, "partition maintenance failed"),
+        },
+        Err(err) => warn!(error = %err, "partition maintenance: no connection"),
     }
 }

@@ -15,6 +15,11 @@ pub const FENCED_BATCHES: &str = "fleetstream_sink_fenced_batches_total";
 pub const DB_RETRIES: &str = "fleetstream_sink_database_retries_total";
 pub const LAG: &str = "fleetstream_sink_consumer_lag_messages";
 pub const ASSIGNED_PARTITIONS: &str = "fleetstream_sink_assigned_partitions";
+pub const ROLLUP_REFRESHES: &str = "fleetstream_sink_rollup_refreshes_total";
+pub const ROLLUP_REFRESH_DURATION: &str = "fleetstream_sink_rollup_refresh_duration_seconds";
+pub const ROLLUP_ROWS_WRITTEN: &str = "fleetstream_sink_rollup_rows_written_total";
+pub const ROLLUP_MINUTES_RECOMPUTED: &str = "fleetstream_sink_rollup_minutes_recomputed_total";
+pub const ROLLUP_LAG: &str = "fleetstream_sink_rollup_lag_seconds";
 
 /// Registers help text for every metric of the sink.
 pub fn describe() {
@@ -79,5 +84,30 @@ pub fn describe() {
         ASSIGNED_PARTITIONS,
         Unit::Count,
         "Partitions assigned to this instance."
+    );
+    describe_counter!(
+        ROLLUP_REFRESHES,
+        Unit::Count,
+        "Calls of fleet_refresh_rollup_1m() by outcome (ok, error)."
+    );
+    describe_histogram!(
+        ROLLUP_REFRESH_DURATION,
+        Unit::Seconds,
+        "Duration of one fleet_refresh_rollup_1m() call (one transaction)."
+    );
+    describe_counter!(
+        ROLLUP_ROWS_WRITTEN,
+        Unit::Count,
+        "Rows written to the 1-minute rollup (new minutes and recomputed ones)."
+    );
+    describe_counter!(
+        ROLLUP_MINUTES_RECOMPUTED,
+        Unit::Count,
+        "Rolled-up minutes recomputed because late readings arrived in them."
+    );
+    describe_gauge!(
+        ROLLUP_LAG,
+        Unit::Seconds,
+        "Now minus the rollup watermark (the end of the rolled-up range)."
     );
 }

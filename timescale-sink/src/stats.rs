@@ -16,6 +16,8 @@ pub struct Stats {
     dead_letters: AtomicU64,
     fenced: AtomicU64,
     lag: AtomicU64,
+    /// Seconds between now and the rollup watermark at the last refresh, as `f64` bits.
+    rollup_lag: AtomicU64,
     /// Ingest→commit latency of committed rows.
     pub latency: LatencyWindow,
 }
@@ -33,6 +35,15 @@ impl Stats {
 
     pub fn set_lag(&self, lag: u64) {
         self.lag.store(lag, Ordering::Relaxed);
+    }
+
+    pub fn set_rollup_lag(&self, seconds: f64) {
+        self.rollup_lag.store(seconds.to_bits(), Ordering::Relaxed);
+    }
+
+    /// Rollup lag at the last refresh, seconds (0 before the first).
+    pub fn rollup_lag(&self) -> f64 {
+        f64::from_bits(self.rollup_lag.load(Ordering::Relaxed))
     }
 
     /// Rows committed since start.
@@ -74,6 +85,7 @@ pub fn spawn_reporter(
                     "sink_consumer_lag_messages",
                     stats.lag.load(Ordering::Relaxed) as f64,
                 ),
+                ("sink_rollup_lag_seconds", stats.rollup_lag()),
                 ("sink_ingest_to_commit_avg_seconds", avg),
                 ("sink_ingest_to_commit_max_seconds", max),
                 ("sink_duplicate_rows_total", stats.duplicates() as f64),

@@ -14,7 +14,9 @@
 //!    * a data error (a row PostgreSQL rejects): bisect under savepoints until each bad row is
 //!      isolated; bad rows go to the DLQ (acknowledged before commit), good rows are stored;
 //! 3. upsert of `device_latest` with each device's newest reading, only where newer;
-//! 4. commit.
+//! 4. `fleet_rollup_1m_invalidate(min time, max time)`: late readings mark their minutes for
+//!    the 1-minute rollup to recompute (usually a no-op);
+//! 5. commit.
 //!
 //! Transient errors (connection lost, server restarting, serialization failures) roll the
 //! transaction back and retry it with exponential backoff and jitter, for ever: the batch is
@@ -321,6 +323,15 @@ impl BatchWriter {
                 .collect();
             upsert_latest(&mut tx, &stored).await?;
             stage_done("latest", latest_started);
+            // Late readings (older than the database clock minus the rollup settle time) mark
+            // their range for the rollup to recompute; live batches record nothing. Must run in
+            // this transaction: see migration 0009 for why that makes the rollup exact.
+            let times = stored.iter().map(|r| r.row.time);
+            sqlx::query("SELECT fleet_rollup_1m_invalidate($1, $2)")
+                .bind(times.clone().min())
+                .bind(times.max())
+                .execute(&mut *tx)
+                .await?;
         }
         let commit_started = Instant::now();
         tx.commit().await?;

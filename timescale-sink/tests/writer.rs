@@ -131,3 +131,122 @@ async fn re_sent_readings_are_skipped_and_counted_exactly() -> Result<()> {
     assert_eq!(latest, 102);
     Ok(())
 }
+
+/// Readings of device 1 on partition 0 at `times`, offsets from `first_offset`.
+fn batch_at(first_offset: i64, times: &[chrono::DateTime<chrono::Utc>]) -> Batch {
+    let codec = schemas::telemetry_codec().unwrap();
+    let mut batch = Batch::with_capacity(times.len());
+    for (i, time) in times.iter().enumerate() {
+        let r = reading("acme", 1, first_offset + i as i64, *time);
+        let payload = codec.encode(&r).unwrap();
+        let message = RawMessage {
+            partition: 0,
+            offset: first_offset + i as i64,
+            payload,
+            traceparent: None,
+        };
+        let expected = (first_offset > 0).then_some(first_offset);
+        batch.push(message, expected, Ok(r));
+    }
+    batch
+}
+
+async fn invalidations(
+    db: &TestDb,
+) -> Result<Vec<(chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>)>> {
+    Ok(
+        sqlx::query_as("SELECT lo, hi FROM telemetry_1m_invalid ORDER BY lo")
+            .fetch_all(&db.pool)
+            .await?,
+    )
+}
+
+/// The batch transaction records the late part of its time range for the rollup (readings
+/// older than the database clock minus the settle time), and nothing for live readings; the
+/// maintenance task's refresh then consumes it and rolls the readings up.
+#[tokio::test]
+async fn a_late_batch_marks_its_range_for_the_rollup_and_a_live_one_does_not() -> Result<()> {
+    let db = TestDb::new(LayoutChoice::Postgres).await?;
+    let topics = TestTopics::new(1).await?;
+    let (writer, stats) = writer(&db, &topics).await?;
+    let never = CancellationToken::new();
+    sqlx::query("INSERT INTO tenants (tenant_id, name) VALUES ('acme', 'acme')")
+        .execute(&db.pool)
+        .await?;
+    // Microseconds, as the database stores them.
+    let now =
+        chrono::DateTime::from_timestamp_micros(chrono::Utc::now().timestamp_micros()).unwrap();
+    let live = [
+        now - chrono::Duration::seconds(5),
+        now - chrono::Duration::seconds(2),
+    ];
+    assert!(matches!(
+        writer.write(batch_at(0, &live), &never).await,
+        Outcome::Committed { rows: 2, .. }
+    ));
+    assert_eq!(
+        invalidations(&db).await?,
+        vec![],
+        "live readings are not late"
+    );
+
+    let late = [
+        now - chrono::Duration::hours(1),
+        now - chrono::Duration::minutes(30),
+        now - chrono::Duration::seconds(1),
+    ];
+    assert!(matches!(
+        writer.write(batch_at(2, &late), &never).await,
+        Outcome::Committed { rows: 3, .. }
+    ));
+    let marked = invalidations(&db).await?;
+    assert_eq!(marked.len(), 1, "{marked:?}");
+    let (lo, hi) = marked[0];
+    assert_eq!(lo, late[0], "from the oldest reading");
+    // Up to the writer's clock minus the settle time: the newest reading is not late.
+    assert!(
+        hi >= late[1] && hi < late[2],
+        "{hi} between {} and {}",
+        late[1],
+        late[2]
+    );
+
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(timescale_sink::maintenance::run(
+        db.pool.clone(),
+        3,
+        timescale_sink::maintenance::Intervals {
+            partitions: Duration::from_secs(3600),
+            rollup: Duration::from_millis(20),
+        },
+        stats.clone(),
+        shutdown.clone(),
+    ));
+    // Everything below the watermark, each reading once (one snapshot: a refresh commits
+    // the watermark and its rows together).
+    let (rolled_up, expected) = plumbing::testing::eventually(
+        "the refresh consumed the invalidation and rolled the readings up",
+        Duration::from_secs(30),
+        || async {
+            let (pending, rolled_up, expected): (i64, i64, i64) = sqlx::query_as(
+                "SELECT (SELECT count(*) FROM telemetry_1m_invalid), \
+                        (SELECT COALESCE(sum(n), 0)::int8 FROM telemetry_1m WHERE metric = 'battery'), \
+                        (SELECT count(*) FROM telemetry WHERE time < s.watermark) \
+                 FROM telemetry_1m_state s",
+            )
+            .fetch_one(&db.pool)
+            .await
+            .map_err(|e| e.to_string())?;
+            if pending == 0 && expected >= 2 {
+                Ok((rolled_up, expected))
+            } else {
+                Err(format!("pending {pending}, rolled up {rolled_up} of {expected}"))
+            }
+        },
+    )
+    .await?;
+    assert_eq!(rolled_up, expected);
+    shutdown.cancel();
+    task.await?;
+    Ok(())
+}

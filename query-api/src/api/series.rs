@@ -7,6 +7,15 @@
 //! database applies; the device, tenant and time predicates are leakproof, so they still reach
 //! the primary key `(tenant_id, device_id, time)`.
 //!
+//! Buckets of whole minutes read the 1-minute rollups (`telemetry_1m_view`, migration 0009)
+//! for the whole minutes below the rollup watermark and the raw readings for the rest (the
+//! partial minutes at the edges of the range, and everything at or after the watermark), and
+//! combine both in one statement (one snapshot, so the watermark and the rollups agree): a day
+//! of one device is ~1,440 narrow rows instead of every jsonb reading. Counts, minima, maxima
+//! and last values are exactly those of the raw path; averages are the same sums added in
+//! another order (equal up to the last bits of a float). Raw readings and buckets that are
+//! not whole minutes read raw readings only.
+//!
 //! Limits (both 400s naming the limit): the range may not exceed `MAX_QUERY_RANGE`, and the
 //! answer may not exceed `MAX_POINTS` points (buckets × metrics, or readings × metrics).
 
@@ -145,6 +154,89 @@ fn bucketed_statement(layout: Layout, agg: Agg) -> &'static str {
     }
 }
 
+/// One raw branch of the rollup statement: each numeric reading of `$4`'s metrics in
+/// `[$lo, $hi)` as a partial of its own (n = 1).
+macro_rules! raw_partials {
+    ($lo:literal, $hi:literal) => {
+        concat!(
+            "SELECT t.time, m.k, 1, m.v, m.v, m.v, t.time, m.v \
+             FROM telemetry_view t \
+             CROSS JOIN LATERAL (SELECT x.k, ",
+            metric_value!(),
+            " AS v FROM (SELECT k, t.metrics -> k AS j FROM unnest($4::text[]) AS k) x) m \
+             WHERE t.tenant_id = $1 AND t.device_id = $2 AND t.time >= ",
+            $lo,
+            " AND t.time < ",
+            $hi,
+            " AND m.v IS NOT NULL"
+        )
+    };
+}
+
+/// Buckets of whole minutes from partials: rollup rows for the whole minutes in
+/// `[lo, hi)` (`lo` = `$5` rounded up to a minute, `hi` = `$6` rounded down, at most the
+/// watermark) and raw readings in `[$5, lo)` and `[hi, $6)`. Minutes are aligned to
+/// 2000-01-01 like the buckets, so every minute lies in one bucket.
+macro_rules! rollup_sql {
+    ($bucket_fn:literal, $agg:literal) => {
+        concat!(
+            "WITH edges AS MATERIALIZED ( \
+                 SELECT e.lo, greatest(e.lo, least(date_bin('1 minute', $6, '2000-01-01 00:00:00+00'), \
+                        COALESCE((SELECT s.watermark FROM telemetry_1m_state s), '-infinity'))) AS hi \
+                 FROM (SELECT CASE WHEN date_bin('1 minute', $5, '2000-01-01 00:00:00+00') = $5 THEN $5 \
+                              ELSE date_bin('1 minute', $5, '2000-01-01 00:00:00+00') + interval '1 minute' \
+                              END AS lo) e), \
+             parts (time, metric, n, sum, min, max, last_time, last) AS ( \
+                 SELECT r.bucket, r.metric, r.n::float8, r.sum, r.min, r.max, r.last_time, r.last \
+                 FROM telemetry_1m_view r \
+                 WHERE r.tenant_id = $1 AND r.device_id = $2 AND r.metric = ANY($4::text[]) \
+                   AND r.bucket >= (SELECT lo FROM edges) AND r.bucket < (SELECT hi FROM edges) \
+                 UNION ALL ",
+            raw_partials!("$5", "least((SELECT lo FROM edges), $6)"),
+            " UNION ALL ",
+            raw_partials!("(SELECT hi FROM edges)", "$6"),
+            ") SELECT ",
+            $bucket_fn,
+            "($3::interval, p.time, '2000-01-01 00:00:00+00'::timestamptz) AS bucket, p.metric, ",
+            $agg,
+            " AS value FROM parts p GROUP BY 1, 2 ORDER BY 2, 1"
+        )
+    };
+}
+
+macro_rules! rollup_for_layout {
+    ($bucket_fn:literal, $agg:expr) => {
+        match $agg {
+            Agg::Avg => rollup_sql!($bucket_fn, "sum(p.sum) / sum(p.n)"),
+            Agg::Min => rollup_sql!($bucket_fn, "min(p.min)"),
+            Agg::Max => rollup_sql!($bucket_fn, "max(p.max)"),
+            Agg::Count => rollup_sql!($bucket_fn, "sum(p.n)"),
+            Agg::Last => rollup_sql!(
+                $bucket_fn,
+                "(array_agg(p.last ORDER BY p.last_time DESC))[1]"
+            ),
+        }
+    };
+}
+
+/// The rollup statement for a layout and aggregate (for buckets of whole minutes).
+fn rollup_statement(layout: Layout, agg: Agg) -> &'static str {
+    match layout {
+        Layout::TimescaleDb => rollup_for_layout!("time_bucket", agg),
+        Layout::Postgres => rollup_for_layout!("date_bin", agg),
+    }
+}
+
+/// The statement serving `bucket_s`-second buckets: rollups plus raw edges for whole
+/// minutes, raw readings otherwise.
+fn series_statement(layout: Layout, agg: Agg, bucket_s: u64) -> &'static str {
+    if bucket_s % 60 == 0 {
+        rollup_statement(layout, agg)
+    } else {
+        bucketed_statement(layout, agg)
+    }
+}
+
 const RAW_SQL: &str = "SELECT t.time, t.metrics FROM telemetry_view t \
      WHERE t.tenant_id = $1 AND t.device_id = $2 AND t.time >= $3 AND t.time < $4 \
      ORDER BY t.time LIMIT $5";
@@ -237,7 +329,7 @@ pub async fn series(
             }
             let layout = state.layout().await?;
             let rows: Vec<(DateTime<Utc>, String, Option<f64>)> =
-                sqlx::query_as(bucketed_statement(layout, agg))
+                sqlx::query_as(series_statement(layout, agg, bucket_s))
                     .bind(&tenant)
                     .bind(&device_id)
                     .bind(sqlx::postgres::types::PgInterval {
@@ -334,5 +426,21 @@ mod tests {
         assert!(bucketed_statement(Layout::Postgres, Agg::Avg).contains("date_bin("));
         assert!(bucketed_statement(Layout::TimescaleDb, Agg::Last).contains("time_bucket("));
         assert!(bucketed_statement(Layout::Postgres, Agg::Count).contains("count(m.v)"));
+        assert!(rollup_statement(Layout::Postgres, Agg::Avg).contains("date_bin($3"));
+        assert!(rollup_statement(Layout::TimescaleDb, Agg::Avg).contains("time_bucket($3"));
+    }
+
+    #[test]
+    fn whole_minute_buckets_read_rollups_others_raw_readings() {
+        for agg in [Agg::Avg, Agg::Min, Agg::Max, Agg::Last, Agg::Count] {
+            for bucket_s in [60, 300, 3600, 86_400] {
+                let sql = series_statement(Layout::Postgres, agg, bucket_s);
+                assert!(sql.contains("telemetry_1m_view"), "{agg:?} {bucket_s}s");
+            }
+            for bucket_s in [1, 30, 90, 150] {
+                let sql = series_statement(Layout::Postgres, agg, bucket_s);
+                assert!(!sql.contains("telemetry_1m_view"), "{agg:?} {bucket_s}s");
+            }
+        }
     }
 }
