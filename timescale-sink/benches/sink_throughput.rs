@@ -309,6 +309,7 @@ async fn main() -> Result<()> {
     ])?;
     let (writers, max_rows, max_age) =
         (config.writers, config.batch_max_rows, config.batch_max_age);
+    let (catchup_rows, catchup_after) = (config.batch_catchup_rows, config.catchup_after);
 
     let ceiling_db = TestDb::new(layout).await?;
     let (one, one_cpu) = raw_copy(&ceiling_db, &data, 1, max_rows).await?;
@@ -410,7 +411,8 @@ async fn main() -> Result<()> {
     sink.await??;
 
     println!(
-        "layout: {}; writers: {writers}; batch: {max_rows} rows / {max_age:?}",
+        "layout: {}; writers: {writers}; batch: {max_rows} rows / {max_age:?}; \
+         catching up (readings older than {catchup_after:?}): {catchup_rows} rows",
         sink_db.layout
     );
     println!("ceiling, raw binary COPY from memory: 1 connection {one:.0} rows/s; {writers} connections {parallel:.0} rows/s");

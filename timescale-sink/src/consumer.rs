@@ -234,7 +234,7 @@ pub fn commit_to_kafka(
 /// Messages per writer handed over at once while the broker keeps delivering: one wake-up
 /// of the batcher per chunk instead of per message (a batch may exceed its row limit by less
 /// than this).
-const SEND_CHUNK: usize = 256;
+pub(crate) const SEND_CHUNK: usize = 256;
 
 /// Polls until `shutdown`, routing messages to writers with backpressure. Returns when the
 /// shutdown token is cancelled; the caller then flushes and closes.

@@ -81,6 +81,14 @@ pub struct Config {
     /// A batch closes at this age, bounding ingest→commit latency at low rates.
     #[arg(long, env = "SINK_BATCH_MAX_AGE", default_value = "200ms", value_parser = plumbing::config::parse_duration)]
     pub batch_max_age: Duration,
+    /// Row limit of a batch while catching up on a backlog (readings received by ingest more
+    /// than `SINK_CATCHUP_AFTER` ago): several readings per device per batch, one
+    /// `device_latest` upsert each. 0 (or at most `SINK_BATCH_MAX_ROWS`) turns it off.
+    #[arg(long, env = "SINK_BATCH_CATCHUP_ROWS", default_value_t = 100_000)]
+    pub batch_catchup_rows: usize,
+    /// Readings older than this (ingest's `received_at`) mean the writer is catching up.
+    #[arg(long, env = "SINK_CATCHUP_AFTER", default_value = "5s", value_parser = plumbing::config::parse_duration)]
+    pub catchup_after: Duration,
     /// Parallel writers, each its own COPY connection (one PostgreSQL backend, one core).
     #[arg(long, env = "SINK_WRITERS", default_value_t = 2)]
     pub writers: usize,
@@ -195,6 +203,8 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), Error> {
         let limits = pipeline::BatchLimits {
             max_rows: config.batch_max_rows,
             max_age: config.batch_max_age,
+            catchup_rows: config.batch_catchup_rows,
+            catchup_after: config.catchup_after,
         };
         let (input, handles) =
             pipeline::spawn_writer(writer, limits, config.writer_queue, give_up.clone());
@@ -292,6 +302,8 @@ mod tests {
         assert_eq!(config.batch_max_rows, 5000);
         assert_eq!(config.batch_max_age, Duration::from_millis(150));
         assert_eq!(config.writers, 2);
+        assert_eq!(config.batch_catchup_rows, 100_000);
+        assert_eq!(config.catchup_after, Duration::from_secs(5));
         assert_eq!(config.rollup_interval, Duration::from_secs(10));
     }
 }

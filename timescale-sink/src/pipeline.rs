@@ -1,6 +1,7 @@
 //! Per-writer pipeline: a batcher task decodes messages and closes batches on size or age
 //! (an aged batch keeps growing, up to the size limit, while the committer is still busy with
-//! the previous one), and a committer task writes them. The one-batch channel between them lets decoding of the
+//! the previous one; while catching up on a backlog the limits are larger, see
+//! [`BatchLimits::catchup_after`]), and a committer task writes them. The one-batch channel between them lets decoding of the
 //! next batch overlap the COPY of the current one, and bounds memory: when the database is
 //! slow or down, the batcher waits, its input channel fills, and the consumer pauses fetching.
 //!
@@ -47,6 +48,36 @@ enum ToCommitter {
 pub struct BatchLimits {
     pub max_rows: usize,
     pub max_age: Duration,
+    /// Row limit while catching up (see [`BatchLimits::catchup_after`]); at or below
+    /// `max_rows` catch-up batching is off.
+    pub catchup_rows: usize,
+    /// The writer is catching up when the readings it takes were received by ingest longer
+    /// ago than this and keep coming in full chunks (the consumer has more fetched): their
+    /// latency is already lost, so batches grow to `catchup_rows` (or [`CATCHUP_MAX_AGE`]). Large batches hold several readings per device, and each
+    /// device's `device_latest` row is upserted once per batch, not once per reading.
+    pub catchup_after: Duration,
+}
+
+/// Age at which a batch closes while catching up (a backlog that ends mid-batch).
+pub const CATCHUP_MAX_AGE: Duration = Duration::from_secs(5);
+
+impl BatchLimits {
+    /// Rows and age at which a batch closes.
+    fn close_at(&self, catching_up: bool) -> (usize, Duration) {
+        // At least one row per batch, or the batcher would have no branch to wait on.
+        let max_rows = self.max_rows.max(1);
+        if catching_up && self.catchup_rows > max_rows {
+            (self.catchup_rows, self.max_age.max(CATCHUP_MAX_AGE))
+        } else {
+            (max_rows, self.max_age)
+        }
+    }
+
+    /// Whether a reading received by ingest at `received_at` is part of a backlog.
+    fn behind(&self, received_at: chrono::DateTime<chrono::Utc>) -> bool {
+        let age = chrono::Utc::now() - received_at;
+        age.to_std().is_ok_and(|age| age > self.catchup_after)
+    }
 }
 
 /// Starts one writer (batcher + committer); returns its input and the tasks to await.
@@ -95,10 +126,11 @@ async fn batcher(
     // Stored-offset expectation of the next batch, per assigned partition.
     let mut positions: HashMap<i32, Option<i64>> = HashMap::new();
     let mut batch = Batch::with_capacity(limits.max_rows);
-    // At least one row per batch, or the loop below would have no branch to wait on.
-    let max_rows = limits.max_rows.max(1);
+    // Whether the first reading of the last chunk was part of a backlog.
+    let mut catching_up = false;
     loop {
-        let deadline = batch.opened_at + limits.max_age;
+        let (max_rows, max_age) = limits.close_at(catching_up);
+        let deadline = batch.opened_at + max_age;
         let full = batch.messages() >= max_rows;
         let due = !batch.is_empty() && (full || std::time::Instant::now() >= deadline);
         // A due batch goes to the committer as soon as it has room. Until then (the previous
@@ -124,6 +156,12 @@ async fn batcher(
             }
             Some(Input::Messages(messages)) => {
                 // A chunk may take the batch past `max_rows` by less than one chunk.
+                // A partial chunk means the consumer's queue ran dry: the end of a backlog
+                // (or a slow fetch), so the normal limits apply again.
+                let mut check_backlog = messages.len() >= crate::consumer::SEND_CHUNK;
+                if !check_backlog {
+                    catching_up = false;
+                }
                 for message in messages {
                     let Some(position) = positions.get_mut(&message.partition) else {
                         continue; // not (or no longer) ours
@@ -138,6 +176,12 @@ async fn batcher(
                     }
                     let decode_started = std::time::Instant::now();
                     let decoded = codec.decode(&message.payload);
+                    if check_backlog {
+                        if let Ok(row) = &decoded {
+                            catching_up = limits.behind(row.received_at);
+                            check_backlog = false;
+                        }
+                    }
                     batch.push(message, expected, decoded);
                     batch.decode_time += decode_started.elapsed();
                 }
@@ -187,4 +231,43 @@ fn take(batch: &mut Batch, limits: BatchLimits) -> Batch {
     metrics::histogram!(crate::metrics::STAGE_DURATION, "stage" => "decode")
         .record(full.decode_time.as_secs_f64());
     full
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(catchup_rows: usize) -> BatchLimits {
+        BatchLimits {
+            max_rows: 10_000,
+            max_age: Duration::from_millis(200),
+            catchup_rows,
+            catchup_after: Duration::from_secs(5),
+        }
+    }
+
+    #[test]
+    fn catching_up_raises_the_limits_only_when_enabled() {
+        let on = limits(100_000);
+        assert_eq!(on.close_at(false), (10_000, Duration::from_millis(200)));
+        assert_eq!(on.close_at(true), (100_000, CATCHUP_MAX_AGE));
+        let off = limits(0);
+        assert_eq!(off.close_at(true), (10_000, Duration::from_millis(200)));
+        let zero = BatchLimits {
+            max_rows: 0,
+            ..limits(0)
+        };
+        assert_eq!(zero.close_at(false).0, 1);
+    }
+
+    #[test]
+    fn only_readings_received_before_the_threshold_are_a_backlog() {
+        let l = limits(100_000);
+        let now = chrono::Utc::now();
+        assert!(!l.behind(now));
+        assert!(!l.behind(now - chrono::Duration::seconds(2)));
+        assert!(l.behind(now - chrono::Duration::seconds(60)));
+        // A clock ahead of ours is not a backlog.
+        assert!(!l.behind(now + chrono::Duration::seconds(60)));
+    }
 }
