@@ -507,7 +507,10 @@ type Writer = (
     tokio::task::JoinHandle<Result<()>>,
 );
 
-/// A writer with the sink's transaction shape, as `fleet_writer`.
+/// A writer with the sink's transaction shape, as `fleet_writer`. A batch picks devices at
+/// random, so one device can occur twice: the upsert takes one row per device (two rows for
+/// one key in one `ON CONFLICT DO UPDATE` are an error, which made every batch roll back
+/// before).
 fn spawn_writer(connect: PgConnectOptions, devices: usize, rate: usize) -> Writer {
     let stop = Arc::new(AtomicBool::new(false));
     let written = Arc::new(AtomicU64::new(0));
@@ -564,7 +567,7 @@ fn spawn_writer(connect: PgConnectOptions, devices: usize, rate: usize) -> Write
             }
             sqlx::query(
                 "INSERT INTO device_latest (tenant_id, device_id, site_id, time, msg_type, seq, metrics, updated_at) \
-                 SELECT t, d, s, $5, 'telemetry', $6, m::jsonb, now() \
+                 SELECT DISTINCT ON (t, d) t, d, s, $5, 'telemetry', $6, m::jsonb, now() \
                  FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) AS u(t, d, s, m) \
                  ON CONFLICT (tenant_id, device_id) DO UPDATE SET site_id = EXCLUDED.site_id, \
                      time = EXCLUDED.time, seq = EXCLUDED.seq, metrics = EXCLUDED.metrics, updated_at = now() \
@@ -577,8 +580,7 @@ fn spawn_writer(connect: PgConnectOptions, devices: usize, rate: usize) -> Write
             .bind(now)
             .bind(seq)
             .execute(&mut *tx)
-            .await
-            .ok();
+            .await?;
             sqlx::query("SELECT fleet_rollup_1m_invalidate($1, $2)")
                 .bind(lo)
                 .bind(hi)
