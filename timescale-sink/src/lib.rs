@@ -78,8 +78,10 @@ pub struct Config {
     /// per-transaction cost while keeping a batch under ~2 MB.
     #[arg(long, env = "SINK_BATCH_MAX_ROWS", default_value_t = 10_000)]
     pub batch_max_rows: usize,
-    /// A batch closes at this age, bounding ingest→commit latency at low rates.
-    #[arg(long, env = "SINK_BATCH_MAX_AGE", default_value = "200ms", value_parser = plumbing::config::parse_duration)]
+    /// A batch closes at this age, bounding ingest→commit latency at low rates. 100 ms keeps
+    /// the p99 at 20,000 msg/s under the 250 ms target (200 ms measured 250–300 ms); catch-up
+    /// batches are unaffected.
+    #[arg(long, env = "SINK_BATCH_MAX_AGE", default_value = "100ms", value_parser = plumbing::config::parse_duration)]
     pub batch_max_age: Duration,
     /// Row limit of a batch while catching up on a backlog (readings received by ingest more
     /// than `SINK_CATCHUP_AFTER` ago): several readings per device per batch, one
