@@ -15,8 +15,9 @@ use schemas::LayoutChoice;
 
 const BIN: &str = env!("CARGO_BIN_EXE_timescale-sink");
 
-/// A child sink killed when dropped, so a failing test leaves no process behind.
-struct Sink(Child);
+/// A child sink killed when dropped, so a failing test leaves no process behind; with the
+/// port of its admin endpoint.
+struct Sink(Child, u16);
 
 impl Drop for Sink {
     fn drop(&mut self) {
@@ -39,6 +40,10 @@ impl std::ops::DerefMut for Sink {
 }
 
 fn spawn_sink(db: &TestDb, topics: &TestTopics, group: &str, instance: &str) -> Result<Sink> {
+    // A free port for the admin endpoint, so the test can tell when the process is up.
+    let admin_port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
     Ok(Sink(
         Command::new(BIN)
             .env("DATABASE_URL", &db.url)
@@ -46,7 +51,7 @@ fn spawn_sink(db: &TestDb, topics: &TestTopics, group: &str, instance: &str) -> 
             .env("TELEMETRY_TOPIC", &topics.args.telemetry_topic)
             .env("DLQ_TOPIC", &topics.args.dlq_topic)
             .env("SINK_GROUP_ID", group)
-            .env("ADMIN_LISTEN", "127.0.0.1:0")
+            .env("ADMIN_LISTEN", format!("127.0.0.1:{admin_port}"))
             .env("INSTANCE_ID", instance)
             // Fast failover when a member dies without leaving (the broker's minimum).
             .env(
@@ -64,10 +69,27 @@ fn spawn_sink(db: &TestDb, topics: &TestTopics, group: &str, instance: &str) -> 
                 Err(_) => Stdio::null(),
             })
             .spawn()?,
+        admin_port,
     ))
 }
 
-async fn terminate(child: &mut Child) -> Result<()> {
+/// SIGTERM once the sink is up (its admin endpoint listens: the signal handlers are installed
+/// before it starts), then a clean exit within a minute. A sink that finds nothing left to do
+/// is terminated moments after it was spawned, before it could have installed the handlers.
+async fn terminate(sink: &mut Sink) -> Result<()> {
+    let port = sink.1;
+    eventually(
+        "the sink's admin endpoint",
+        Duration::from_secs(60),
+        || async move {
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .map(drop)
+                .map_err(|err| err.to_string())
+        },
+    )
+    .await?;
+    let child = &mut sink.0;
     let status = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()?;
