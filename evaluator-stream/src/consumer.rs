@@ -17,7 +17,6 @@ use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::Headers;
 use rdkafka::{ClientContext, Message};
 use sqlx::PgPool;
 use tokio::runtime::Handle;
@@ -307,13 +306,7 @@ pub fn poll_loop(consumer: &BaseConsumer<EvalContext>) {
                     partition: message.partition(),
                     offset: message.offset(),
                     reading,
-                    traceparent: message.headers().and_then(|headers| {
-                        headers
-                            .iter()
-                            .find(|h| h.key == schemas::topics::HEADER_TRACEPARENT)
-                            .and_then(|h| h.value)
-                            .map(|v| String::from_utf8_lossy(v).into_owned())
-                    }),
+                    traceparent: plumbing::kafka::traceparent(&message),
                 };
                 if let Ok(mut pending) = context.pending.lock() {
                     pending.push_back(input);

@@ -180,6 +180,19 @@ pub fn consumer_lag<C: ConsumerContext>(consumer: &BaseConsumer<C>) -> Vec<(i32,
         .collect()
 }
 
+/// The W3C `traceparent` header of a message, if it carries one (ingest sets it; the sink and
+/// the evaluator link their spans to it).
+pub fn traceparent<M: rdkafka::Message>(message: &M) -> Option<String> {
+    use rdkafka::message::Headers;
+    message.headers().and_then(|headers| {
+        headers
+            .iter()
+            .find(|h| h.key == schemas::topics::HEADER_TRACEPARENT)
+            .and_then(|h| h.value)
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+    })
+}
+
 /// The partition of `key` among `partitions`, as the producers place it: librdkafka's
 /// `murmur2_random` partitioner and the Java client's default both compute
 /// `toPositive(murmur2(key)) % partitions`. Consumers use it to know which devices belong to

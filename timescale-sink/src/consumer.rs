@@ -24,7 +24,6 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
-use rdkafka::message::Headers;
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 use sqlx::PgPool;
 use tokio::runtime::Handle;
@@ -294,13 +293,7 @@ pub fn poll_loop(consumer: &BaseConsumer<SinkContext>, stats: &crate::stats::Sta
                     partition: message.partition(),
                     offset: message.offset(),
                     payload: message.payload().unwrap_or_default().to_vec(),
-                    traceparent: message.headers().and_then(|headers| {
-                        headers
-                            .iter()
-                            .find(|h| h.key == schemas::topics::HEADER_TRACEPARENT)
-                            .and_then(|h| h.value)
-                            .map(|v| String::from_utf8_lossy(v).into_owned())
-                    }),
+                    traceparent: plumbing::kafka::traceparent(&message),
                 };
                 let writer = context.writer_of(raw.partition);
                 if let Ok(mut pending) = context.pending.lock() {
