@@ -18,12 +18,14 @@
 //! * [`metrics`]: the `fleetstream_ingest_*` metrics.
 //! * [`stats`]: key figures written to `system_metrics` for the dashboard.
 //! * [`simulate`]: the `simulate` subcommand, N virtual devices for demos and load tests.
+//! * [`manifest`]: the simulator's record of every reading sent and whether it was accepted.
 //!
 //! The library runs in-process from tests through [`run`] or [`http::router`].
 
 pub mod credentials;
 pub mod error;
 pub mod http;
+pub mod manifest;
 pub mod message;
 pub mod metrics;
 pub mod producer;

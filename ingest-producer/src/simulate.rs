@@ -7,17 +7,31 @@
 //! battery draining, signal strength with noise; now and then a device goes silent for a
 //! while, so no-data and threshold alerts have something to trip on.
 //!
-//! `--via http` posts batches (`--batch`) to `POST /v1/telemetry` with one gateway token per
-//! tenant; `--via kafka` encodes and produces directly, measuring the producer alone. Requests
-//! in flight are bounded (`--concurrency`); when the target cannot keep up the simulator falls
-//! behind instead of queueing without bound, and the achieved rate says so. `--provision`
-//! creates the tenants, devices and gateway tokens first (needs `DATABASE_URL` of a role that
-//! may insert them). Simulator tokens are derived from `--token-secret`: for demos and load
-//! tests, not for production tenants.
+//! `--via http --auth gateway` posts batches (`--batch`) to `POST /v1/telemetry` with one
+//! gateway token per tenant; `--via http --auth device` gives every device its own device
+//! token and request, one reading per request, as fleets without gateways send; `--via kafka`
+//! encodes and produces directly, measuring the producer alone. Requests in flight are
+//! bounded (`--concurrency`); when the target cannot keep up the simulator falls behind
+//! instead of queueing without bound, and its progress line says by how much.
+//!
+//! Like a device, the simulator retries what was not accepted: `429`, `503` (and other
+//! `5xx`, `408`, a connection that failed) after the reply's `Retry-After` or an exponential
+//! backoff with jitter (200 ms doubling to 10 s), for at most `--give-up-after` from the
+//! first attempt; other refusals are final. `--manifest FILE` records every reading with its
+//! final outcome (see [`crate::manifest`]), so a checker can account for each one.
+//!
+//! `--provision` creates the tenants, gateway tokens and demo alert rules first (needs
+//! `DATABASE_URL` of a role that may insert them); with `--auth device` each device is
+//! created through query-api's provisioning endpoint (`POST /v1/devices`, or
+//! `POST /v1/devices/{id}/rotate-token` when it exists), which returns its token once
+//! (needs `--api-url` and an `operator_admin` `--api-key`); `--device-tokens FILE` keeps those
+//! tokens for later runs without `--provision`. Gateway tokens are derived from
+//! `--token-secret`: for demos and load tests, not for production tenants.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::io::Write;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -30,10 +44,11 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use schemas::{MetricValue, Telemetry};
 use serde_json::{json, Value};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::{info, warn};
 
 use crate::credentials::token_hash;
+use crate::manifest::{self, ManifestWriter, Outcome, Record};
 use crate::producer::{Outgoing, Producer};
 
 /// How readings reach Kafka.
@@ -43,6 +58,24 @@ pub enum Via {
     Http,
     /// Straight to the telemetry topic.
     Kafka,
+}
+
+/// Whose token a request carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Auth {
+    /// One gateway token per tenant; readings of many devices per request (`--batch`).
+    Gateway,
+    /// One device token per device; one reading per request.
+    Device,
+}
+
+impl Auth {
+    fn name(self) -> &'static str {
+        match self {
+            Auth::Gateway => "gateway",
+            Auth::Device => "device",
+        }
+    }
 }
 
 /// Simulator settings.
@@ -64,24 +97,44 @@ pub struct SimulateArgs {
     /// Through the HTTP endpoint or straight to Kafka.
     #[arg(long, value_enum, default_value_t = Via::Http)]
     pub via: Via,
+    /// Gateway tokens (batches per tenant) or device tokens (a request per reading).
+    #[arg(long, value_enum, default_value_t = Auth::Gateway)]
+    pub auth: Auth,
     /// Stop after this long (default: until SIGTERM/SIGINT).
     #[arg(long, value_parser = parse_duration)]
     pub duration: Option<Duration>,
     /// Base URL of the ingest endpoint.
     #[arg(long, env = "INGEST_URL", default_value = "http://127.0.0.1:8080")]
     pub url: String,
-    /// Readings per HTTP request (per Kafka send round with `--via kafka`).
+    /// Readings per HTTP request with `--auth gateway` (per Kafka send round with
+    /// `--via kafka`).
     #[arg(long, default_value_t = 100)]
     pub batch: usize,
     /// Requests in flight at once; bounds memory when the target is slower than the load.
     #[arg(long, default_value_t = 16)]
     pub concurrency: usize,
-    /// Create tenants, devices and gateway tokens first.
+    /// A reading not accepted is retried for at most this long after its first attempt.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub give_up_after: Duration,
+    /// Record every reading sent and its final outcome in this file.
+    #[arg(long)]
+    pub manifest: Option<PathBuf>,
+    /// Create tenants, devices, tokens and demo alert rules first.
     #[arg(long)]
     pub provision: bool,
     /// PostgreSQL URL for `--provision`.
     #[arg(long = "database-url", env = "DATABASE_URL")]
     pub database_url: Option<String>,
+    /// query-api base URL, for provisioning devices with `--auth device`.
+    #[arg(long, env = "QUERY_API_URL", default_value = "http://127.0.0.1:8081")]
+    pub api_url: String,
+    /// An operator_admin API key, for provisioning devices with `--auth device`.
+    #[arg(long, env = "FLEETSTREAM_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// With `--auth device`: where device tokens are written by `--provision`, and read from
+    /// without it (`device<TAB>token` lines).
+    #[arg(long)]
+    pub device_tokens: Option<PathBuf>,
     /// Prefix of simulated tenant and device ids.
     #[arg(long, default_value = "sim")]
     pub prefix: String,
@@ -94,6 +147,9 @@ pub struct SimulateArgs {
     /// Chance per reading of a temperature spike.
     #[arg(long, default_value_t = 0.001)]
     pub spike_probability: f64,
+    /// Seed of the readings' random profiles.
+    #[arg(long, default_value_t = 0x5eed)]
+    pub seed: u64,
     #[command(flatten)]
     pub kafka: KafkaArgs,
     #[command(flatten)]
@@ -114,6 +170,15 @@ impl SimulateArgs {
     pub fn gateway_token(&self, tenant_id: &str) -> String {
         format!("{}-{tenant_id}", self.token_secret)
     }
+
+    fn manifest_header(&self) -> manifest::Header {
+        manifest::Header {
+            prefix: self.prefix.clone(),
+            tenants: self.tenants,
+            devices: self.devices,
+            auth: self.auth.name().to_owned(),
+        }
+    }
 }
 
 /// Errors of the simulator.
@@ -127,6 +192,16 @@ pub enum SimulateError {
     Database(#[from] sqlx::Error),
     #[error("http client: {0}")]
     Http(#[from] reqwest::Error),
+    #[error("provisioning device {device}: {status} {body}")]
+    Provisioning {
+        device: String,
+        status: u16,
+        body: String,
+    },
+    #[error("device tokens file {path}: {reason}")]
+    Tokens { path: String, reason: String },
+    #[error(transparent)]
+    Manifest(#[from] manifest::ManifestError),
     #[error(transparent)]
     Service(#[from] crate::Error),
 }
@@ -147,12 +222,16 @@ struct DeviceState {
 pub struct Summary {
     /// Readings the target accepted.
     pub accepted: u64,
-    /// Readings refused or failed.
+    /// Readings refused, or retried until the simulator gave up.
     pub failed: u64,
+    /// Attempts repeated after a retryable answer (one per reading per retry).
+    pub retries: u64,
     /// Wall time.
     pub elapsed: Duration,
-    /// Request latencies (HTTP) or send-round latencies (Kafka), sorted.
-    pub latencies: Vec<Duration>,
+    /// Longest the schedule fell behind (a device's reading sent this late).
+    pub max_behind: Duration,
+    /// Request latencies (HTTP, each attempt) or send-round latencies (Kafka), µs, sorted.
+    pub latencies_us: Vec<u32>,
 }
 
 impl Summary {
@@ -163,11 +242,13 @@ impl Summary {
 
     /// The `q` quantile of the latencies.
     pub fn quantile(&self, q: f64) -> Duration {
-        if self.latencies.is_empty() {
+        if self.latencies_us.is_empty() {
             return Duration::ZERO;
         }
-        let rank = ((self.latencies.len() - 1) as f64 * q).round() as usize;
-        self.latencies[rank.min(self.latencies.len() - 1)]
+        let rank = ((self.latencies_us.len() - 1) as f64 * q).round() as usize;
+        Duration::from_micros(u64::from(
+            self.latencies_us[rank.min(self.latencies_us.len() - 1)],
+        ))
     }
 }
 
@@ -175,20 +256,90 @@ impl Summary {
 struct Counters {
     accepted: AtomicU64,
     failed: AtomicU64,
-    latencies: Mutex<Vec<Duration>>,
+    retries: AtomicU64,
+    latencies_us: Mutex<Vec<u32>>,
 }
 
-enum Sink {
+impl Counters {
+    fn latency(&self, took: Duration) {
+        let us = u32::try_from(took.as_micros()).unwrap_or(u32::MAX);
+        match self.latencies_us.lock() {
+            Ok(mut l) => l.push(us),
+            Err(poisoned) => poisoned.into_inner().push(us),
+        }
+    }
+}
+
+/// The tokens requests carry.
+#[derive(Debug)]
+enum Tokens {
+    /// By tenant number.
+    Gateway(HashMap<u32, String>),
+    /// By device number.
+    Device(Vec<String>),
+}
+
+impl Tokens {
+    fn for_device(&self, device: u32, tenant: u32) -> Option<&str> {
+        match self {
+            Tokens::Gateway(by_tenant) => by_tenant.get(&tenant).map(String::as_str),
+            Tokens::Device(by_device) => by_device.get(device as usize).map(String::as_str),
+        }
+    }
+}
+
+enum Target {
     Http {
         client: reqwest::Client,
         url: String,
-        tokens: HashMap<u32, String>,
+        tokens: Tokens,
     },
     Kafka(Producer),
 }
 
-/// Provisions the simulated tenants, devices, gateway tokens and a few demo alert rules per
-/// tenant (idempotent).
+/// What the sending tasks share.
+struct Ctx {
+    target: Target,
+    counters: Counters,
+    permits: Arc<Semaphore>,
+    manifest: Option<std::sync::mpsc::Sender<Record>>,
+    give_up_after: Duration,
+    shutdown: Shutdown,
+    /// Each sending task holds a sender; the receiver sees the channel close when all ended.
+    in_flight: Mutex<Option<tokio::sync::mpsc::Sender<()>>>,
+}
+
+/// A reading on its way: device number, tenant number, the reading, its metrics digest.
+struct Pending {
+    device: u32,
+    tenant: u32,
+    reading: Telemetry,
+}
+
+impl Ctx {
+    fn settle(&self, pending: &[Pending], outcome: Outcome, status: u16) {
+        let counter = match outcome {
+            Outcome::Accepted => &self.counters.accepted,
+            Outcome::NotAccepted => &self.counters.failed,
+        };
+        counter.fetch_add(pending.len() as u64, Ordering::Relaxed);
+        if let Some(manifest) = &self.manifest {
+            for p in pending {
+                // A closed channel means the writer failed; it reports that itself.
+                let _ = manifest.send(Record {
+                    outcome,
+                    status,
+                    device: p.device,
+                    time_us: p.reading.time.timestamp_micros(),
+                    digest: manifest::metrics_digest(&p.reading.metrics),
+                });
+            }
+        }
+    }
+}
+
+/// Provisions the simulated tenants, gateway tokens and a few demo alert rules per tenant,
+/// and, with `--auth gateway`, the devices (idempotent).
 pub async fn provision(args: &SimulateArgs, pool: &sqlx::PgPool) -> Result<(), SimulateError> {
     let mut tx = pool.begin().await?;
     sqlx::query(
@@ -200,16 +351,18 @@ pub async fn provision(args: &SimulateArgs, pool: &sqlx::PgPool) -> Result<(), S
     .bind(i64::from(args.tenants))
     .execute(&mut *tx)
     .await?;
-    sqlx::query(
-        "INSERT INTO devices (tenant_id, device_id) \
-         SELECT $1 || '-t' || (j % $2), $1 || '-d' || lpad(j::text, 6, '0') \
-         FROM generate_series(0, $3 - 1) j ON CONFLICT DO NOTHING",
-    )
-    .bind(&args.prefix)
-    .bind(i64::from(args.tenants))
-    .bind(i64::from(args.devices))
-    .execute(&mut *tx)
-    .await?;
+    if args.auth == Auth::Gateway {
+        sqlx::query(
+            "INSERT INTO devices (tenant_id, device_id) \
+             SELECT $1 || '-t' || (j % $2), $1 || '-d' || lpad(j::text, 6, '0') \
+             FROM generate_series(0, $3 - 1) j ON CONFLICT DO NOTHING",
+        )
+        .bind(&args.prefix)
+        .bind(i64::from(args.tenants))
+        .bind(i64::from(args.devices))
+        .execute(&mut *tx)
+        .await?;
+    }
     for tenant in 0..args.tenants {
         let tenant_id = args.tenant_id(tenant);
         sqlx::query(
@@ -242,9 +395,131 @@ pub async fn provision(args: &SimulateArgs, pool: &sqlx::PgPool) -> Result<(), S
     info!(
         tenants = args.tenants,
         devices = args.devices,
-        "simulated fleet provisioned"
+        "simulated tenants provisioned"
     );
     Ok(())
+}
+
+/// Creates every simulated device through query-api (`POST /v1/devices`; an existing one
+/// gets a new token from `POST /v1/devices/{id}/rotate-token`) and returns the device tokens
+/// by device number.
+pub async fn provision_devices(
+    args: &SimulateArgs,
+    client: &reqwest::Client,
+) -> Result<Vec<String>, SimulateError> {
+    let key = args.api_key.as_deref().ok_or(SimulateError::Settings(
+        "--auth device --provision needs --api-key / FLEETSTREAM_API_KEY (operator_admin)",
+    ))?;
+    let base = args.api_url.trim_end_matches('/').to_owned();
+    let started = Instant::now();
+    let mut tokens = vec![String::new(); args.devices as usize];
+    let mut tasks = tokio::task::JoinSet::new();
+    let permits = Arc::new(Semaphore::new(args.concurrency.clamp(1, 32)));
+    for d in 0..args.devices {
+        let permit = permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| SimulateError::Settings("provisioning interrupted"))?;
+        let (client, key, base) = (client.clone(), key.to_owned(), base.clone());
+        let (tenant, device) = (args.tenant_id(d % args.tenants), args.device_id(d));
+        tasks.spawn(async move {
+            let _permit = permit;
+            create_device(&client, &base, &key, &tenant, &device)
+                .await
+                .map(|token| (d, token))
+        });
+        while let Some(done) = tasks.try_join_next() {
+            let (d, token) =
+                done.map_err(|_| SimulateError::Settings("provisioning panicked"))??;
+            tokens[d as usize] = token;
+        }
+    }
+    while let Some(done) = tasks.join_next().await {
+        let (d, token) = done.map_err(|_| SimulateError::Settings("provisioning panicked"))??;
+        tokens[d as usize] = token;
+    }
+    info!(
+        devices = args.devices,
+        seconds = started.elapsed().as_secs_f64(),
+        "simulated devices provisioned through query-api"
+    );
+    Ok(tokens)
+}
+
+async fn create_device(
+    client: &reqwest::Client,
+    base: &str,
+    key: &str,
+    tenant: &str,
+    device: &str,
+) -> Result<String, SimulateError> {
+    let created = client
+        .post(format!("{base}/v1/devices?tenant={tenant}"))
+        .bearer_auth(key)
+        .header("content-type", "application/json")
+        .body(json!({ "device_id": device }).to_string())
+        .send()
+        .await?;
+    let response = if created.status().as_u16() == 409 {
+        client
+            .post(format!(
+                "{base}/v1/devices/{device}/rotate-token?tenant={tenant}"
+            ))
+            .bearer_auth(key)
+            .send()
+            .await?
+    } else {
+        created
+    };
+    let status = response.status().as_u16();
+    let body = response.bytes().await?;
+    let token = serde_json::from_slice::<Value>(&body)
+        .ok()
+        .and_then(|v| v.get("token").and_then(Value::as_str).map(str::to_owned));
+    match token {
+        Some(token) if status == 200 || status == 201 => Ok(token),
+        _ => Err(SimulateError::Provisioning {
+            device: device.to_owned(),
+            status,
+            body: String::from_utf8_lossy(&body).chars().take(300).collect(),
+        }),
+    }
+}
+
+fn write_device_tokens(path: &std::path::Path, tokens: &[String]) -> Result<(), SimulateError> {
+    let err = |e: std::io::Error| SimulateError::Tokens {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    };
+    let mut out = std::io::BufWriter::new(std::fs::File::create(path).map_err(err)?);
+    for (d, token) in tokens.iter().enumerate() {
+        writeln!(out, "{d}\t{token}").map_err(err)?;
+    }
+    out.flush().map_err(err)
+}
+
+fn read_device_tokens(path: &std::path::Path, devices: u32) -> Result<Vec<String>, SimulateError> {
+    let fail = |reason: String| SimulateError::Tokens {
+        path: path.display().to_string(),
+        reason,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?;
+    let mut tokens = vec![String::new(); devices as usize];
+    for (n, line) in text.lines().enumerate() {
+        let parsed = line
+            .split_once('\t')
+            .and_then(|(d, t)| Some((d.parse::<usize>().ok()?, t)));
+        match parsed {
+            Some((d, token)) if d < tokens.len() => tokens[d] = token.to_owned(),
+            Some(_) => {}
+            None => return Err(fail(format!("line {}: expected device<TAB>token", n + 1))),
+        }
+    }
+    if let Some(missing) = tokens.iter().position(String::is_empty) {
+        return Err(fail(format!("no token for device {missing}")));
+    }
+    Ok(tokens)
 }
 
 /// Runs the simulation until `--duration` passed or `shutdown`, and returns what it achieved.
@@ -256,6 +531,11 @@ pub async fn run(args: SimulateArgs, shutdown: Shutdown) -> Result<Summary, Simu
     }
     if args.interval.is_zero() {
         return Err(SimulateError::Settings("interval must be positive"));
+    }
+    if args.auth == Auth::Device && args.via == Via::Kafka {
+        return Err(SimulateError::Settings(
+            "--auth device needs --via http (tokens are an ingest matter)",
+        ));
     }
     if args.provision {
         let url = args
@@ -269,35 +549,77 @@ pub async fn run(args: SimulateArgs, shutdown: Shutdown) -> Result<Summary, Simu
         provision(&args, &pool).await?;
         pool.close().await;
     }
-    let sink = Arc::new(match args.via {
-        Via::Http => Sink::Http {
-            client: reqwest::Client::builder()
+    let target = match args.via {
+        Via::Http => {
+            let client = reqwest::Client::builder()
                 .pool_max_idle_per_host(args.concurrency)
-                .build()?,
-            url: format!("{}/v1/telemetry", args.url.trim_end_matches('/')),
-            tokens: (0..args.tenants)
-                .map(|t| (t, args.gateway_token(&args.tenant_id(t))))
-                .collect(),
-        },
-        Via::Kafka => Sink::Kafka(Producer::new(
+                .timeout(Duration::from_secs(30))
+                .build()?;
+            let tokens = match args.auth {
+                Auth::Gateway => Tokens::Gateway(
+                    (0..args.tenants)
+                        .map(|t| (t, args.gateway_token(&args.tenant_id(t))))
+                        .collect(),
+                ),
+                Auth::Device if args.provision => {
+                    let tokens = provision_devices(&args, &client).await?;
+                    if let Some(path) = &args.device_tokens {
+                        write_device_tokens(path, &tokens)?;
+                    }
+                    Tokens::Device(tokens)
+                }
+                Auth::Device => match &args.device_tokens {
+                    Some(path) => Tokens::Device(read_device_tokens(path, args.devices)?),
+                    None => {
+                        return Err(SimulateError::Settings(
+                            "--auth device needs --provision or --device-tokens FILE",
+                        ))
+                    }
+                },
+            };
+            let url = format!("{}/v1/telemetry", args.url.trim_end_matches('/'));
+            if args.provision {
+                await_tokens_known(&client, &url, &tokens, args.concurrency, &shutdown).await;
+            }
+            Target::Http {
+                client,
+                url,
+                tokens,
+            }
+        }
+        Via::Kafka => Target::Kafka(Producer::new(
             &args.kafka,
             "fleetstream-simulator",
             Duration::from_secs(30),
         )?),
+    };
+
+    let (manifest_tx, manifest_writer) = match &args.manifest {
+        Some(path) => {
+            let mut writer = ManifestWriter::create(path, &args.manifest_header())?;
+            let (tx, rx) = std::sync::mpsc::channel::<Record>();
+            let handle = std::thread::spawn(move || -> Result<u64, manifest::ManifestError> {
+                for record in rx {
+                    writer.push(&record)?;
+                }
+                writer.finish()
+            });
+            (Some(tx), Some(handle))
+        }
+        None => (None, None),
+    };
+    let (in_flight_tx, mut in_flight_rx) = tokio::sync::mpsc::channel::<()>(1);
+    let ctx = Arc::new(Ctx {
+        target,
+        counters: Counters::default(),
+        permits: Arc::new(Semaphore::new(args.concurrency)),
+        manifest: manifest_tx,
+        give_up_after: args.give_up_after,
+        shutdown: shutdown.clone(),
+        in_flight: Mutex::new(Some(in_flight_tx)),
     });
 
-    if args.provision {
-        if let Sink::Http {
-            client,
-            url,
-            tokens,
-        } = sink.as_ref()
-        {
-            await_tokens_known(client, url, tokens, &shutdown).await;
-        }
-    }
-
-    let mut rng = StdRng::seed_from_u64(0x5eed);
+    let mut rng = StdRng::seed_from_u64(args.seed);
     let started = Instant::now();
     let interval_us = args.interval.as_micros().max(1) as u64;
     let mut devices: Vec<DeviceState> = (0..args.devices)
@@ -314,12 +636,14 @@ pub async fn run(args: SimulateArgs, shutdown: Shutdown) -> Result<Summary, Simu
     let mut due: BinaryHeap<Reverse<(u64, u32)>> = (0..args.devices)
         .map(|d| Reverse((u64::from(d) * interval_us / u64::from(args.devices), d)))
         .collect();
-    let counters = Arc::new(Counters::default());
-    let permits = Arc::new(Semaphore::new(args.concurrency));
-    let mut pending: HashMap<u32, Vec<(u32, Telemetry)>> = HashMap::new();
+    let per_request = match args.auth {
+        Auth::Device if args.via == Via::Http => 1,
+        _ => args.batch,
+    };
+    let mut pending: HashMap<u32, Vec<Pending>> = HashMap::new();
     let deadline = args.duration.map(|d| started + d);
-    let mut report_at = started + Duration::from_secs(5);
-    let mut reported = 0u64;
+    let mut progress = Progress::new(started);
+    let mut max_behind = Duration::ZERO;
     let tick = Duration::from_millis(10);
 
     'run: loop {
@@ -333,10 +657,16 @@ pub async fn run(args: SimulateArgs, shutdown: Shutdown) -> Result<Summary, Simu
                 break;
             }
             // A simulator that fell behind works through its backlog here; it still stops
-            // on time.
-            if deadline.is_some_and(|d| Instant::now() >= d) || shutdown.is_cancelled() {
+            // on time, and says how far behind it is.
+            let late = Instant::now();
+            if deadline.is_some_and(|d| late >= d) || shutdown.is_cancelled() {
                 break 'run;
             }
+            let behind = Duration::from_micros(
+                (late.duration_since(started).as_micros() as u64).saturating_sub(at),
+            );
+            max_behind = max_behind.max(behind);
+            progress.maybe_report(late, &ctx.counters, behind);
             due.pop();
             let jitter = rng.random_range(0.9..1.1);
             due.push(Reverse((at + (interval_us as f64 * jitter) as u64, d)));
@@ -352,11 +682,19 @@ pub async fn run(args: SimulateArgs, shutdown: Shutdown) -> Result<Summary, Simu
                 continue;
             }
             let reading = next_reading(&args, d, device, &mut rng);
-            let batch = pending.entry(device.tenant).or_default();
-            batch.push((device.tenant, reading));
-            if batch.len() >= args.batch {
+            let key = match args.auth {
+                Auth::Gateway => device.tenant,
+                Auth::Device => d,
+            };
+            let batch = pending.entry(key).or_default();
+            batch.push(Pending {
+                device: d,
+                tenant: device.tenant,
+                reading,
+            });
+            if batch.len() >= per_request {
                 let full = std::mem::take(batch);
-                if !dispatch(&sink, &permits, &counters, full, &shutdown).await {
+                if !dispatch(&ctx, full).await {
                     break 'run;
                 }
             }
@@ -365,44 +703,102 @@ pub async fn run(args: SimulateArgs, shutdown: Shutdown) -> Result<Summary, Simu
         for batch in pending.values_mut() {
             if !batch.is_empty() {
                 let part = std::mem::take(batch);
-                if !dispatch(&sink, &permits, &counters, part, &shutdown).await {
+                if !dispatch(&ctx, part).await {
                     break 'run;
                 }
             }
         }
-        if now >= report_at {
-            let accepted = counters.accepted.load(Ordering::Relaxed);
-            info!(
-                rate = (accepted - reported) as f64 / 5.0,
-                accepted,
-                failed = counters.failed.load(Ordering::Relaxed),
-                "simulator progress (msg/s over the last 5 s)"
-            );
-            reported = accepted;
-            report_at += Duration::from_secs(5);
-        }
+        pending.clear();
+        progress.maybe_report(Instant::now(), &ctx.counters, Duration::ZERO);
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = tokio::time::sleep(tick) => {}
         }
     }
-    // Wait for requests in flight.
-    let _all = permits.acquire_many(args.concurrency as u32).await;
+    // Wait for requests in flight, retries included (each gives up after --give-up-after):
+    // every sending task holds a clone of `ctx.in_flight`'s sender.
+    drop(match ctx.in_flight.lock() {
+        Ok(mut tx) => tx.take(),
+        Err(poisoned) => poisoned.into_inner().take(),
+    });
+    while in_flight_rx.recv().await.is_some() {}
     let elapsed = started.elapsed();
-    if let Sink::Kafka(producer) = sink.as_ref() {
+    if let Target::Kafka(producer) = &ctx.target {
         producer.flush(Duration::from_secs(30));
     }
-    let mut latencies = match counters.latencies.lock() {
+    let counters = &ctx.counters;
+    let mut latencies_us = match counters.latencies_us.lock() {
         Ok(mut l) => std::mem::take(&mut *l),
         Err(poisoned) => std::mem::take(&mut *poisoned.into_inner()),
     };
-    latencies.sort_unstable();
-    Ok(Summary {
+    latencies_us.sort_unstable();
+    let summary = Summary {
         accepted: counters.accepted.load(Ordering::Relaxed),
         failed: counters.failed.load(Ordering::Relaxed),
+        retries: counters.retries.load(Ordering::Relaxed),
         elapsed,
-        latencies,
-    })
+        max_behind,
+        latencies_us,
+    };
+    drop(ctx);
+    if let Some(handle) = manifest_writer {
+        let records = handle
+            .join()
+            .map_err(|_| SimulateError::Settings("manifest writer panicked"))??;
+        info!(records, "manifest written");
+    }
+    Ok(summary)
+}
+
+/// The progress line: the accepted rate over the time that really passed since the last
+/// line, and how far the schedule is behind.
+struct Progress {
+    last_at: Instant,
+    last_accepted: u64,
+}
+
+impl Progress {
+    const EVERY: Duration = Duration::from_secs(5);
+
+    fn new(started: Instant) -> Self {
+        Progress {
+            last_at: started,
+            last_accepted: 0,
+        }
+    }
+
+    fn maybe_report(&mut self, now: Instant, counters: &Counters, behind: Duration) {
+        let span = now.duration_since(self.last_at);
+        if span < Self::EVERY {
+            return;
+        }
+        let accepted = counters.accepted.load(Ordering::Relaxed);
+        let rate = (accepted - self.last_accepted) as f64 / span.as_secs_f64();
+        let failed = counters.failed.load(Ordering::Relaxed);
+        let retries = counters.retries.load(Ordering::Relaxed);
+        if behind > Duration::from_secs(1) {
+            warn!(
+                rate = rate.round(),
+                over_s = span.as_secs_f64(),
+                accepted,
+                failed,
+                retries,
+                behind_s = behind.as_secs_f64(),
+                "simulator progress: behind schedule (the target or the simulator cannot keep up)"
+            );
+        } else {
+            info!(
+                rate = rate.round(),
+                over_s = span.as_secs_f64(),
+                accepted,
+                failed,
+                retries,
+                "simulator progress (accepted msg/s over the last over_s seconds)"
+            );
+        }
+        self.last_at = now;
+        self.last_accepted = accepted;
+    }
 }
 
 /// Writes the summary line to stdout (the simulator's output, not a log).
@@ -411,18 +807,26 @@ pub fn print_summary(args: &SimulateArgs, summary: &Summary) -> std::io::Result<
     let mut out = std::io::stdout().lock();
     writeln!(
         out,
-        "via={:?} devices={} interval={:?} batch={} concurrency={} offered={:.0} msg/s \
-         accepted={} failed={} elapsed={:.1}s achieved={:.0} msg/s p50={:.1}ms p99={:.1}ms",
+        "via={:?} auth={} devices={} interval={:?} batch={} concurrency={} offered={:.0} msg/s \
+         accepted={} failed={} retries={} elapsed={:.1}s achieved={:.0} msg/s \
+         max_behind={:.1}s p50={:.1}ms p99={:.1}ms",
         args.via,
+        args.auth.name(),
         args.devices,
         args.interval,
-        args.batch,
+        if args.auth == Auth::Device {
+            1
+        } else {
+            args.batch
+        },
         args.concurrency,
         offered,
         summary.accepted,
         summary.failed,
+        summary.retries,
         summary.elapsed.as_secs_f64(),
         summary.rate(),
+        summary.max_behind.as_secs_f64(),
         summary.quantile(0.5).as_secs_f64() * 1000.0,
         summary.quantile(0.99).as_secs_f64() * 1000.0,
     )
@@ -483,160 +887,284 @@ fn round2(v: f64) -> f64 {
     (v * 100.0).round() / 100.0
 }
 
-/// Sends one batch on its own task once a permit is free; false when shutting down.
-async fn dispatch(
-    sink: &Arc<Sink>,
-    permits: &Arc<Semaphore>,
-    counters: &Arc<Counters>,
-    batch: Vec<(u32, Telemetry)>,
-    shutdown: &Shutdown,
-) -> bool {
+/// Sends one request's readings on their own task once a permit is free; false when
+/// shutting down.
+async fn dispatch(ctx: &Arc<Ctx>, batch: Vec<Pending>) -> bool {
     let permit = tokio::select! {
-        _ = shutdown.cancelled() => return false,
-        permit = permits.clone().acquire_owned() => match permit {
+        _ = ctx.shutdown.cancelled() => return false,
+        permit = ctx.permits.clone().acquire_owned() => match permit {
             Ok(permit) => permit,
             Err(_) => return false,
         },
     };
-    let sink = sink.clone();
-    let counters = counters.clone();
+    let ctx = ctx.clone();
+    let in_flight = match ctx.in_flight.lock() {
+        Ok(tx) => tx.clone(),
+        Err(poisoned) => poisoned.into_inner().clone(),
+    };
     tokio::spawn(async move {
-        let started = Instant::now();
-        let n = batch.len() as u64;
-        let accepted = match sink.as_ref() {
-            Sink::Http {
-                client,
-                url,
-                tokens,
-            } => send_http(client, url, tokens, &batch).await,
-            Sink::Kafka(producer) => send_kafka(producer, &batch).await,
-        };
-        counters.accepted.fetch_add(accepted, Ordering::Relaxed);
-        counters
-            .failed
-            .fetch_add(n.saturating_sub(accepted), Ordering::Relaxed);
-        if let Ok(mut latencies) = counters.latencies.lock() {
-            latencies.push(started.elapsed());
-        }
-        drop(permit);
+        deliver(ctx, batch, permit).await;
+        drop(in_flight);
     });
     true
 }
 
-/// Freshly provisioned gateway tokens reach ingest's credential cache through NOTIFY a moment
-/// later: until each token stops being refused with 401 (at most 30 s), sending would only
+/// What became of each reading of one attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    Accepted,
+    /// Worth another attempt (status 0: no reply).
+    Retry(u16),
+    /// Final refusal.
+    Refused(u16),
+}
+
+fn retryable(status: u16) -> bool {
+    matches!(status, 0 | 408 | 429 | 500 | 502 | 503 | 504)
+}
+
+fn verdict_for(status: u16) -> Verdict {
+    if status == 202 {
+        Verdict::Accepted
+    } else if retryable(status) {
+        Verdict::Retry(status)
+    } else {
+        Verdict::Refused(status)
+    }
+}
+
+/// Sends `batch`, retrying what may be retried, and settles every reading.
+async fn deliver(ctx: Arc<Ctx>, mut batch: Vec<Pending>, mut permit: OwnedSemaphorePermit) {
+    let first_attempt = Instant::now();
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let attempt = Instant::now();
+        let (verdicts, retry_after) = match &ctx.target {
+            Target::Http {
+                client,
+                url,
+                tokens,
+            } => send_http(client, url, tokens, &batch).await,
+            Target::Kafka(producer) => send_kafka(producer, &batch).await,
+        };
+        ctx.counters.latency(attempt.elapsed());
+        let mut retry = Vec::new();
+        let mut last_status = 0;
+        for (p, verdict) in batch.into_iter().zip(verdicts) {
+            match verdict {
+                Verdict::Accepted => ctx.settle(std::slice::from_ref(&p), Outcome::Accepted, 202),
+                Verdict::Refused(status) => {
+                    ctx.settle(std::slice::from_ref(&p), Outcome::NotAccepted, status)
+                }
+                Verdict::Retry(status) => {
+                    last_status = status;
+                    retry.push(p);
+                }
+            }
+        }
+        if retry.is_empty() {
+            return;
+        }
+        let jitter = rand::random_range(0.8..1.2);
+        let wait = retry_after.unwrap_or(backoff).mul_f64(jitter);
+        backoff = (backoff * 2).min(Duration::from_secs(10));
+        if first_attempt.elapsed() + wait > ctx.give_up_after || ctx.shutdown.is_cancelled() {
+            ctx.settle(&retry, Outcome::NotAccepted, last_status);
+            return;
+        }
+        ctx.counters
+            .retries
+            .fetch_add(retry.len() as u64, Ordering::Relaxed);
+        // Nothing in flight while waiting: the permit goes back meanwhile.
+        drop(permit);
+        tokio::select! {
+            _ = ctx.shutdown.cancelled() => {
+                ctx.settle(&retry, Outcome::NotAccepted, last_status);
+                return;
+            }
+            _ = tokio::time::sleep(wait) => {}
+        }
+        permit = match ctx.permits.clone().acquire_owned().await {
+            Ok(permit) => permit,
+            Err(_) => {
+                ctx.settle(&retry, Outcome::NotAccepted, last_status);
+                return;
+            }
+        };
+        batch = retry;
+    }
+}
+
+/// Freshly provisioned tokens reach ingest's credential cache through NOTIFY a moment later:
+/// until each token stops being refused with 401 (at most 60 s in all), sending would only
 /// count refusals.
 async fn await_tokens_known(
     client: &reqwest::Client,
     url: &str,
-    tokens: &HashMap<u32, String>,
+    tokens: &Tokens,
+    concurrency: usize,
     shutdown: &Shutdown,
 ) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    for token in tokens.values() {
-        loop {
-            let probe = client
-                .post(url)
-                .bearer_auth(token)
-                .header("content-type", "application/json")
-                .body("[]")
-                .send()
-                .await;
-            let unknown = match &probe {
-                Ok(response) => response.status().as_u16() == 401,
-                Err(_) => true,
-            };
-            if !unknown || Instant::now() >= deadline || shutdown.is_cancelled() {
-                break;
+    let all: Vec<String> = match tokens {
+        Tokens::Gateway(by_tenant) => by_tenant.values().cloned().collect(),
+        Tokens::Device(by_device) => by_device.clone(),
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let probe = |token: String| {
+        let client = client.clone();
+        let url = url.to_owned();
+        let shutdown = shutdown.clone();
+        async move {
+            loop {
+                let reply = client
+                    .post(&url)
+                    .bearer_auth(&token)
+                    .header("content-type", "application/json")
+                    .body("[]")
+                    .send()
+                    .await;
+                let unknown = match &reply {
+                    Ok(response) => response.status().as_u16() == 401,
+                    Err(_) => true,
+                };
+                if !unknown || Instant::now() >= deadline || shutdown.is_cancelled() {
+                    return !unknown;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-    }
+    };
+    use futures::StreamExt;
+    let known = futures::stream::iter(all.into_iter().map(probe))
+        .buffer_unordered(concurrency.clamp(1, 64))
+        .filter(|known| std::future::ready(*known))
+        .count()
+        .await;
+    info!(known, "tokens known to ingest");
 }
 
+/// One attempt over HTTP: a verdict per reading, and the reply's `Retry-After`.
 async fn send_http(
     client: &reqwest::Client,
     url: &str,
-    tokens: &HashMap<u32, String>,
-    batch: &[(u32, Telemetry)],
-) -> u64 {
-    let Some((tenant, _)) = batch.first() else {
-        return 0;
+    tokens: &Tokens,
+    batch: &[Pending],
+) -> (Vec<Verdict>, Option<Duration>) {
+    let refuse_all = |status: u16| (vec![verdict_for(status); batch.len()], None);
+    let Some(first) = batch.first() else {
+        return (Vec::new(), None);
     };
-    let Some(token) = tokens.get(tenant) else {
-        return 0;
+    let Some(token) = tokens.for_device(first.device, first.tenant) else {
+        return refuse_all(401);
     };
-    let body: Vec<Value> = batch
-        .iter()
-        .map(|(_, t)| {
-            json!({
-                "device_id": t.device_id,
-                "seq": t.seq,
-                "time": t.time.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
-                "metrics": t.metrics_json(),
-            })
+    let encode = |t: &Telemetry| {
+        json!({
+            "device_id": t.device_id,
+            "seq": t.seq,
+            "time": t.time.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+            "metrics": t.metrics_json(),
         })
-        .collect();
-    let body = match serde_json::to_vec(&body) {
-        Ok(body) => body,
-        Err(_) => return 0,
     };
-    let response = client
+    let body = if let [one] = batch {
+        encode(&one.reading)
+    } else {
+        Value::Array(batch.iter().map(|p| encode(&p.reading)).collect())
+    };
+    let Ok(body) = serde_json::to_vec(&body) else {
+        return refuse_all(400);
+    };
+    let response = match client
         .post(url)
         .bearer_auth(token)
         .header("content-type", "application/json")
         .body(body)
         .send()
-        .await;
-    match response {
-        Ok(response) => {
-            let status = response.status();
-            match response.bytes().await {
-                Ok(bytes) if status.as_u16() == 202 => serde_json::from_slice::<Value>(&bytes)
-                    .ok()
-                    .and_then(|v| v.get("accepted").and_then(Value::as_u64))
-                    .unwrap_or(0),
-                Ok(bytes) => {
-                    warn!(%status, body = %String::from_utf8_lossy(&bytes), "batch refused");
-                    0
-                }
-                Err(err) => {
-                    warn!(error = %err, "cannot read reply");
-                    0
-                }
-            }
-        }
+        .await
+    {
+        Ok(response) => response,
         Err(err) => {
             warn!(error = %err, "request failed");
-            0
+            return refuse_all(0);
         }
+    };
+    let status = response.status().as_u16();
+    let retry_after = response
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_secs);
+    let bytes = match response.bytes().await {
+        Ok(bytes) => bytes,
+        Err(err) => {
+            // The reply was lost: the readings may or may not have been accepted.
+            warn!(error = %err, "cannot read reply");
+            return refuse_all(0);
+        }
+    };
+    let reply: Option<Value> = serde_json::from_slice(&bytes).ok();
+    let errors = reply
+        .as_ref()
+        .filter(|_| batch.len() > 1)
+        .and_then(|v| v.get("errors"))
+        .and_then(Value::as_array);
+    let verdicts = match errors {
+        // A batch reply: every reading accepted but those listed.
+        Some(errors) => {
+            let mut verdicts = vec![Verdict::Accepted; batch.len()];
+            for error in errors {
+                let index = error.get("index").and_then(Value::as_u64);
+                let code = error
+                    .get("status")
+                    .and_then(Value::as_u64)
+                    .and_then(|s| u16::try_from(s).ok())
+                    .unwrap_or(status);
+                if let Some(slot) = index.and_then(|i| verdicts.get_mut(i as usize)) {
+                    *slot = verdict_for(code);
+                }
+            }
+            verdicts
+        }
+        None => vec![verdict_for(status); batch.len()],
+    };
+    if status != 202 && !retryable(status) {
+        warn!(status, body = %String::from_utf8_lossy(&bytes), "readings refused");
     }
+    (verdicts, retry_after)
 }
 
-async fn send_kafka(producer: &Producer, batch: &[(u32, Telemetry)]) -> u64 {
+/// One attempt straight to Kafka: a reading that cannot be encoded is refused (400), one the
+/// producer could not deliver is retried (503).
+async fn send_kafka(producer: &Producer, batch: &[Pending]) -> (Vec<Verdict>, Option<Duration>) {
     let Ok(codec) = schemas::telemetry_codec() else {
-        return 0;
+        return (vec![Verdict::Refused(500); batch.len()], None);
     };
-    let outgoing: Vec<Outgoing> = batch
-        .iter()
-        .filter_map(|(_, t)| {
-            codec.encode(t).ok().map(|payload| Outgoing {
-                key: t.key(),
+    let mut verdicts = vec![Verdict::Refused(400); batch.len()];
+    let mut sent = Vec::with_capacity(batch.len());
+    let mut outgoing = Vec::with_capacity(batch.len());
+    for (i, p) in batch.iter().enumerate() {
+        if let Ok(payload) = codec.encode(&p.reading) {
+            sent.push(i);
+            outgoing.push(Outgoing {
+                key: p.reading.key(),
                 payload,
-            })
-        })
-        .collect();
+            });
+        }
+    }
     let traceparent = format!(
         "00-{:032x}-{:016x}-01",
         rand::random::<u128>() | 1,
         rand::random::<u64>() | 1
     );
-    producer
-        .send_all(&outgoing, &traceparent)
-        .await
-        .iter()
-        .filter(|r| r.is_ok())
-        .count() as u64
+    let results = producer.send_all(&outgoing, &traceparent).await;
+    for (i, result) in sent.into_iter().zip(results) {
+        verdicts[i] = if result.is_ok() {
+            Verdict::Accepted
+        } else {
+            Verdict::Retry(503)
+        };
+    }
+    (verdicts, None)
 }
 
 #[cfg(test)]

@@ -121,3 +121,134 @@ async fn the_simulator_can_produce_straight_to_kafka() -> Result<()> {
     assert_eq!(topic_count(&topics.args).await, summary.accepted as i64);
     Ok(())
 }
+
+/// Every message on the topic as (device number, time µs, metrics digest), sorted.
+async fn topic_readings(args: &KafkaArgs, prefix: &str) -> Vec<(u32, i64, u64)> {
+    use rdkafka::Message;
+    let args = args.clone();
+    let device_prefix = format!("{prefix}-d");
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = plumbing::kafka::base_config(&args, "sim-test-read")
+            .set("group.id", "sim-test-read")
+            .set("enable.auto.commit", "false")
+            .create()
+            .unwrap();
+        let mut assignment = rdkafka::TopicPartitionList::new();
+        let mut remaining = 0;
+        for p in 0..PARTITIONS {
+            let (_, high) = consumer
+                .fetch_watermarks(&args.telemetry_topic, p, Duration::from_secs(10))
+                .unwrap();
+            remaining += high;
+            assignment
+                .add_partition_offset(&args.telemetry_topic, p, rdkafka::Offset::Beginning)
+                .unwrap();
+        }
+        consumer.assign(&assignment).unwrap();
+        let codec = schemas::telemetry_codec().unwrap();
+        let mut out = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while remaining > 0 && std::time::Instant::now() < deadline {
+            // Errors here are the consumer's events (no group is joined), not messages.
+            if let Some(Ok(message)) = consumer.poll(Duration::from_millis(200)) {
+                let t = codec.decode(message.payload().unwrap()).unwrap();
+                let device = t
+                    .device_id
+                    .strip_prefix(&device_prefix)
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+                out.push((
+                    device,
+                    t.time.timestamp_micros(),
+                    ingest_producer::manifest::metrics_digest(&t.metrics),
+                ));
+                remaining -= 1;
+            }
+        }
+        out.sort_unstable();
+        out
+    })
+    .await
+    .unwrap()
+}
+
+/// Devices faster than their rate limit get `429` with `Retry-After`; the simulator retries
+/// as a device would, and its manifest lists exactly the readings on the topic as accepted,
+/// with the metrics sent.
+#[tokio::test]
+async fn refused_readings_are_retried_and_the_manifest_matches_the_topic() -> Result<()> {
+    let db = TestDb::new(LayoutChoice::Postgres).await?;
+    let topics = TestTopics::new(PARTITIONS).await?;
+    let admin = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let config = ingest_producer::Config::try_parse_from([
+        "ingest-producer",
+        "--database-url",
+        &db.url,
+        "--kafka-bootstrap-servers",
+        &topics.args.bootstrap_servers,
+        "--telemetry-topic",
+        &topics.args.telemetry_topic,
+        "--admin-listen",
+        &admin.to_string(),
+        // 4 readings a second per device against a limit of 2 (burst 2): about half the
+        // readings are refused with 429 + Retry-After at first.
+        "--device-rate-limit",
+        "2",
+        "--device-rate-burst",
+        "2",
+    ])?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    let shutdown = plumbing::Shutdown::new();
+    let service = tokio::spawn(ingest_producer::run_on(listener, config, shutdown.clone()));
+
+    let dir = std::env::temp_dir().join(plumbing::testing::unique_name("sim_manifest"));
+    std::fs::create_dir_all(&dir)?;
+    let manifest = dir.join("manifest.bin");
+    let args = SimulateArgs::try_parse_from([
+        "simulate",
+        "--devices",
+        "6",
+        "--tenants",
+        "2",
+        "--interval",
+        "250ms",
+        "--duration",
+        "2s",
+        "--batch",
+        "3",
+        "--give-up-after",
+        "20s",
+        "--provision",
+        "--database-url",
+        &db.url,
+        "--url",
+        &url,
+        "--silence-probability",
+        "0",
+        "--manifest",
+        manifest.to_str().unwrap(),
+    ])?;
+    let summary = simulate::run(args, plumbing::Shutdown::new()).await?;
+    assert!(summary.retries > 0, "{summary:?}");
+    assert_eq!(summary.failed, 0, "{summary:?}");
+
+    let reader = ingest_producer::manifest::ManifestReader::open(&manifest)?;
+    assert_eq!(reader.header.devices, 6);
+    let records: Vec<_> = reader.collect::<Result<_, _>>()?;
+    assert_eq!(records.len() as u64, summary.accepted);
+    let mut accepted: Vec<(u32, i64, u64)> = records
+        .iter()
+        .filter(|r| r.outcome == ingest_producer::manifest::Outcome::Accepted)
+        .map(|r| (r.device, r.time_us, r.digest))
+        .collect();
+    accepted.sort_unstable();
+    assert_eq!(accepted.len() as u64, summary.accepted);
+    assert_eq!(topic_readings(&topics.args, "sim").await, accepted);
+
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(30), service).await???;
+    std::fs::remove_dir_all(dir)?;
+    Ok(())
+}

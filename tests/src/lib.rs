@@ -1,6 +1,10 @@
 //! Support for the end-to-end tests in `tests/tests/`, which start services through their
 //! `run` functions against real Kafka and PostgreSQL (see `plumbing::testing`).
 
+pub mod fleet;
+pub mod reference;
+pub mod report;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 

@@ -241,7 +241,8 @@ impl PrivateKafka {
         out
     }
 
-    fn running_pid(&mut self) -> Option<u32> {
+    /// Process id of the JVM while it runs.
+    pub fn running_pid(&mut self) -> Option<u32> {
         if self.is_running() {
             self.child.as_ref().map(Child::id)
         } else {
