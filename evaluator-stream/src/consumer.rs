@@ -67,6 +67,9 @@ pub struct EvalContext {
     pub revoke_timeout: Duration,
     pub health: plumbing::admin::Health,
     pub shutdown: CancellationToken,
+    /// Offsets stored in PostgreSQL (set by commits and on assignment): the lag report
+    /// counts from them.
+    pub stored: plumbing::kafka::StoredOffsets,
     codec: &'static Codec<Telemetry>,
     pending: Mutex<VecDeque<Input>>,
 }
@@ -93,9 +96,11 @@ impl EvalContext {
         health: plumbing::admin::Health,
         shutdown: CancellationToken,
         codec: &'static Codec<Telemetry>,
+        stored: plumbing::kafka::StoredOffsets,
     ) -> Self {
         Self {
             codec,
+            stored,
             input,
             pool,
             runtime,
@@ -163,6 +168,9 @@ impl ConsumerContext for EvalContext {
         }
         let partitions: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
         info!(?partitions, "partitions revoked");
+        for &partition in &partitions {
+            self.stored.remove(partition);
+        }
         if let Ok(mut pending) = self.pending.lock() {
             pending.retain(
                 |input| !matches!(input, Input::Message { partition, .. } if partitions.contains(partition)),
@@ -218,6 +226,10 @@ impl ConsumerContext for EvalContext {
                         let (offset, clock) = stored
                             .get(&p)
                             .map_or((None, None), |&(next, clock)| (Some(next), clock));
+                        match offset {
+                            Some(next) => self.stored.set(p, next),
+                            None => self.stored.remove(p),
+                        }
                         (p, offset, clock)
                     })
                     .collect();
@@ -327,9 +339,11 @@ pub fn poll_loop(consumer: &BaseConsumer<EvalContext>) {
     }
 }
 
+/// Lag as an SRE must read it: end offset − the offset stored in PostgreSQL (what a restart
+/// resumes from), not − the fetch position, which runs ahead by everything queued.
 fn report_lag(consumer: &BaseConsumer<EvalContext>) {
     let mut total = 0u64;
-    for (partition, lag) in plumbing::kafka::consumer_lag(consumer) {
+    for (partition, lag) in plumbing::kafka::stored_lag(consumer, &consumer.context().stored) {
         total += lag;
         metrics::gauge!(crate::metrics::LAG, "partition" => partition.to_string()).set(lag as f64);
     }

@@ -191,6 +191,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), Error> {
 
     let give_up = Shutdown::new();
     let (input_tx, input_rx) = mpsc::channel((config.queue / consumer::SEND_CHUNK).max(2));
+    let stored = plumbing::kafka::StoredOffsets::default();
     let runner = Runner {
         engine: Engine::new(
             EngineConfig {
@@ -211,6 +212,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), Error> {
         reported: engine::Counters::default(),
         traces: Vec::new(),
         inflight: None,
+        stored: stored.clone(),
     };
     let engine_task = tokio::spawn(runner.run(input_rx, rules_rx));
 
@@ -225,6 +227,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), Error> {
         health.clone(),
         shutdown.clone(),
         schemas::telemetry_codec()?,
+        stored,
     );
     let mut consumer_config =
         plumbing::kafka::consumer_config(&config.kafka, SERVICE, &config.group_id);
@@ -436,6 +439,8 @@ struct Runner {
     traces: Vec<String>,
     /// The commit in flight (at most one), overlapping the evaluation of what follows.
     inflight: Option<tokio::task::JoinHandle<CommitOutcome>>,
+    /// Offsets stored in PostgreSQL, for the lag report (shared with the consumer thread).
+    stored: plumbing::kafka::StoredOffsets,
 }
 
 impl Runner {
@@ -783,6 +788,9 @@ impl Runner {
     }
 
     fn committed(&mut self, unit: &CommitUnit, done: store::Committed) {
+        for progress in &unit.progress {
+            self.stored.set(progress.partition, progress.next);
+        }
         if done.written > 0 {
             self.wake.notify_one();
         }

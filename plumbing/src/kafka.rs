@@ -1,5 +1,7 @@
 //! librdkafka client settings shared by every service, and topic administration.
 
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -159,23 +161,62 @@ pub fn leave_group<C: ConsumerContext>(consumer: &BaseConsumer<C>) {
     }
 }
 
-/// Messages behind the end of each partition the consumer is positioned on:
-/// `(partition, high watermark − position)`. Partitions without a position yet are left out.
-pub fn consumer_lag<C: ConsumerContext>(consumer: &BaseConsumer<C>) -> Vec<(i32, u64)> {
-    let Ok(positions) = consumer.position() else {
+/// The offsets a consumer stored with its data (in PostgreSQL, in the transaction that wrote
+/// the rows), by partition: where a restart would resume. Shared between the code that stores
+/// them and the lag report, which must not trust the consumer's fetch position (that runs
+/// ahead of what is stored by everything buffered in between).
+#[derive(Debug, Default, Clone)]
+pub struct StoredOffsets(Arc<Mutex<BTreeMap<i32, i64>>>);
+
+impl StoredOffsets {
+    /// `partition`'s next offset is now `next` (stored, or loaded on assignment).
+    pub fn set(&self, partition: i32, next: i64) {
+        if let Ok(mut map) = self.0.lock() {
+            map.insert(partition, next);
+        }
+    }
+
+    /// The partition is no longer this consumer's.
+    pub fn remove(&self, partition: i32) {
+        if let Ok(mut map) = self.0.lock() {
+            map.remove(&partition);
+        }
+    }
+
+    /// The stored next offset of `partition`, if known.
+    pub fn get(&self, partition: i32) -> Option<i64> {
+        self.0.lock().ok()?.get(&partition).copied()
+    }
+}
+
+/// Messages a restart would have to read, per assigned partition: high watermark − the
+/// offset stored with the data ([`StoredOffsets`]). A partition with nothing stored yet counts
+/// from the consumer's position (where it started reading), or from the low watermark.
+pub fn stored_lag<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    stored: &StoredOffsets,
+) -> Vec<(i32, u64)> {
+    let Ok(assignment) = consumer.assignment() else {
         return Vec::new();
     };
-    positions
+    let positions = consumer.position().ok();
+    assignment
         .elements()
         .iter()
         .filter_map(|element| {
-            let Offset::Offset(position) = element.offset() else {
-                return None;
-            };
-            let (_, high) = consumer
-                .fetch_watermarks(element.topic(), element.partition(), Duration::from_secs(1))
+            let partition = element.partition();
+            let (low, high) = consumer
+                .fetch_watermarks(element.topic(), partition, Duration::from_secs(1))
                 .ok()?;
-            Some((element.partition(), (high - position).max(0) as u64))
+            let position = positions
+                .as_ref()
+                .and_then(|p| p.find_partition(element.topic(), partition))
+                .and_then(|e| match e.offset() {
+                    Offset::Offset(o) => Some(o),
+                    _ => None,
+                });
+            let from = stored.get(partition).or(position).unwrap_or(low);
+            Some((partition, (high - from).max(0) as u64))
         })
         .collect()
 }

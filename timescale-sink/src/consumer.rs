@@ -50,6 +50,9 @@ pub struct SinkContext {
     pub revoke_timeout: Duration,
     pub health: plumbing::admin::Health,
     pub shutdown: CancellationToken,
+    /// Offsets stored in PostgreSQL with the rows (set by the writers and on assignment):
+    /// the lag report counts from them.
+    pub stored: plumbing::kafka::StoredOffsets,
     /// Messages polled but not yet handed to their writer, per writer.
     pending: Mutex<Vec<VecDeque<RawMessage>>>,
 }
@@ -75,6 +78,7 @@ impl SinkContext {
         start_from: StartFrom,
         health: plumbing::admin::Health,
         shutdown: CancellationToken,
+        stored: plumbing::kafka::StoredOffsets,
     ) -> Self {
         let pending = Mutex::new(writers.iter().map(|_| VecDeque::new()).collect());
         Self {
@@ -87,6 +91,7 @@ impl SinkContext {
             revoke_timeout: Duration::from_secs(30),
             health,
             shutdown,
+            stored,
             pending,
         }
     }
@@ -138,6 +143,9 @@ impl ConsumerContext for SinkContext {
         }
         let partitions: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
         info!(?partitions, "partitions revoked");
+        for &partition in &partitions {
+            self.stored.remove(partition);
+        }
         if let Ok(mut pending) = self.pending.lock() {
             for queue in pending.iter_mut() {
                 queue.retain(|m| !partitions.contains(&m.partition));
@@ -183,6 +191,10 @@ impl ConsumerContext for SinkContext {
                 );
                 for &partition in &partitions {
                     let position = stored.get(&partition).copied();
+                    match position {
+                        Some(next) => self.stored.set(partition, next),
+                        None => self.stored.remove(partition),
+                    }
                     self.send_blocking(
                         self.writer_of(partition),
                         Input::Assigned {
@@ -310,9 +322,11 @@ pub fn poll_loop(consumer: &BaseConsumer<SinkContext>, stats: &crate::stats::Sta
     }
 }
 
+/// Lag as an SRE must read it: end offset − the offset stored in PostgreSQL (what a restart
+/// resumes from), not − the fetch position, which runs ahead by everything buffered.
 fn report_lag(consumer: &BaseConsumer<SinkContext>, stats: &crate::stats::Stats) {
     let mut total = 0u64;
-    for (partition, lag) in plumbing::kafka::consumer_lag(consumer) {
+    for (partition, lag) in plumbing::kafka::stored_lag(consumer, &consumer.context().stored) {
         total += lag;
         metrics::gauge!(crate::metrics::LAG, "partition" => partition.to_string()).set(lag as f64);
     }

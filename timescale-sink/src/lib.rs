@@ -185,8 +185,10 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), Error> {
     let mut writers = Vec::new();
     let mut tasks = Vec::new();
     let topic = config.kafka.telemetry_topic.clone();
+    let stored = plumbing::kafka::StoredOffsets::default();
     for _ in 0..config.writers.max(1) {
         let commit_handle = kafka_commit.clone();
+        let stored = stored.clone();
         let commit_topic = topic.clone();
         let writer = writer::BatchWriter {
             pool: pool.clone(),
@@ -194,6 +196,9 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), Error> {
             topic: topic.clone(),
             dlq: dlq.clone(),
             on_committed: Arc::new(move |ranges| {
+                for (&partition, range) in ranges {
+                    stored.set(partition, range.next);
+                }
                 if let Some(consumer) = commit_handle.get().and_then(std::sync::Weak::upgrade) {
                     consumer::commit_to_kafka(&consumer, &commit_topic, ranges);
                 }
@@ -223,6 +228,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), Error> {
         config.start_from,
         health.clone(),
         shutdown.clone(),
+        stored,
     );
     let mut consumer_config =
         plumbing::kafka::consumer_config(&config.kafka, SERVICE, &config.group_id);

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 use common::*;
-use plumbing::testing::{available_layouts, TestDb, TestTopics};
+use plumbing::testing::{available_layouts, eventually, TestDb, TestTopics};
 use plumbing::Shutdown;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Headers;
@@ -199,5 +199,68 @@ async fn every_message_sent_twice_is_stored_once() -> Result<()> {
     .await?;
     // The last report may predate the last batch; the exact count is checked at writer level.
     assert!(reported.unwrap_or(0.0) <= (total - 2000) as f64);
+    Ok(())
+}
+
+/// The lag an SRE reads is end offset − the offset stored in PostgreSQL (what a restart
+/// resumes from), not − the consumer's fetch position: with the offsets table locked, the
+/// sink fetches a backlog it cannot commit, and its lag still counts every message of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lag_counts_from_the_offsets_stored_in_postgresql() -> Result<()> {
+    const PARTITIONS: i32 = 3;
+    let db = TestDb::new(LayoutChoice::Postgres).await?;
+    let topics = TestTopics::new(PARTITIONS).await?;
+    let producer = producer(&topics)?;
+    let messages = fleet(1, 100, 50);
+    let (first, backlog) = messages.split_at(2_000);
+    produce(&producer, &topics.args.telemetry_topic, first.to_vec()).await?;
+
+    let config = sink_config(&db, &topics, &[])?;
+    let group = config.group_id.clone();
+    let shutdown = Shutdown::new();
+    let sink = tokio::spawn(timescale_sink::run(config, shutdown.clone()));
+    wait_for_stored(&db.pool, &group, 2_000, Duration::from_secs(60)).await?;
+
+    let latest_lag = || async {
+        sqlx::query_scalar::<_, f64>(
+            "SELECT value FROM system_metrics WHERE metric_name = 'sink_consumer_lag_messages' \
+             ORDER BY time DESC LIMIT 1",
+        )
+        .fetch_optional(&db.pool)
+        .await
+    };
+    // Offsets cannot be stored while this transaction holds the table.
+    let mut lock = db.pool.begin().await?;
+    sqlx::query("LOCK TABLE consumer_offsets IN EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await?;
+    produce(&producer, &topics.args.telemetry_topic, backlog.to_vec()).await?;
+    let ends: i64 = end_offsets(&topics, PARTITIONS)?.values().sum();
+    assert_eq!(ends, 5_000);
+    // The report runs every 10 s; the consumer has long fetched the backlog by then.
+    eventually(
+        "lag = end − stored = 3,000",
+        Duration::from_secs(60),
+        || async {
+            match latest_lag().await {
+                Ok(Some(3_000.0)) => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await?;
+    assert_eq!(stored_total(&db.pool, &group).await?, 2_000);
+
+    lock.rollback().await?;
+    wait_for_stored(&db.pool, &group, 5_000, Duration::from_secs(60)).await?;
+    eventually("lag back to 0", Duration::from_secs(60), || async {
+        match latest_lag().await {
+            Ok(Some(0.0)) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await?;
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(60), sink).await???;
     Ok(())
 }

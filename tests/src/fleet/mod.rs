@@ -704,16 +704,18 @@ pub async fn run(opts: Options) -> Result<Report> {
         }
         simulator_cpu.sample(simulator_pid, true);
         sample_postgres_cpu(&db.pool, postmaster, &mut postgres_cpu).await;
+        // Stored offsets first, end offsets after: the other order could see a commit of
+        // offsets past the end read a moment earlier.
+        let sink_stored = stored_offsets(&db.pool, &sink_group, &kafka.telemetry_topic).await;
+        let evaluator_stored =
+            stored_offsets(&db.pool, &evaluator_group, &kafka.telemetry_topic).await;
         if let Ok(ends) = end_offsets(&watermarks, &kafka.telemetry_topic, opts.partitions).await {
             let total_end: i64 = ends.iter().sum();
-            if let Ok(stored) = stored_offsets(&db.pool, &sink_group, &kafka.telemetry_topic).await
-            {
+            if let Ok(stored) = sink_stored {
                 sample.sink_lag = (total_end - stored.iter().sum::<i64>()) as f64;
                 sink_lag_max = sink_lag_max.max(sample.sink_lag);
             }
-            if let Ok(stored) =
-                stored_offsets(&db.pool, &evaluator_group, &kafka.telemetry_topic).await
-            {
+            if let Ok(stored) = evaluator_stored {
                 sample.evaluator_lag = (total_end - stored.iter().sum::<i64>()) as f64;
                 evaluator_lag_max = evaluator_lag_max.max(sample.evaluator_lag);
             }
@@ -1135,7 +1137,10 @@ async fn sample_postgres_cpu(
     };
     for pid in procs::children_of(postmaster) {
         let role = roles.get(&pid).map_or("other", String::as_str);
-        let role = if role.starts_with("TimescaleDB") || role.starts_with("Compression") {
+        let role = if role.starts_with("TimescaleDB")
+            || role.contains(" Policy [")
+            || role.starts_with("Compression")
+        {
             "timescaledb jobs"
         } else {
             role
