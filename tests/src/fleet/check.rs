@@ -71,6 +71,33 @@ struct Sent {
     stored: bool,
 }
 
+/// One stored row of a simulated device: (tenant, device id, device number, time µs, metrics
+/// text, digest of the metrics typed back). `None` for another device (the latency probe's).
+type StoredRow = (String, String, u32, i64, String, Option<u64>);
+
+fn stored_row(
+    row: &sqlx::postgres::PgRow,
+    header: &ingest_producer::manifest::Header,
+    device_prefix: &str,
+) -> Result<Option<StoredRow>> {
+    let tenant: String = row.try_get("tenant_id")?;
+    let device_id: String = row.try_get("device_id")?;
+    let time_us: i64 = row.try_get("time_us")?;
+    let metrics: String = row.try_get("metrics")?;
+    let Some(device) = device_id
+        .strip_prefix(device_prefix)
+        .and_then(|n| n.parse::<u32>().ok())
+        .filter(|d| *d < header.devices && header.tenant_id(*d) == tenant)
+    else {
+        return Ok(None);
+    };
+    let digest = serde_json::from_str(&metrics)
+        .ok()
+        .and_then(|v| metrics_from_json(&v))
+        .map(|m| metrics_digest(&m));
+    Ok(Some((tenant, device_id, device, time_us, metrics, digest)))
+}
+
 /// Checks `telemetry` and `device_latest` of the run's devices (ids from the manifest's
 /// header) against the manifest. `pool` is the database owner.
 pub async fn account(pool: &PgPool, manifest: &Path) -> Result<Accounting> {
@@ -118,22 +145,12 @@ pub async fn account(pool: &PgPool, manifest: &Path) -> Result<Accounting> {
         .bind(&tenant_pattern)
         .fetch(pool);
         while let Some(row) = rows.try_next().await? {
-            let tenant: &str = row.try_get("tenant_id")?;
-            let device_id: &str = row.try_get("device_id")?;
-            let time_us: i64 = row.try_get("time_us")?;
-            let metrics: &str = row.try_get("metrics")?;
-            let device = device_id
-                .strip_prefix(&device_prefix)
-                .and_then(|n| n.parse::<u32>().ok())
-                .filter(|d| *d < header.devices && header.tenant_id(*d) == tenant);
-            let Some(device) = device else {
+            let Some((tenant, device_id, device, time_us, metrics, digest)) =
+                stored_row(&row, &header, &device_prefix)?
+            else {
                 // Not a simulated device (the latency probe's, say): not the manifest's.
                 continue;
             };
-            let digest = serde_json::from_str(metrics)
-                .ok()
-                .and_then(|v| metrics_from_json(&v))
-                .map(|m| metrics_digest(&m));
             if let Some(digest) = digest {
                 let slot = &mut newest[device as usize];
                 if slot.is_none_or(|(t, _)| time_us > t) {
@@ -188,22 +205,12 @@ pub async fn account(pool: &PgPool, manifest: &Path) -> Result<Accounting> {
     .bind(&tenant_pattern)
     .fetch(pool);
     while let Some(row) = rows.try_next().await? {
-        let tenant: &str = row.try_get("tenant_id")?;
-        let device_id: &str = row.try_get("device_id")?;
-        let time_us: i64 = row.try_get("time_us")?;
-        let metrics: &str = row.try_get("metrics")?;
-        let Some(device) = device_id
-            .strip_prefix(&device_prefix)
-            .and_then(|n| n.parse::<u32>().ok())
-            .filter(|d| *d < header.devices && header.tenant_id(*d) == tenant)
+        let Some((tenant, device_id, device, time_us, metrics, digest)) =
+            stored_row(&row, &header, &device_prefix)?
         else {
             continue;
         };
         latest_seen[device as usize] = true;
-        let digest = serde_json::from_str(metrics)
-            .ok()
-            .and_then(|v| metrics_from_json(&v))
-            .map(|m| metrics_digest(&m));
         match newest[device as usize] {
             None => {
                 acc.latest_extra += 1;

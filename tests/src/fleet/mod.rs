@@ -91,9 +91,10 @@ pub struct Options {
     /// Readings per request with `--auth gateway`.
     #[arg(long, default_value_t = 100)]
     pub batch: usize,
-    /// Simulator requests in flight.
-    #[arg(long, default_value_t = 64)]
-    pub concurrency: usize,
+    /// Simulator requests in flight (default: 2,048 with device tokens, where every device
+    /// has a connection of its own and waits for its `202`; 32 with gateway batches).
+    #[arg(long)]
+    pub concurrency: Option<usize>,
     /// Inject the full fault plan: SIGKILL sink ×5, evaluator ×3, ingest ×2, one broker
     /// restart, one PostgreSQL restart (each count can be set on its own below).
     #[arg(long)]
@@ -541,7 +542,12 @@ pub async fn run(opts: Options) -> Result<Report> {
         "--batch".into(),
         opts.batch.to_string(),
         "--concurrency".into(),
-        opts.concurrency.to_string(),
+        opts.concurrency
+            .unwrap_or(match opts.auth {
+                AuthMode::Device => 2048,
+                AuthMode::Gateway => 32,
+            })
+            .to_string(),
         "--url".into(),
         format!("http://{ingest_http}"),
         "--api-url".into(),
@@ -657,12 +663,12 @@ pub async fn run(opts: Options) -> Result<Report> {
     let mut simulator_cpu = CpuAccount::default();
     let postmaster = postmaster_pid(&db.pool).await?;
     let mut last_tick = Instant::now();
+    let mut last_scrape = Instant::now();
     let mut sink_lag_max: f64 = 0.0;
     let mut evaluator_lag_max: f64 = 0.0;
     let simulator_status = loop {
         let tick_at = last_tick + Duration::from_secs(1);
         tokio::time::sleep_until(tokio::time::Instant::from_std(tick_at)).await;
-        let span = last_tick.elapsed().as_secs_f64();
         last_tick = Instant::now();
         let mut sample = Sample {
             t_s: t0.elapsed().as_secs_f64(),
@@ -680,12 +686,15 @@ pub async fn run(opts: Options) -> Result<Report> {
                 s.services.iter().map(|(k, v)| (*k, v.spec.admin)).collect();
             drop(s);
             if let Ok((200, text)) = crate::http_get(admins["ingest"], "/metrics").await {
+                // Over the time since the previous scrape (a fault holds the sampler up).
+                let span = last_scrape.elapsed().as_secs_f64();
+                last_scrape = Instant::now();
                 let delta = accepted.update(prom::sum(
                     &text,
                     "fleetstream_ingest_messages_total",
                     &[("outcome", "accepted")],
                 ));
-                sample.accepted_per_s = delta / span;
+                sample.accepted_per_s = delta / span.max(1e-3);
             }
             if let Ok((200, text)) = crate::http_get(admins["sink"], "/metrics").await {
                 if let Some(h) = prom::histogram(&text, "fleetstream_sink_ingest_to_commit_seconds")
