@@ -168,8 +168,10 @@ impl ConsumerContext for EvalContext {
         }
         let partitions: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
         info!(?partitions, "partitions revoked");
+        // Another instance reports these partitions' lag from now on.
         for &partition in &partitions {
             self.stored.remove(partition);
+            metrics::gauge!(crate::metrics::LAG, "partition" => partition.to_string()).set(0.0);
         }
         if let Ok(mut pending) = self.pending.lock() {
             pending.retain(

@@ -143,9 +143,6 @@ impl ConsumerContext for SinkContext {
         }
         let partitions: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
         info!(?partitions, "partitions revoked");
-        for &partition in &partitions {
-            self.stored.remove(partition);
-        }
         if let Ok(mut pending) = self.pending.lock() {
             for queue in pending.iter_mut() {
                 queue.retain(|m| !partitions.contains(&m.partition));
@@ -168,6 +165,12 @@ impl ConsumerContext for SinkContext {
                 warn!("revocation did not finish in time; relying on the offset fence");
                 break;
             }
+        }
+        // After the writers acknowledged: a batch committed meanwhile must not put its
+        // partition back. Another instance reports these partitions' lag from now on.
+        for &partition in &partitions {
+            self.stored.remove(partition);
+            metrics::gauge!(crate::metrics::LAG, "partition" => partition.to_string()).set(0.0);
         }
         metrics::gauge!(crate::metrics::ASSIGNED_PARTITIONS).set(0.0);
     }

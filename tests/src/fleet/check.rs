@@ -82,7 +82,9 @@ fn stored_row(
 ) -> Result<Option<StoredRow>> {
     let tenant: String = row.try_get("tenant_id")?;
     let device_id: String = row.try_get("device_id")?;
-    let time_us: i64 = row.try_get("time_us")?;
+    let time_us = row
+        .try_get::<chrono::DateTime<chrono::Utc>, _>("time")?
+        .timestamp_micros();
     let metrics: String = row.try_get("metrics")?;
     let Some(device) = device_id
         .strip_prefix(device_prefix)
@@ -139,7 +141,7 @@ pub async fn account(pool: &PgPool, manifest: &Path) -> Result<Accounting> {
     {
         let mut rows = sqlx::query(
             "SELECT tenant_id, device_id, \
-                    (extract(epoch FROM time) * 1000000)::int8 AS time_us, metrics::text AS metrics \
+                    time, metrics::text AS metrics \
              FROM telemetry WHERE tenant_id LIKE $1",
         )
         .bind(&tenant_pattern)
@@ -198,7 +200,7 @@ pub async fn account(pool: &PgPool, manifest: &Path) -> Result<Accounting> {
 
     let mut latest_seen = vec![false; header.devices as usize];
     let mut rows = sqlx::query(
-        "SELECT tenant_id, device_id, (extract(epoch FROM time) * 1000000)::int8 AS time_us, \
+        "SELECT tenant_id, device_id, time, \
                 metrics::text AS metrics \
          FROM device_latest WHERE tenant_id LIKE $1",
     )

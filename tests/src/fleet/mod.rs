@@ -285,6 +285,21 @@ impl Report {
     }
 }
 
+/// The evaluator's allowed lateness in the run, and the reference's.
+const EVALUATOR_LATENESS: Duration = Duration::from_secs(5);
+
+/// The simulator process, killed if the run ends early (an error) while it still sends.
+struct SimulatorProcess(std::process::Child);
+
+impl Drop for SimulatorProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// Where the run's Kafka is.
 enum Broker {
     Shared,
@@ -503,8 +518,16 @@ pub async fn run(opts: Options) -> Result<Report> {
     let admin = free_addr()?;
     let mut env = common("evaluator", admin);
     env.push(("EVALUATOR_GROUP_ID".into(), evaluator_group.clone()));
-    // From the first reading, as the reference evaluation reads the topic.
+    // From the first reading, as the reference evaluation reads the topic; the lateness the
+    // reference applies; and no wall-clock moves of a partition's clock (a partition idle
+    // during a fault would otherwise have its clock set to now − lateness, the one input a
+    // replay of the topic cannot reproduce).
     env.push(("EVALUATOR_START_FROM".into(), "earliest".into()));
+    env.push((
+        "EVALUATOR_ALLOWED_LATENESS".into(),
+        format!("{}ms", EVALUATOR_LATENESS.as_millis()),
+    ));
+    env.push(("EVALUATOR_IDLE_TIMEOUT".into(), "1h".into()));
     specs.push(ServiceSpec {
         name: "evaluator",
         binary: bin_dir.join("evaluator-stream"),
@@ -563,17 +586,19 @@ pub async fn run(opts: Options) -> Result<Report> {
         sim_args.push(out_dir.join("device-tokens.tsv").display().to_string());
     }
     let provisioned_at = Instant::now();
-    let mut simulator = std::process::Command::new(bin_dir.join("ingest-producer"))
-        .args(&sim_args)
-        .env("DATABASE_URL", &db.url)
-        .env("FLEETSTREAM_API_KEY", &api_key)
-        .env("RUST_LOG", "info")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::fs::File::create(&simulator_out)?)
-        .stderr(std::fs::File::create(&simulator_log)?)
-        .spawn()
-        .context("starting the simulator")?;
-    let simulator_pid = simulator.id();
+    let mut simulator = SimulatorProcess(
+        std::process::Command::new(bin_dir.join("ingest-producer"))
+            .args(&sim_args)
+            .env("DATABASE_URL", &db.url)
+            .env("FLEETSTREAM_API_KEY", &api_key)
+            .env("RUST_LOG", "info")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::fs::File::create(&simulator_out)?)
+            .stderr(std::fs::File::create(&simulator_log)?)
+            .spawn()
+            .context("starting the simulator")?,
+    );
+    let simulator_pid = simulator.0.id();
 
     // The probe device: its own token, created like any device.
     let client = reqwest::Client::builder()
@@ -588,7 +613,7 @@ pub async fn run(opts: Options) -> Result<Report> {
     let mut accepted = prom::CounterTrack::default();
     let started_deadline = Instant::now() + Duration::from_secs(1800);
     loop {
-        if let Some(status) = simulator.try_wait()? {
+        if let Some(status) = simulator.0.try_wait()? {
             bail!(
                 "simulator exited before sending ({status}):\n{}",
                 procs::tail(&simulator_log, 30)
@@ -696,28 +721,29 @@ pub async fn run(opts: Options) -> Result<Report> {
                 ));
                 sample.accepted_per_s = delta / span.max(1e-3);
             }
-            if let Ok((200, text)) = crate::http_get(admins["sink"], "/metrics").await {
-                if let Some(h) = prom::histogram(&text, "fleetstream_sink_ingest_to_commit_seconds")
-                {
-                    let delta = commit.update(h);
-                    sample.commit_p99_ms = delta.quantile(0.99).map(|s| s * 1000.0);
-                }
-            }
-            if let Ok((200, text)) = crate::http_get(admins["evaluator"], "/metrics").await {
-                if let Some(h) =
-                    prom::histogram(&text, "fleetstream_evaluator_alert_latency_seconds")
-                {
-                    alert.update(h);
-                }
-            }
+            let delta =
+                scrape_latencies(admins["sink"], admins["evaluator"], &mut commit, &mut alert)
+                    .await;
+            sample.commit_p99_ms = delta.and_then(|d| d.quantile(0.99)).map(|s| s * 1000.0);
         }
         simulator_cpu.sample(simulator_pid, true);
         sample_postgres_cpu(&db.pool, postmaster, &mut postgres_cpu).await;
         // Stored offsets first, end offsets after: the other order could see a commit of
         // offsets past the end read a moment earlier.
-        let sink_stored = stored_offsets(&db.pool, &sink_group, &kafka.telemetry_topic).await;
-        let evaluator_stored =
-            stored_offsets(&db.pool, &evaluator_group, &kafka.telemetry_topic).await;
+        let sink_stored = stored_offsets(
+            &db.pool,
+            &sink_group,
+            &kafka.telemetry_topic,
+            opts.partitions,
+        )
+        .await;
+        let evaluator_stored = stored_offsets(
+            &db.pool,
+            &evaluator_group,
+            &kafka.telemetry_topic,
+            opts.partitions,
+        )
+        .await;
         if let Ok(ends) = end_offsets(&watermarks, &kafka.telemetry_topic, opts.partitions).await {
             let total_end: i64 = ends.iter().sum();
             if let Ok(stored) = sink_stored {
@@ -742,7 +768,7 @@ pub async fn run(opts: Options) -> Result<Report> {
                 );
             }
         }
-        if let Some(status) = simulator.try_wait()? {
+        if let Some(status) = simulator.0.try_wait()? {
             break status;
         }
     };
@@ -765,12 +791,26 @@ pub async fn run(opts: Options) -> Result<Report> {
 
     // Drain: both groups' stored offsets reach the end offsets.
     let drain_started = Instant::now();
-    let ends = end_offsets(&watermarks, &kafka.telemetry_topic, opts.partitions).await?;
     let mut offsets_detail = Vec::new();
     let mut offsets_at_end = false;
     while drain_started.elapsed() < opts.drain_timeout {
-        let sink = stored_offsets(&db.pool, &sink_group, &kafka.telemetry_topic).await?;
-        let evaluator = stored_offsets(&db.pool, &evaluator_group, &kafka.telemetry_topic).await?;
+        let sink = stored_offsets(
+            &db.pool,
+            &sink_group,
+            &kafka.telemetry_topic,
+            opts.partitions,
+        )
+        .await?;
+        let evaluator = stored_offsets(
+            &db.pool,
+            &evaluator_group,
+            &kafka.telemetry_topic,
+            opts.partitions,
+        )
+        .await?;
+        // Read after the stored offsets, every round: a request whose client gave up during
+        // a fault may still have been written since.
+        let ends = end_offsets(&watermarks, &kafka.telemetry_topic, opts.partitions).await?;
         offsets_detail = (0..opts.partitions as usize)
             .filter(|p| sink.get(*p) != ends.get(*p) || evaluator.get(*p) != ends.get(*p))
             .map(|p| {
@@ -790,10 +830,25 @@ pub async fn run(opts: Options) -> Result<Report> {
         for service in s.services.values_mut() {
             service.sample_cpu();
         }
+        let (sink_admin, evaluator_admin) = (
+            s.services["sink"].spec.admin,
+            s.services["evaluator"].spec.admin,
+        );
         drop(s);
+        // The drain's readings belong in the latency figures too.
+        scrape_latencies(sink_admin, evaluator_admin, &mut commit, &mut alert).await;
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     let drain_s = drain_started.elapsed().as_secs_f64();
+    {
+        let s = shared.lock().await;
+        let (sink_admin, evaluator_admin) = (
+            s.services["sink"].spec.admin,
+            s.services["evaluator"].spec.admin,
+        );
+        drop(s);
+        scrape_latencies(sink_admin, evaluator_admin, &mut commit, &mut alert).await;
+    }
     eprintln!("[fleet_e2e] drained in {drain_s:.1}s (offsets at end: {offsets_at_end})");
     {
         let mut s = shared.lock().await;
@@ -814,8 +869,7 @@ pub async fn run(opts: Options) -> Result<Report> {
         .filter(|r| r.kind == "no_data")
         .map(|r| r.rule_id)
         .collect();
-    let lateness = Duration::from_secs(5);
-    let mut reference = crate::reference::Reference::new(rules, lateness);
+    let mut reference = crate::reference::Reference::new(rules, EVALUATOR_LATENESS);
     let replay_args = kafka.clone();
     let topic = kafka.telemetry_topic.clone();
     let reference = tokio::task::spawn_blocking(move || {
@@ -826,9 +880,13 @@ pub async fn run(opts: Options) -> Result<Report> {
     let expected = reference.episodes();
     let actual = crate::reference::load_alert_episodes(&db.pool, &no_data).await?;
     let comparison = crate::reference::compare(&expected, &actual);
-    let storage = storage_figures(&db.pool, db.layout)
-        .await
-        .unwrap_or_default();
+    let storage = match storage_figures(&db.pool, db.layout).await {
+        Ok(storage) => storage,
+        Err(err) => {
+            eprintln!("[fleet_e2e] storage figures unavailable: {err:#}");
+            StorageFigures::default()
+        }
+    };
 
     // Stop the services.
     {
@@ -894,6 +952,28 @@ pub async fn run(opts: Options) -> Result<Report> {
         std::mem::forget(db);
     }
     Ok(report)
+}
+
+/// Scrapes the sink's ingest→commit and the evaluator's alert-latency histograms into their
+/// tracks; returns what the sink observed since the previous scrape.
+async fn scrape_latencies(
+    sink: std::net::SocketAddr,
+    evaluator: std::net::SocketAddr,
+    commit: &mut prom::HistogramTrack,
+    alert: &mut prom::HistogramTrack,
+) -> Option<prom::Histogram> {
+    let mut delta = None;
+    if let Ok((200, text)) = crate::http_get(sink, "/metrics").await {
+        if let Some(h) = prom::histogram(&text, "fleetstream_sink_ingest_to_commit_seconds") {
+            delta = Some(commit.update(h));
+        }
+    }
+    if let Ok((200, text)) = crate::http_get(evaluator, "/metrics").await {
+        if let Some(h) = prom::histogram(&text, "fleetstream_evaluator_alert_latency_seconds") {
+            alert.update(h);
+        }
+    }
+    delta
 }
 
 /// Carries out one fault.
@@ -1088,7 +1168,12 @@ async fn end_offsets(
 }
 
 /// Offsets a group stored in PostgreSQL, by partition (0 where none yet).
-async fn stored_offsets(pool: &sqlx::PgPool, group: &str, topic: &str) -> Result<Vec<i64>> {
+async fn stored_offsets(
+    pool: &sqlx::PgPool,
+    group: &str,
+    topic: &str,
+    partitions: i32,
+) -> Result<Vec<i64>> {
     let rows = sqlx::query(
         "SELECT partition, next_offset FROM consumer_offsets \
          WHERE consumer_group = $1 AND topic = $2",
@@ -1097,7 +1182,7 @@ async fn stored_offsets(pool: &sqlx::PgPool, group: &str, topic: &str) -> Result
     .bind(topic)
     .fetch_all(pool)
     .await?;
-    let mut out = Vec::new();
+    let mut out = vec![0; partitions.max(0) as usize];
     for row in rows {
         let p: i32 = row.try_get(0)?;
         let next: i64 = row.try_get(1)?;
