@@ -60,13 +60,24 @@ pub struct Header {
 impl Header {
     /// Tenant id of device number `device` (devices are spread round-robin over tenants).
     pub fn tenant_id(&self, device: u32) -> String {
-        format!("{}-t{}", self.prefix, device % self.tenants.max(1))
+        tenant_id(&self.prefix, device % self.tenants.max(1))
     }
 
     /// Device id of device number `device`.
     pub fn device_id(&self, device: u32) -> String {
-        format!("{}-d{device:06}", self.prefix)
+        device_id(&self.prefix, device)
     }
+}
+
+/// Id of simulated tenant number `tenant` (`<prefix>-t<n>`; the simulator's provisioning SQL
+/// builds the same ids).
+pub fn tenant_id(prefix: &str, tenant: u32) -> String {
+    format!("{prefix}-t{tenant}")
+}
+
+/// Id of simulated device number `device` (`<prefix>-d<6 digits>`).
+pub fn device_id(prefix: &str, device: u32) -> String {
+    format!("{prefix}-d{device:06}")
 }
 
 /// A reading's final outcome.

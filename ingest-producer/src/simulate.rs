@@ -159,11 +159,11 @@ pub struct SimulateArgs {
 impl SimulateArgs {
     /// Id of simulated tenant number `tenant`.
     pub fn tenant_id(&self, tenant: u32) -> String {
-        format!("{}-t{tenant}", self.prefix)
+        manifest::tenant_id(&self.prefix, tenant)
     }
 
     fn device_id(&self, device: u32) -> String {
-        format!("{}-d{device:06}", self.prefix)
+        manifest::device_id(&self.prefix, device)
     }
 
     /// The gateway token of a simulated tenant.

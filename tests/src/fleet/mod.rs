@@ -329,10 +329,6 @@ struct Shared {
     broker: Broker,
 }
 
-fn free_addr() -> Result<std::net::SocketAddr> {
-    Ok(crate::free_addr()?)
-}
-
 /// Runs the whole proof and writes the report; returns it. Fails only when the run could
 /// not be carried out (a service that never became ready); an inexact account is a report
 /// whose [`Report::is_exact`] is false.
@@ -449,8 +445,8 @@ pub async fn run(opts: Options) -> Result<Report> {
     let api_key = String::from_utf8_lossy(&key_out.stdout).trim().to_owned();
 
     // Services.
-    let ingest_http = free_addr()?;
-    let api_http = free_addr()?;
+    let ingest_http = crate::free_addr()?;
+    let api_http = crate::free_addr()?;
     let sink_group = format!("{}-sink", db.name);
     let evaluator_group = format!("{}-evaluator", db.name);
     let common = |name: &str, admin: std::net::SocketAddr| -> Vec<(String, String)> {
@@ -479,8 +475,7 @@ pub async fn run(opts: Options) -> Result<Report> {
     };
     let ready_within = Duration::from_secs(120);
     let mut specs = Vec::new();
-    let api_admin = api_http;
-    let mut env = common("query-api", api_admin);
+    let mut env = common("query-api", api_http);
     env.retain(|(k, _)| k != "ADMIN_LISTEN" && k != "KAFKA_OPTIONS" && k != "DATABASE_URL");
     env.push(("HTTP_LISTEN".into(), api_http.to_string()));
     env.push(("DATABASE_URL".into(), api_url.clone()));
@@ -489,10 +484,10 @@ pub async fn run(opts: Options) -> Result<Report> {
         binary: bin_dir.join("query-api"),
         args: Vec::new(),
         env,
-        admin: api_admin,
+        admin: api_http,
         log: out_dir.join("query-api.log"),
     });
-    let admin = free_addr()?;
+    let admin = crate::free_addr()?;
     let mut env = common("ingest", admin);
     env.retain(|(k, _)| k != "KAFKA_OPTIONS");
     env.push(("HTTP_LISTEN".into(), ingest_http.to_string()));
@@ -504,7 +499,7 @@ pub async fn run(opts: Options) -> Result<Report> {
         admin,
         log: out_dir.join("ingest.log"),
     });
-    let admin = free_addr()?;
+    let admin = crate::free_addr()?;
     let mut env = common("sink", admin);
     env.push(("SINK_GROUP_ID".into(), sink_group.clone()));
     specs.push(ServiceSpec {
@@ -515,7 +510,7 @@ pub async fn run(opts: Options) -> Result<Report> {
         admin,
         log: out_dir.join("sink.log"),
     });
-    let admin = free_addr()?;
+    let admin = crate::free_addr()?;
     let mut env = common("evaluator", admin);
     env.push(("EVALUATOR_GROUP_ID".into(), evaluator_group.clone()));
     // From the first reading, as the reference evaluation reads the topic; the lateness the
