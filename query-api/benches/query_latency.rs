@@ -556,6 +556,8 @@ fn spawn_writer(connect: PgConnectOptions, devices: usize, rate: usize) -> Write
                 times.iter().max().copied().unwrap_or(now),
             );
             let mut tx = conn.begin().await?;
+            // The sink's transaction shape (timescale-sink/src/writer.rs, the usual case of its
+            // device_latest merge: every reading newer than the stored row).
             let mut copy = tx
                 .copy_in_raw("COPY telemetry (time, tenant_id, device_id, site_id, msg_type, seq, metrics) FROM STDIN")
                 .await?;
@@ -570,8 +572,13 @@ fn spawn_writer(connect: PgConnectOptions, devices: usize, rate: usize) -> Write
                  SELECT DISTINCT ON (t, d) t, d, s, $5, 'telemetry', $6, m::jsonb, now() \
                  FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) AS u(t, d, s, m) \
                  ON CONFLICT (tenant_id, device_id) DO UPDATE SET site_id = EXCLUDED.site_id, \
-                     time = EXCLUDED.time, seq = EXCLUDED.seq, metrics = EXCLUDED.metrics, updated_at = now() \
-                 WHERE (device_latest.time, device_latest.seq) < (EXCLUDED.time, EXCLUDED.seq)",
+                     time = EXCLUDED.time, seq = EXCLUDED.seq, \
+                     metrics = device_latest.metrics || EXCLUDED.metrics, \
+                     metric_times = CASE WHEN device_latest.metrics || EXCLUDED.metrics = EXCLUDED.metrics \
+                         THEN '{}'::jsonb ELSE (fleet_latest_merge(device_latest.time, device_latest.metrics, \
+                         device_latest.metric_times, EXCLUDED.time, EXCLUDED.metrics, '{}')).latest_metric_times END, \
+                     updated_at = now() \
+                 WHERE device_latest.time <= EXCLUDED.time",
             )
             .bind(&ts)
             .bind(&ds)

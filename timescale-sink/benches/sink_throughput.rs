@@ -5,11 +5,17 @@
 //!    same layout, with 1 and with `SINK_WRITERS` connections in parallel;
 //! 3. **sink**: the real sink from offset 0 until every offset is stored;
 //! 4. **live latency**: readings produced at a steady rate while the sink runs; p50/p99 of
-//!    ingest (`received_at`) → batch committed, from the sink's own histogram.
+//!    ingest (`received_at`) → batch committed, from the sink's own histogram;
+//! 5. with `BENCH_SHARED_PERCENT=P` (e.g. 10): **shared points**, the same number of readings
+//!    of which P % share their (tenant, device, time) with an earlier reading (a second
+//!    message of the device at that time with another metric, half a fleet round later, so
+//!    some meet their point in the same batch and some in the database), through a fresh
+//!    sink from offset 0; rows/s and the ratio to step 3's all-distinct run.
 //!
 //! `cargo bench -p timescale-sink --bench sink_throughput` with `DATABASE_URL` and
 //! `KAFKA_BOOTSTRAP_SERVERS` set (e.g. `eval "$(deploy/local/deps.sh env)"`). Environment:
-//! `BENCH_MESSAGES`, `BENCH_DEVICES`, `BENCH_LIVE_RATE` (msg/s), `BENCH_LIVE_SECONDS`, and the
+//! `BENCH_MESSAGES`, `BENCH_DEVICES`, `BENCH_LIVE_RATE` (msg/s), `BENCH_LIVE_SECONDS`,
+//! `BENCH_SHARED_PERCENT`, and the
 //! sink's own `SINK_*` settings. Prints figures; asserts nothing.
 #![allow(clippy::print_stdout, clippy::unwrap_used, clippy::expect_used)]
 
@@ -77,6 +83,33 @@ fn rows(n: usize, devices: usize) -> Vec<Telemetry> {
             reading(i % devices, seq, start + chrono::Duration::seconds(seq * 5))
         })
         .collect()
+}
+
+/// `n` readings of which `percent` % share their point with an earlier one: each such reading
+/// carries only `pressure`, at the time of a reading of its device `devices / 2` positions
+/// earlier in the stream.
+fn rows_sharing(n: usize, devices: usize, percent: usize) -> Vec<Telemetry> {
+    let shared = n * percent / 100;
+    let distinct = rows(n - shared, devices);
+    let every = distinct.len() / shared.max(1);
+    let mut out = Vec::with_capacity(n);
+    let mut pending: std::collections::VecDeque<(usize, Telemetry)> = Default::default();
+    for (i, r) in distinct.iter().enumerate() {
+        while pending.front().is_some_and(|(at, _)| *at <= i) {
+            out.extend(pending.pop_front().map(|(_, r)| r));
+        }
+        out.push(r.clone());
+        if shared > 0 && i % every == 0 && pending.len() + out.len() < n {
+            let mut second = r.clone();
+            second.metrics = BTreeMap::from([(
+                "pressure".to_owned(),
+                MetricValue::Double(1000.0 + (i % 50) as f64),
+            )]);
+            pending.push_back((i + devices / 2, second));
+        }
+    }
+    out.extend(pending.into_iter().map(|(_, r)| r));
+    out
 }
 
 async fn produce(producer: &FutureProducer, topic: &str, rows: &[Telemetry]) -> Result<()> {
@@ -267,12 +300,76 @@ fn quantile(before: &[(f64, f64)], after: &[(f64, f64)], q: f64) -> f64 {
         .unwrap_or(f64::NAN)
 }
 
+fn sink_config(db: &TestDb, topics: &TestTopics) -> Result<timescale_sink::Config> {
+    Ok(timescale_sink::Config::try_parse_from([
+        "timescale-sink",
+        "--database-url",
+        &db.url,
+        "--kafka-bootstrap-servers",
+        &topics.args.bootstrap_servers,
+        "--telemetry-topic",
+        &topics.args.telemetry_topic,
+        "--dlq-topic",
+        &topics.args.dlq_topic,
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--log",
+        "warn",
+    ])?)
+}
+
+/// A fresh topic and database, `data` produced, a sink from offset 0 until every offset is
+/// stored. Returns (rows/s overall, rows/s from the first commit, stored rows).
+async fn sink_from_offset_zero(
+    layout: LayoutChoice,
+    producer: &FutureProducer,
+    data: &[Telemetry],
+) -> Result<(f64, f64, i64)> {
+    let topics = TestTopics::new(12).await?;
+    produce(producer, &topics.args.telemetry_topic, data).await?;
+    let db = TestDb::new(layout).await?;
+    let config = sink_config(&db, &topics)?;
+    let group = config.group_id.clone();
+    let shutdown = Shutdown::new();
+    let started = Instant::now();
+    let sink = tokio::spawn(timescale_sink::run(config, shutdown.clone()));
+    let mut first: Option<(Instant, i64)> = None;
+    let n = data.len() as i64;
+    loop {
+        let s = stored(&db, &group).await?;
+        if first.is_none() && s > 0 {
+            first = Some((Instant::now(), s));
+        }
+        if s >= n {
+            break;
+        }
+        anyhow::ensure!(
+            started.elapsed() < DEADLINE,
+            "the sink stored {s} of {n} offsets in {DEADLINE:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let total = started.elapsed().as_secs_f64();
+    let (first_at, first_rows) = first.unwrap_or((Instant::now(), 0));
+    shutdown.cancel();
+    sink.await??;
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM telemetry")
+        .fetch_one(&db.pool)
+        .await?;
+    Ok((
+        n as f64 / total,
+        (n - first_rows) as f64 / first_at.elapsed().as_secs_f64().max(1e-9),
+        rows,
+    ))
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let n: usize = env_or("BENCH_MESSAGES", 2_000_000);
     let devices: usize = env_or("BENCH_DEVICES", 100_000);
     let live_rate: u64 = env_or("BENCH_LIVE_RATE", 20_000);
     let live_seconds: u64 = env_or("BENCH_LIVE_SECONDS", 20);
+    let shared_percent: usize = env_or("BENCH_SHARED_PERCENT", 0);
     let layout = match std::env::var("BENCH_LAYOUT").as_deref() {
         Ok("timescaledb") => LayoutChoice::TimescaleDb,
         _ => LayoutChoice::Postgres,
@@ -292,21 +389,7 @@ async fn main() -> Result<()> {
     );
 
     let sink_db = TestDb::new(layout).await?;
-    let config = timescale_sink::Config::try_parse_from([
-        "timescale-sink",
-        "--database-url",
-        &sink_db.url,
-        "--kafka-bootstrap-servers",
-        &topics.args.bootstrap_servers,
-        "--telemetry-topic",
-        &topics.args.telemetry_topic,
-        "--dlq-topic",
-        &topics.args.dlq_topic,
-        "--admin-listen",
-        "127.0.0.1:0",
-        "--log",
-        "warn",
-    ])?;
+    let config = sink_config(&sink_db, &topics)?;
     let (writers, max_rows, max_age) =
         (config.writers, config.batch_max_rows, config.batch_max_age);
     let (catchup_rows, catchup_after) = (config.batch_catchup_rows, config.catchup_after);
@@ -316,7 +399,6 @@ async fn main() -> Result<()> {
     let (parallel, parallel_cpu) = raw_copy(&ceiling_db, &data, writers, max_rows).await?;
     let ceiling = one.max(parallel);
     drop(ceiling_db);
-
     let group = config.group_id.clone();
     let shutdown = Shutdown::new();
     let self_pid = std::process::id().to_string();
@@ -453,5 +535,17 @@ async fn main() -> Result<()> {
         quantile(&before, &after, 0.5),
         quantile(&before, &after, 0.99)
     );
+    if shared_percent > 0 {
+        let shared = rows_sharing(n, devices, shared_percent);
+        let (overall, from_first, stored_rows) =
+            sink_from_offset_zero(layout, &producer, &shared).await?;
+        println!(
+            "shared points ({shared_percent} % of {n} readings share a point with an earlier one; \
+             {stored_rows} rows stored): {overall:.0} rows/s overall, {from_first:.0} from first \
+             commit; ratio to all-distinct: {:.2} (overall) / {:.2} (from first commit)",
+            overall / (n as f64 / total),
+            from_first / steady
+        );
+    }
     Ok(())
 }

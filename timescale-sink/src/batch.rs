@@ -4,7 +4,8 @@
 //! from (`expected`: what `consumer_offsets` must hold for the batch to apply, `None` when no
 //! row may exist yet) and the offset after its last message (`next`).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashSet};
+use std::hash::BuildHasher;
 use std::time::Instant;
 
 use schemas::{DecodeError, Telemetry};
@@ -61,6 +62,11 @@ pub struct Batch {
     pub traceparent: Option<String>,
     /// Time spent decoding, validating and encoding the batch's messages.
     pub decode_time: std::time::Duration,
+    /// Hashes of the rows' point keys (tenant, device, time), to notice readings of one point.
+    point_hashes: HashSet<u64, foldhash::fast::FixedState>,
+    /// Whether two rows may share a point (a hash seen twice): then [`Batch::points`] groups
+    /// them and the encoder's rows are not used.
+    shared_points: bool,
 }
 
 impl Batch {
@@ -74,6 +80,29 @@ impl Batch {
             opened_at: Instant::now(),
             traceparent: None,
             decode_time: std::time::Duration::ZERO,
+            point_hashes: HashSet::with_capacity_and_hasher(
+                rows,
+                foldhash::fast::FixedState::default(),
+            ),
+            shared_points: false,
+        }
+    }
+
+    /// The batch's points: `None` when every row is its own point (the rows and
+    /// [`Batch::encoder`] are what to store), else the rows grouped (see [`crate::merge`]).
+    pub fn points(&self) -> Option<Vec<crate::merge::Point>> {
+        self.shared_points
+            .then(|| crate::merge::Point::group(&self.rows))
+    }
+
+    fn note_point(&mut self, row: &Telemetry) {
+        let hash = self.point_hashes.hasher().hash_one((
+            row.tenant_id.as_str(),
+            row.device_id.as_str(),
+            row.time.timestamp_micros(),
+        ));
+        if !self.point_hashes.insert(hash) {
+            self.shared_points = true;
         }
     }
 
@@ -112,12 +141,15 @@ impl Batch {
             .and_then(|row| validate(&row).map(|()| row));
         match checked {
             Ok(row) => match self.encoder.push_telemetry(&row) {
-                Ok(()) => self.rows.push(SourcedRow {
-                    row,
-                    partition: message.partition,
-                    offset: message.offset,
-                    payload: message.payload,
-                }),
+                Ok(()) => {
+                    self.note_point(&row);
+                    self.rows.push(SourcedRow {
+                        row,
+                        partition: message.partition,
+                        offset: message.offset,
+                        payload: message.payload,
+                    })
+                }
                 Err(err) => self.dead_letters.push(dead_letter(message, &err, "decode")),
             },
             Err(error) => self.dead_letters.push(DeadLetter {
@@ -139,31 +171,16 @@ impl Batch {
         self.rows.retain(|r| r.partition != partition);
         self.dead_letters.retain(|d| d.partition != partition);
         let mut encoder = CopyEncoder::with_capacity(self.rows.len() * 160);
-        for row in &self.rows {
+        self.point_hashes.clear();
+        self.shared_points = false;
+        let rows = std::mem::take(&mut self.rows);
+        for row in &rows {
             // Rows were encodable when added; re-encoding the same values cannot fail.
             let _ = encoder.push_telemetry(&row.row);
+            self.note_point(&row.row);
         }
+        self.rows = rows;
         self.encoder = encoder;
-    }
-
-    /// Index of the newest row per device (largest `time`, then `seq`), for `device_latest`.
-    pub fn latest_per_device(rows: &[&SourcedRow]) -> Vec<usize> {
-        let mut newest: HashMap<(&str, &str), usize> = HashMap::with_capacity(rows.len());
-        for (i, r) in rows.iter().enumerate() {
-            let key = (r.row.tenant_id.as_str(), r.row.device_id.as_str());
-            newest
-                .entry(key)
-                .and_modify(|best| {
-                    let b = &rows[*best].row;
-                    if (r.row.time, r.row.seq) > (b.time, b.seq) {
-                        *best = i;
-                    }
-                })
-                .or_insert(i);
-        }
-        let mut indexes: Vec<usize> = newest.into_values().collect();
-        indexes.sort_unstable();
-        indexes
     }
 }
 

@@ -17,6 +17,8 @@
 use chrono::{DateTime, Utc};
 use schemas::Telemetry;
 
+use crate::merge::LatestState;
+
 /// The statement the encoder's output is written to.
 pub const COPY_TELEMETRY_SQL: &str = "COPY telemetry (time, tenant_id, device_id, site_id, \
      msg_type, seq, metrics) FROM STDIN (FORMAT binary)";
@@ -25,8 +27,8 @@ pub const COPY_TELEMETRY_SQL: &str = "COPY telemetry (time, tenant_id, device_id
 const TELEMETRY_COLUMNS: i16 = 7;
 
 /// Number of columns of a `device_latest` staging row: the telemetry columns, then
-/// `received_at` (see [`CopyEncoder::push_latest`]).
-const LATEST_COLUMNS: i16 = 8;
+/// `received_at` and `metric_times` (see [`CopyEncoder::push_latest`]).
+const LATEST_COLUMNS: i16 = 9;
 
 const SIGNATURE: &[u8; 11] = b"PGCOPY\n\xff\r\n\0";
 
@@ -88,19 +90,27 @@ impl CopyEncoder {
     /// Appends one telemetry row in the column order of [`COPY_TELEMETRY_SQL`]. On error the
     /// buffer is left exactly as before the call.
     pub fn push_telemetry(&mut self, row: &Telemetry) -> Result<(), CopyEncodeError> {
-        self.push(row, false)
+        self.push(|e| e.encode_telemetry(TELEMETRY_COLUMNS, row, &row.metrics))
     }
 
     /// Appends one row for the `device_latest` staging table: the columns of
-    /// [`COPY_TELEMETRY_SQL`] in the same order, then `received_at` (`timestamptz`). On error
-    /// the buffer is left exactly as before the call.
-    pub fn push_latest(&mut self, row: &Telemetry) -> Result<(), CopyEncodeError> {
-        self.push(row, true)
+    /// [`COPY_TELEMETRY_SQL`] in the same order (from the state's newest reading, with the
+    /// state's metrics), then `received_at` (`timestamptz`) and `metric_times` (`jsonb`). On
+    /// error the buffer is left exactly as before the call.
+    pub fn push_latest(&mut self, state: &LatestState<'_>) -> Result<(), CopyEncodeError> {
+        self.push(|e| {
+            e.encode_telemetry(LATEST_COLUMNS, state.newest, &state.metrics)?;
+            e.timestamptz(state.newest.received_at);
+            e.jsonb("metric_times", &state.metric_times)
+        })
     }
 
-    fn push(&mut self, row: &Telemetry, latest: bool) -> Result<(), CopyEncodeError> {
+    fn push(
+        &mut self,
+        encode: impl FnOnce(&mut Self) -> Result<(), CopyEncodeError>,
+    ) -> Result<(), CopyEncodeError> {
         let start = self.buf.len();
-        let result = self.encode_telemetry(row, latest);
+        let result = encode(self);
         match result {
             Ok(()) => {
                 self.rows += 1;
@@ -113,12 +123,12 @@ impl CopyEncoder {
         }
     }
 
-    fn encode_telemetry(&mut self, row: &Telemetry, latest: bool) -> Result<(), CopyEncodeError> {
-        let columns = if latest {
-            LATEST_COLUMNS
-        } else {
-            TELEMETRY_COLUMNS
-        };
+    fn encode_telemetry<M: serde::Serialize>(
+        &mut self,
+        columns: i16,
+        row: &Telemetry,
+        metrics: &M,
+    ) -> Result<(), CopyEncodeError> {
         self.buf.extend_from_slice(&columns.to_be_bytes());
         self.timestamptz(row.time);
         self.text("tenant_id", &row.tenant_id)?;
@@ -129,11 +139,7 @@ impl CopyEncoder {
         }
         self.text("msg_type", &row.msg_type)?;
         self.int8(row.seq);
-        self.jsonb("metrics", &row.metrics)?;
-        if latest {
-            self.timestamptz(row.received_at);
-        }
-        Ok(())
+        self.jsonb("metrics", metrics)
     }
 
     /// The finished COPY stream: every row and the trailer.
@@ -253,19 +259,23 @@ mod tests {
     }
 
     #[test]
-    fn latest_rows_are_telemetry_rows_plus_received_at() {
+    fn latest_rows_are_telemetry_rows_plus_received_at_and_metric_times() {
+        let row = row();
         let mut telemetry = CopyEncoder::default();
-        telemetry.push_telemetry(&row()).unwrap();
+        telemetry.push_telemetry(&row).unwrap();
         let mut latest = CopyEncoder::default();
-        latest.push_latest(&row()).unwrap();
+        let states = crate::merge::latest_per_device([&row]);
+        latest.push_latest(&states[0]).unwrap();
         let (telemetry, latest) = (telemetry.finish(), latest.finish());
         let t = &telemetry[19..telemetry.len() - 2];
         let l = &latest[19..latest.len() - 2];
-        assert_eq!(&l[..2], &[0, 8]);
+        assert_eq!(&l[..2], &[0, 9]);
         assert_eq!(&l[2..t.len()], &t[2..]);
-        let mut received_at = vec![0, 0, 0, 8];
-        received_at.extend_from_slice(&1_000_000i64.to_be_bytes());
-        assert_eq!(&l[t.len()..], received_at.as_slice());
+        let mut rest = vec![0, 0, 0, 8];
+        rest.extend_from_slice(&1_000_000i64.to_be_bytes());
+        rest.extend_from_slice(&[0, 0, 0, 3, 1]);
+        rest.extend_from_slice(b"{}");
+        assert_eq!(&l[t.len()..], rest.as_slice());
     }
 
     #[test]

@@ -14,7 +14,8 @@
 //! * [`pipeline`]: per-writer batcher (decode, close on size/age) and committer;
 //! * [`decode`]: the fast path for current-schema messages (falls back to the generic codec);
 //! * [`batch`]: a batch's rows, dead letters and per-partition offset ranges;
-//! * [`writer`]: one batch, one transaction (fence, COPY, dedupe, bisect, latest);
+//! * [`writer`]: one batch, one transaction (fence, COPY, merge, bisect, latest);
+//! * [`merge`]: one point per (tenant, device, time): grouping, merging, accounting;
 //! * [`offsets`]: the fenced offset store; [`copy_writer`]: the binary COPY encoder;
 //! * [`dlq`]: dead letters; [`stats`] and [`metrics`]: figures for Prometheus and
 //!   `system_metrics`; [`maintenance`]: plain-PostgreSQL partition upkeep and the 1-minute
@@ -37,6 +38,7 @@ pub mod copy_writer;
 pub mod decode;
 pub mod dlq;
 pub mod maintenance;
+pub mod merge;
 pub mod metrics;
 pub mod offsets;
 pub mod pipeline;

@@ -10,6 +10,7 @@ pub const COMMIT_DURATION: &str = "fleetstream_sink_batch_commit_duration_second
 pub const STAGE_DURATION: &str = "fleetstream_sink_stage_duration_seconds";
 pub const INGEST_TO_COMMIT: &str = "fleetstream_sink_ingest_to_commit_seconds";
 pub const DUPLICATES: &str = "fleetstream_sink_duplicate_rows_total";
+pub const MERGED: &str = "fleetstream_sink_merged_readings_total";
 pub const DEAD_LETTERS: &str = "fleetstream_sink_dead_letters_total";
 pub const FENCED_BATCHES: &str = "fleetstream_sink_fenced_batches_total";
 pub const DB_RETRIES: &str = "fleetstream_sink_database_retries_total";
@@ -58,7 +59,14 @@ pub fn describe() {
     describe_counter!(
         DUPLICATES,
         Unit::Count,
-        "Re-sent readings (same tenant, device, time) skipped by ON CONFLICT DO NOTHING."
+        "Readings that changed nothing: every metric already stored at their (tenant, device, \
+         time) with the same value (exact re-sends)."
+    );
+    describe_counter!(
+        MERGED,
+        Unit::Count,
+        "Readings merged into a point (tenant, device, time) stored before or earlier in the \
+         same batch: the union of metrics, the later value winning per metric."
     );
     describe_counter!(
         DEAD_LETTERS,

@@ -12,6 +12,7 @@ use sqlx::PgPool;
 #[derive(Debug, Default)]
 pub struct Stats {
     rows: AtomicU64,
+    merged: AtomicU64,
     duplicates: AtomicU64,
     dead_letters: AtomicU64,
     fenced: AtomicU64,
@@ -23,8 +24,9 @@ pub struct Stats {
 }
 
 impl Stats {
-    pub fn committed(&self, rows: u64, duplicates: u64, dead_letters: u64) {
+    pub fn committed(&self, rows: u64, merged: u64, duplicates: u64, dead_letters: u64) {
         self.rows.fetch_add(rows, Ordering::Relaxed);
+        self.merged.fetch_add(merged, Ordering::Relaxed);
         self.duplicates.fetch_add(duplicates, Ordering::Relaxed);
         self.dead_letters.fetch_add(dead_letters, Ordering::Relaxed);
     }
@@ -56,7 +58,12 @@ impl Stats {
         self.fenced.load(Ordering::Relaxed)
     }
 
-    /// Duplicate rows skipped since start.
+    /// Readings merged into an existing point since start.
+    pub fn merged(&self) -> u64 {
+        self.merged.load(Ordering::Relaxed)
+    }
+
+    /// Duplicate readings (exact re-sends) skipped since start.
     pub fn duplicates(&self) -> u64 {
         self.duplicates.load(Ordering::Relaxed)
     }
@@ -89,6 +96,7 @@ pub fn spawn_reporter(
                 ("sink_ingest_to_commit_avg_seconds", avg),
                 ("sink_ingest_to_commit_max_seconds", max),
                 ("sink_duplicate_rows_total", stats.duplicates() as f64),
+                ("sink_merged_readings_total", stats.merged() as f64),
                 (
                     "sink_dead_letters_total",
                     stats.dead_letters.load(Ordering::Relaxed) as f64,

@@ -8,12 +8,17 @@
 //! Inside the transaction:
 //! 1. the fenced offset update (first: it takes the offset row locks, so a zombie batch waits
 //!    for, then loses to, the partition's new owner before doing any work);
-//! 2. `COPY telemetry FROM STDIN (FORMAT binary)` under a savepoint;
-//!    * unique violation (a re-sent reading): redo through a temporary staging table with
-//!      `INSERT … ON CONFLICT DO NOTHING`, counting the duplicates;
-//!    * a data error (a row PostgreSQL rejects): bisect under savepoints until each bad row is
-//!      isolated; bad rows go to the DLQ (acknowledged before commit), good rows are stored;
-//! 3. upsert of `device_latest` with each device's newest reading, only where newer;
+//! 2. `COPY telemetry FROM STDIN (FORMAT binary)` under a savepoint, of one row per point
+//!    (readings of one (tenant, device, time) in the batch merged in memory first, see
+//!    [`crate::merge`]);
+//!    * unique violation (a point stored by an earlier batch): redo through a temporary
+//!      staging table, reading the stored metrics of the keys met (to account each reading as
+//!      merged or duplicate), then `INSERT … ON CONFLICT DO UPDATE SET metrics =
+//!      telemetry.metrics || EXCLUDED.metrics` where that changes something;
+//!    * a data error (a row PostgreSQL rejects): bisect the points under savepoints until each
+//!      bad one is isolated; its readings go to the DLQ (acknowledged before commit), good
+//!      points are stored;
+//! 3. upsert of `device_latest`: per device and metric, the newest value and its time;
 //! 4. `fleet_rollup_1m_invalidate(min time, max time)`: late readings mark their minutes for
 //!    the 1-minute rollup to recompute (usually a no-op);
 //! 5. commit.
@@ -23,17 +28,20 @@
 //! never skipped. Only a shutdown past its deadline abandons a batch, whose offsets were then
 //! not stored, so the messages are read again on restart.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rand::Rng;
+use schemas::Telemetry;
+use sqlx::types::Json;
 use sqlx::{PgConnection, PgPool};
 use tracing::{info_span, warn, Instrument};
 
 use crate::batch::{Batch, DeadLetter, PartitionRange, SourcedRow};
 use crate::copy_writer::{CopyEncoder, COPY_TELEMETRY_SQL};
 use crate::dlq::DeadLetterQueue;
+use crate::merge::{Account, Point, PointKey};
 use crate::metrics as m;
 use crate::offsets;
 use crate::stats::Stats;
@@ -42,9 +50,23 @@ const STAGING_DDL: &str = "CREATE TEMP TABLE IF NOT EXISTS telemetry_staging \
      (LIKE telemetry INCLUDING DEFAULTS) ON COMMIT DELETE ROWS";
 const STAGING_COPY: &str = "COPY telemetry_staging (time, tenant_id, device_id, site_id, \
      msg_type, seq, metrics) FROM STDIN (FORMAT binary)";
-const STAGING_INSERT: &str = "INSERT INTO telemetry (time, tenant_id, device_id, site_id, \
+/// The metrics already stored for the staged keys. The `LIMIT 1` keeps the sub-select from
+/// being pulled up into a join: each staged row is one primary-key look-up (with runtime
+/// chunk or partition exclusion on its time), whatever time range the batch spans.
+const STAGING_LOOKUP: &str = "SELECT s.tenant_id::text, s.device_id::text, s.time, t.metrics \
+     FROM telemetry_staging s CROSS JOIN LATERAL (SELECT metrics FROM telemetry t \
+         WHERE t.tenant_id = s.tenant_id AND t.device_id = s.device_id AND t.time = s.time \
+         LIMIT 1) t";
+/// New points inserted; existing points merged, the staged (later) values winning per metric.
+/// A point that already holds every staged value is left alone (an exact re-send).
+const STAGING_MERGE: &str = "INSERT INTO telemetry (time, tenant_id, device_id, site_id, \
      msg_type, seq, metrics) SELECT time, tenant_id, device_id, site_id, msg_type, seq, metrics \
-     FROM telemetry_staging ON CONFLICT DO NOTHING";
+     FROM telemetry_staging \
+     ON CONFLICT (tenant_id, device_id, time) DO UPDATE SET \
+         metrics = telemetry.metrics || EXCLUDED.metrics, \
+         site_id = coalesce(EXCLUDED.site_id, telemetry.site_id), \
+         msg_type = EXCLUDED.msg_type, seq = EXCLUDED.seq \
+     WHERE NOT telemetry.metrics @> EXCLUDED.metrics";
 
 /// Session-local staging for the `device_latest` upsert, created once per connection and
 /// emptied by every commit. A `DO` block, because `CREATE … IF NOT EXISTS` would send a notice
@@ -53,27 +75,60 @@ const LATEST_STAGING_DDL: &str = "DO $$ BEGIN \
      IF to_regclass('pg_temp.device_latest_staging') IS NULL THEN \
          CREATE TEMP TABLE device_latest_staging (time timestamptz, tenant_id text, \
              device_id text, site_id text, msg_type text, seq int8, metrics jsonb, \
-             received_at timestamptz) ON COMMIT DELETE ROWS; \
+             received_at timestamptz, metric_times jsonb) ON COMMIT DELETE ROWS; \
      END IF; END $$";
 const LATEST_STAGING_COPY: &str = "COPY device_latest_staging (time, tenant_id, device_id, \
-     site_id, msg_type, seq, metrics, received_at) FROM STDIN (FORMAT binary)";
-/// Newest per device only where newer than the stored reading (`time`, then `seq`).
+     site_id, msg_type, seq, metrics, received_at, metric_times) FROM STDIN (FORMAT binary)";
+/// Merges each device's batch state into its stored row, per metric the newer value winning
+/// (at equal times the batch's, which is later in partition order). The usual case — the
+/// batch's readings are newer than the stored row, all its metrics at one time, and it
+/// reports every stored metric — is `stored || batch` with no per-metric times, computed
+/// inline; every other case goes through `fleet_latest_merge` (migration 0011).
 const LATEST_UPSERT: &str = "INSERT INTO device_latest (tenant_id, device_id, site_id, time, \
-     msg_type, seq, metrics, received_at, updated_at) \
-     SELECT tenant_id, device_id, site_id, time, msg_type, seq, metrics, received_at, now() \
+     msg_type, seq, metrics, metric_times, received_at, updated_at) \
+     SELECT tenant_id, device_id, site_id, time, msg_type, seq, metrics, metric_times, \
+         received_at, now() \
      FROM device_latest_staging \
      ON CONFLICT (tenant_id, device_id) DO UPDATE SET \
-         site_id = EXCLUDED.site_id, time = EXCLUDED.time, msg_type = EXCLUDED.msg_type, \
-         seq = EXCLUDED.seq, metrics = EXCLUDED.metrics, received_at = EXCLUDED.received_at, \
-         updated_at = now() \
-     WHERE (device_latest.time, device_latest.seq) < (EXCLUDED.time, EXCLUDED.seq)";
+         metrics = CASE \
+             WHEN EXCLUDED.metric_times = '{}' AND EXCLUDED.time >= device_latest.time \
+             THEN device_latest.metrics || EXCLUDED.metrics \
+             ELSE (fleet_latest_merge(device_latest.time, device_latest.metrics, \
+                   device_latest.metric_times, EXCLUDED.time, EXCLUDED.metrics, \
+                   EXCLUDED.metric_times)).latest_metrics END, \
+         metric_times = CASE \
+             WHEN EXCLUDED.metric_times = '{}' AND EXCLUDED.time >= device_latest.time \
+                 AND device_latest.metrics || EXCLUDED.metrics = EXCLUDED.metrics \
+             THEN '{}'::jsonb \
+             ELSE (fleet_latest_merge(device_latest.time, device_latest.metrics, \
+                   device_latest.metric_times, EXCLUDED.time, EXCLUDED.metrics, \
+                   EXCLUDED.metric_times)).latest_metric_times END, \
+         time = greatest(device_latest.time, EXCLUDED.time), \
+         site_id = CASE WHEN EXCLUDED.time >= device_latest.time \
+             THEN EXCLUDED.site_id ELSE device_latest.site_id END, \
+         msg_type = CASE WHEN EXCLUDED.time >= device_latest.time \
+             THEN EXCLUDED.msg_type ELSE device_latest.msg_type END, \
+         seq = CASE WHEN EXCLUDED.time >= device_latest.time \
+             THEN EXCLUDED.seq ELSE device_latest.seq END, \
+         received_at = CASE WHEN EXCLUDED.time >= device_latest.time \
+             THEN EXCLUDED.received_at ELSE device_latest.received_at END, \
+         updated_at = now()";
+
+type JsonMap = serde_json::Map<String, serde_json::Value>;
+
+/// Stored metrics of the points a batch met, by key.
+type StoredPoints = HashMap<PointKey, JsonMap>;
 
 /// What became of a batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     /// Rows stored (duplicates skipped, dead letters sent) and offsets moved.
     Committed {
+        /// New points (rows inserted).
         rows: u64,
+        /// Readings merged into a point stored before or earlier in the batch.
+        merged: u64,
+        /// Readings that changed nothing (exact re-sends).
         duplicates: u64,
         dead_letters: usize,
     },
@@ -160,6 +215,7 @@ impl BatchWriter {
         if batch.is_empty() {
             return Outcome::Committed {
                 rows: 0,
+                merged: 0,
                 duplicates: 0,
                 dead_letters: 0,
             };
@@ -204,11 +260,13 @@ impl BatchWriter {
         match outcome {
             Outcome::Committed {
                 rows,
+                merged,
                 duplicates,
                 dead_letters,
             } => {
                 metrics::counter!(m::BATCHES, "outcome" => "committed").increment(1);
                 metrics::counter!(m::ROWS_WRITTEN).increment(*rows);
+                metrics::counter!(m::MERGED).increment(*merged);
                 metrics::counter!(m::DUPLICATES).increment(*duplicates);
                 metrics::histogram!(m::BATCH_ROWS).record(batch.rows.len() as f64);
                 metrics::histogram!(m::COMMIT_DURATION).record(started.elapsed().as_secs_f64());
@@ -230,7 +288,7 @@ impl BatchWriter {
                     .latency
                     .record_many(batch.rows.len() as u64, sum, max);
                 self.stats
-                    .committed(*rows, *duplicates, *dead_letters as u64);
+                    .committed(*rows, *merged, *duplicates, *dead_letters as u64);
                 (self.on_committed)(&batch.partitions);
             }
             Outcome::Fenced => {
@@ -263,50 +321,85 @@ impl BatchWriter {
             tx.rollback().await?;
             return Ok(Outcome::Fenced);
         }
-        let mut inserted = 0u64;
-        let mut duplicates = 0u64;
+        let mut account = Account::default();
         let mut rejected: Vec<DeadLetter> = Vec::new();
-        let mut bad_rows: std::collections::HashSet<usize> = std::collections::HashSet::new();
         if !batch.rows.is_empty() {
+            // Readings of one point are merged in memory first, so the COPY never meets a key
+            // twice; it only meets keys stored by earlier batches.
+            let points = batch.points();
+            let grouped = points.as_ref().map(|points| encode(&batch.rows, points));
+            let fast: [&[u8]; 2] = match &grouped {
+                Some(bytes) => [bytes, &[]],
+                None => batch.encoder.stream(),
+            };
             sqlx::query("SAVEPOINT copy_batch")
                 .execute(&mut *tx)
                 .await?;
             let copy_started = Instant::now();
-            match copy(&mut tx, COPY_TELEMETRY_SQL, &batch.encoder.stream()).await {
-                Ok(n) => {
-                    inserted = n;
+            let mut bad_readings: HashSet<usize> = HashSet::new();
+            match copy(&mut tx, COPY_TELEMETRY_SQL, &fast).await {
+                Ok(_) => {
                     sqlx::query("RELEASE SAVEPOINT copy_batch")
                         .execute(&mut *tx)
                         .await?;
+                    account = match &points {
+                        Some(points) => Account::of(points, &batch.rows, &HashMap::new()),
+                        None => Account {
+                            new_points: batch.rows.len() as u64,
+                            ..Account::default()
+                        },
+                    };
                 }
                 Err(err) if is_unique_violation(&err) => {
+                    // A point stored by an earlier batch: merge through staging.
                     sqlx::query("ROLLBACK TO SAVEPOINT copy_batch")
                         .execute(&mut *tx)
                         .await?;
                     sqlx::query(STAGING_DDL).execute(&mut *tx).await?;
-                    inserted = insert_via_staging(&mut tx, &batch.rows).await?;
-                    duplicates = batch.rows.len() as u64 - inserted;
+                    let points = points.unwrap_or_else(|| Point::singles(&batch.rows));
+                    let all: Vec<&Point> = points.iter().collect();
+                    let stored = staging_merge(&mut tx, &batch.rows, &all).await?;
+                    account = Account::of(&points, &batch.rows, &stored);
                 }
                 Err(err) if is_data_error(&err) => {
                     sqlx::query("ROLLBACK TO SAVEPOINT copy_batch")
                         .execute(&mut *tx)
                         .await?;
                     sqlx::query(STAGING_DDL).execute(&mut *tx).await?;
-                    let indexes: Vec<usize> = (0..batch.rows.len()).collect();
+                    let points = points.unwrap_or_else(|| Point::singles(&batch.rows));
                     let mut bad = Vec::new();
-                    inserted = bisect(&mut tx, &batch.rows, indexes, &mut bad).await?;
-                    duplicates = (batch.rows.len() - bad.len()) as u64 - inserted;
-                    bad_rows = bad.iter().map(|(i, _)| *i).collect();
-                    rejected = bad
-                        .into_iter()
-                        .map(|(i, error)| DeadLetter {
-                            partition: batch.rows[i].partition,
-                            offset: batch.rows[i].offset,
-                            payload: batch.rows[i].payload.clone(),
-                            error,
-                            stage: "database",
-                        })
+                    let mut stored = HashMap::new();
+                    let indexes: Vec<usize> = (0..points.len()).collect();
+                    bisect(
+                        &mut tx,
+                        &batch.rows,
+                        &points,
+                        indexes,
+                        &mut bad,
+                        &mut stored,
+                    )
+                    .await?;
+                    let bad_points: HashSet<usize> = bad.iter().map(|(p, _)| *p).collect();
+                    let good: Vec<Point> = points
+                        .iter()
+                        .enumerate()
+                        .filter(|(p, _)| !bad_points.contains(p))
+                        .map(|(_, point)| point.clone())
                         .collect();
+                    account = Account::of(&good, &batch.rows, &stored);
+                    // Every reading of a rejected point goes to the DLQ with the point's error.
+                    for (p, error) in bad {
+                        for &i in &points[p].readings {
+                            bad_readings.insert(i);
+                            rejected.push(DeadLetter {
+                                partition: batch.rows[i].partition,
+                                offset: batch.rows[i].offset,
+                                payload: batch.rows[i].payload.clone(),
+                                error: error.clone(),
+                                stage: "database",
+                            });
+                        }
+                    }
                     self.dlq.send_all(&rejected).await.map_err(TxError::Kafka)?;
                 }
                 Err(err) => return Err(err.into()),
@@ -314,19 +407,19 @@ impl BatchWriter {
             metrics::histogram!(m::COPY_DURATION).record(copy_started.elapsed().as_secs_f64());
             stage_done("copy", copy_started);
             let latest_started = Instant::now();
-            let stored: Vec<&SourcedRow> = batch
+            let stored: Vec<&Telemetry> = batch
                 .rows
                 .iter()
                 .enumerate()
-                .filter(|(i, _)| !bad_rows.contains(i))
-                .map(|(_, r)| r)
+                .filter(|(i, _)| !bad_readings.contains(i))
+                .map(|(_, r)| &r.row)
                 .collect();
             upsert_latest(&mut tx, &stored).await?;
             stage_done("latest", latest_started);
             // Late readings (older than the database clock minus the rollup settle time) mark
             // their range for the rollup to recompute; live batches record nothing. Must run in
             // this transaction: see migration 0009 for why that makes the rollup exact.
-            let times = stored.iter().map(|r| r.row.time);
+            let times = stored.iter().map(|r| r.time);
             sqlx::query("SELECT fleet_rollup_1m_invalidate($1, $2)")
                 .bind(times.clone().min())
                 .bind(times.max())
@@ -337,8 +430,9 @@ impl BatchWriter {
         tx.commit().await?;
         stage_done("commit", commit_started);
         Ok(Outcome::Committed {
-            rows: inserted,
-            duplicates,
+            rows: account.new_points,
+            merged: account.merged,
+            duplicates: account.duplicates,
             dead_letters: batch.dead_letters.len() + rejected.len(),
         })
     }
@@ -364,57 +458,68 @@ async fn copy(
     copy.finish().await
 }
 
-fn encode(rows: &[&SourcedRow]) -> Vec<u8> {
-    let mut encoder = CopyEncoder::with_capacity(rows.len() * 160);
-    for r in rows {
-        // Every row in a batch was encodable when it was added.
-        let _ = encoder.push_telemetry(&r.row);
+/// The binary COPY stream of `points`' rows.
+fn encode(rows: &[SourcedRow], points: &[Point]) -> Vec<u8> {
+    let mut encoder = CopyEncoder::with_capacity(points.len() * 160);
+    for point in points {
+        // Every row in a batch was encodable when it was added, and a merged row holds only
+        // values of such rows.
+        let _ = encoder.push_telemetry(point.row(rows));
     }
     encoder.finish()
 }
 
-/// COPY into the session's staging table, then insert what is new. Returns rows inserted.
-async fn insert_via_staging(
+/// Stores `points` through the session's staging table: the metrics already stored for
+/// their keys are read (for the account), then new points are inserted and existing ones
+/// merged. Returns the stored metrics of the keys that existed.
+async fn staging_merge(
     conn: &mut PgConnection,
     rows: &[SourcedRow],
-) -> Result<u64, sqlx::Error> {
-    let refs: Vec<&SourcedRow> = rows.iter().collect();
-    staging_insert(conn, &refs).await
-}
-
-async fn staging_insert(conn: &mut PgConnection, rows: &[&SourcedRow]) -> Result<u64, sqlx::Error> {
-    copy(conn, STAGING_COPY, &[&encode(rows)]).await?;
-    let inserted = sqlx::query(STAGING_INSERT)
-        .execute(&mut *conn)
-        .await?
-        .rows_affected();
+    points: &[&Point],
+) -> Result<StoredPoints, sqlx::Error> {
+    let mut encoder = CopyEncoder::with_capacity(points.len() * 160);
+    for point in points {
+        let _ = encoder.push_telemetry(point.row(rows));
+    }
+    copy(conn, STAGING_COPY, &[&encoder.finish()]).await?;
+    let found: Vec<(String, String, chrono::DateTime<chrono::Utc>, Json<JsonMap>)> =
+        sqlx::query_as(STAGING_LOOKUP).fetch_all(&mut *conn).await?;
+    sqlx::query(STAGING_MERGE).execute(&mut *conn).await?;
     sqlx::query("TRUNCATE telemetry_staging")
         .execute(&mut *conn)
         .await?;
-    Ok(inserted)
+    Ok(found
+        .into_iter()
+        .map(|(tenant, device, time, Json(metrics))| {
+            ((tenant, device, time.timestamp_micros()), metrics)
+        })
+        .collect())
 }
 
-/// Inserts `indexes` of `rows` through staging; on a data error splits the set in halves
-/// under savepoints until single bad rows are isolated (collected in `bad` with their error).
-/// Returns rows inserted.
+/// Stores `indexes` of `points` through staging; on a data error splits the set in halves
+/// under savepoints until single bad points are isolated (collected in `bad` with their
+/// error). The metrics already stored for the keys of the points stored are added to `stored`.
 fn bisect<'a>(
     conn: &'a mut PgConnection,
     rows: &'a [SourcedRow],
+    points: &'a [Point],
     indexes: Vec<usize>,
     bad: &'a mut Vec<(usize, String)>,
-) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<u64, sqlx::Error>> + Send + 'a>> {
+    stored: &'a mut StoredPoints,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), sqlx::Error>> + Send + 'a>> {
     Box::pin(async move {
         if indexes.is_empty() {
-            return Ok(0);
+            return Ok(());
         }
         sqlx::query("SAVEPOINT bisect").execute(&mut *conn).await?;
-        let subset: Vec<&SourcedRow> = indexes.iter().map(|&i| &rows[i]).collect();
-        match staging_insert(conn, &subset).await {
-            Ok(n) => {
+        let subset: Vec<&Point> = indexes.iter().map(|&i| &points[i]).collect();
+        match staging_merge(conn, rows, &subset).await {
+            Ok(found) => {
                 sqlx::query("RELEASE SAVEPOINT bisect")
                     .execute(&mut *conn)
                     .await?;
-                Ok(n)
+                stored.extend(found);
+                Ok(())
             }
             Err(err) if is_data_error(&err) => {
                 sqlx::query("ROLLBACK TO SAVEPOINT bisect")
@@ -425,42 +530,35 @@ fn bisect<'a>(
                     .await?;
                 if indexes.len() == 1 {
                     bad.push((indexes[0], err.to_string()));
-                    return Ok(0);
+                    return Ok(());
                 }
                 let mut left = indexes;
                 let right = left.split_off(left.len() / 2);
-                let a = bisect(conn, rows, left, bad).await?;
-                let b = bisect(conn, rows, right, bad).await?;
-                Ok(a + b)
+                bisect(conn, rows, points, left, bad, stored).await?;
+                bisect(conn, rows, points, right, bad, stored).await
             }
             Err(err) => Err(err),
         }
     })
 }
 
-/// Upserts each device's newest reading of the batch, only where newer than what is stored.
+/// Upserts each device's newest value per metric over the batch (see migration 0011).
 ///
-/// The rows go by binary COPY into a session-local staging table, then one `INSERT … SELECT …
-/// ON CONFLICT DO UPDATE` applies them. Measured against binding eight arrays and `unnest`ing
-/// them, this costs the PostgreSQL backend about 15 % less CPU per row (no array decoding or
-/// function-scan tuplestore) and the sink no per-row JSON strings.
-async fn upsert_latest(conn: &mut PgConnection, rows: &[&SourcedRow]) -> Result<(), sqlx::Error> {
+/// The batch's per-device states go by binary COPY into a session-local staging table, then
+/// one `INSERT … SELECT … ON CONFLICT DO UPDATE` merges them into the stored rows. Measured
+/// against binding arrays and `unnest`ing them, staging costs the PostgreSQL backend about
+/// 15 % less CPU per row (no array decoding or function-scan tuplestore) and the sink no
+/// per-row JSON strings.
+async fn upsert_latest(conn: &mut PgConnection, rows: &[&Telemetry]) -> Result<(), sqlx::Error> {
     if rows.is_empty() {
         return Ok(());
     }
-    let mut newest: Vec<&SourcedRow> = Batch::latest_per_device(rows)
-        .into_iter()
-        .map(|i| rows[i])
-        .collect();
-    // A stable order keeps concurrent upserts from deadlocking on row locks: the staging
-    // table is read back in the order it was written.
-    newest.sort_by(|a, b| {
-        (&a.row.tenant_id, &a.row.device_id).cmp(&(&b.row.tenant_id, &b.row.device_id))
-    });
-    let mut encoder = CopyEncoder::with_capacity(newest.len() * 180);
-    for r in &newest {
-        // Every row in a batch was encodable when it was added; the extra column is fixed-size.
-        let _ = encoder.push_latest(&r.row);
+    let states = crate::merge::latest_per_device(rows.iter().copied());
+    let mut encoder = CopyEncoder::with_capacity(states.len() * 180);
+    for state in &states {
+        // Every row in a batch was encodable when it was added; the extra columns are a
+        // timestamp and a map of names to integers.
+        let _ = encoder.push_latest(state);
     }
     sqlx::query(LATEST_STAGING_DDL).execute(&mut *conn).await?;
     copy(conn, LATEST_STAGING_COPY, &encoder.stream()).await?;

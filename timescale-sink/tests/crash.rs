@@ -200,3 +200,49 @@ async fn two_instances_share_the_group_and_one_stopping_or_dying_loses_nothing()
     }
     Ok(())
 }
+
+/// Split-sensor devices (temperature and humidity in separate messages at the same
+/// timestamps, with exact re-sends) through the real binary, SIGKILLed twice at random
+/// moments: every point holds both metrics exactly once and `device_latest` shows both with
+/// their own times, on every layout the server offers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn split_sensor_readings_merge_exactly_across_sigkills() -> Result<()> {
+    const PARTITIONS: i32 = 3;
+    for layout in plumbing::testing::available_layouts().await? {
+        let db = TestDb::new(layout).await?;
+        let topics = TestTopics::new(PARTITIONS).await?;
+        let fleet = SplitSensors::new(1_000, 12, 9);
+        let total = fleet.messages.len() as i64;
+        let producer = producer(&topics)?;
+        assert_eq!(
+            produce(
+                &producer,
+                &topics.args.telemetry_topic,
+                fleet.messages.clone()
+            )
+            .await? as i64,
+            total
+        );
+        let group = format!("split-{}", db.name);
+        let mut kill_points: Vec<i64> = (0..2)
+            .map(|_| rand::rng().random_range(1..total * 9 / 10))
+            .collect();
+        kill_points.sort_unstable();
+        for (i, point) in kill_points.iter().enumerate() {
+            let mut child = spawn_sink(&db, &topics, &group, &format!("victim-{i}"))?;
+            let reached = wait_for_stored(&db.pool, &group, *point, Duration::from_secs(180)).await;
+            child.kill()?; // SIGKILL
+            child.wait()?;
+            reached?;
+        }
+        let mut last = spawn_sink(&db, &topics, &group, "survivor")?;
+        wait_for_stored(&db.pool, &group, total, Duration::from_secs(180)).await?;
+        terminate(&mut last).await?;
+        assert_eq!(
+            stored_offsets(&db.pool, &group).await?,
+            end_offsets(&topics, PARTITIONS)?
+        );
+        fleet.assert_stored(&db.pool).await?;
+    }
+    Ok(())
+}

@@ -107,6 +107,7 @@ async fn re_sent_readings_are_skipped_and_counted_exactly() -> Result<()> {
         writer.write(batch(0, 0..100, None), &never).await,
         Outcome::Committed {
             rows: 100,
+            merged: 0,
             duplicates: 0,
             dead_letters: 0
         }
@@ -116,6 +117,7 @@ async fn re_sent_readings_are_skipped_and_counted_exactly() -> Result<()> {
         writer.write(batch(100, 0..103, Some(100)), &never).await,
         Outcome::Committed {
             rows: 3,
+            merged: 0,
             duplicates: 100,
             dead_letters: 0
         }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::http::{Method, Request, StatusCode};
 use axum::Router;
+use chrono::{DateTime, Duration, Utc};
 use plumbing::admin::Health;
 use plumbing::testing::TestDb;
 use query_api::auth::Role;
@@ -172,6 +173,51 @@ pub async fn seed_tenant(pool: &PgPool, tenant: &str, prefix: &str) -> anyhow::R
     .fetch_one(pool)
     .await?;
     Ok((rule_id, alert_id))
+}
+
+/// Provisions `device` of `tenant` at `site` (created if missing) with a `device_latest` row
+/// as the sink stores it since migration 0011: `time` is the newest time of any metric, and
+/// `metric_times` maps each metric whose newest value is older to that value's time in
+/// microseconds since the Unix epoch (`{}` when every metric has `time`). The row's `seq` is 7
+/// and its `received_at` 250 ms after `time`.
+pub async fn device_with_latest(
+    pool: &PgPool,
+    tenant: &str,
+    device: &str,
+    site: &str,
+    time: DateTime<Utc>,
+    metrics: &Value,
+    metric_times: &Value,
+) -> anyhow::Result<()> {
+    sqlx::query(
+        "INSERT INTO sites (tenant_id, site_id, name) VALUES ($1, $2, $2) \
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(tenant)
+    .bind(site)
+    .execute(pool)
+    .await?;
+    sqlx::query("INSERT INTO devices (tenant_id, device_id, site_id) VALUES ($1, $2, $3)")
+        .bind(tenant)
+        .bind(device)
+        .bind(site)
+        .execute(pool)
+        .await?;
+    sqlx::query(
+        "INSERT INTO device_latest (tenant_id, device_id, site_id, time, msg_type, seq, metrics, \
+                                    metric_times, received_at) \
+         VALUES ($1, $2, $3, $4, 'telemetry', 7, $5, $6, $7)",
+    )
+    .bind(tenant)
+    .bind(device)
+    .bind(site)
+    .bind(time)
+    .bind(metrics)
+    .bind(metric_times)
+    .bind(time + Duration::milliseconds(250))
+    .execute(pool)
+    .await?;
+    Ok(())
 }
 
 /// A threshold rule of `tenant`.

@@ -178,3 +178,145 @@ pub async fn assert_no_duplicate_keys(pool: &sqlx::PgPool) -> Result<()> {
     assert_eq!(duplicates, 0);
     Ok(())
 }
+
+/// Split-sensor devices: each reports `temperature` and `humidity` in separate messages at the
+/// same timestamps, one second apart and ending about now, as ThingsBoard- and Telegraf-style
+/// agents do; every `resend_every`-th message is sent twice in a row (an exact re-send). At the
+/// last timestamp only `temperature` is reported, so each metric's latest time differs.
+#[derive(Debug)]
+pub struct SplitSensors {
+    pub messages: Vec<(String, Vec<u8>, Option<i32>)>,
+    /// The readings, in the order of `messages`.
+    pub readings: Vec<Telemetry>,
+    pub devices: usize,
+    pub times: i64,
+    pub start: DateTime<Utc>,
+    /// Messages sent a second time.
+    pub resends: u64,
+}
+
+pub const SPLIT_TENANT: &str = "split";
+
+pub fn split_temperature(device: usize, t: i64) -> f64 {
+    device as f64 + t as f64 / 8.0
+}
+
+pub fn split_humidity(device: usize, t: i64) -> i64 {
+    (device as i64 * 7 + t) % 100
+}
+
+impl SplitSensors {
+    pub fn new(devices: usize, times: i64, resend_every: usize) -> Self {
+        let codec = telemetry_codec().unwrap();
+        // Whole seconds, so times compare exactly with what the database returns.
+        let start = DateTime::from_timestamp(Utc::now().timestamp() - times - 60, 0).unwrap();
+        let mut out = SplitSensors {
+            messages: Vec::new(),
+            readings: Vec::new(),
+            devices,
+            times,
+            start,
+            resends: 0,
+        };
+        let mut n = 0usize;
+        for t in 0..times {
+            for device in 0..devices {
+                let mut metrics = vec![(
+                    "temperature",
+                    MetricValue::Double(split_temperature(device, t)),
+                )];
+                if t + 1 < times {
+                    metrics.push(("humidity", MetricValue::Long(split_humidity(device, t))));
+                }
+                for (name, value) in metrics {
+                    let r = Telemetry {
+                        tenant_id: SPLIT_TENANT.to_owned(),
+                        device_id: format!("dev-{device:05}"),
+                        site_id: None,
+                        msg_type: "telemetry".to_owned(),
+                        seq: t,
+                        time: start + chrono::Duration::seconds(t),
+                        received_at: Utc::now(),
+                        metrics: BTreeMap::from([(name.to_owned(), value)]),
+                    };
+                    let copies = if n % resend_every == resend_every - 1 {
+                        2
+                    } else {
+                        1
+                    };
+                    for _ in 0..copies {
+                        out.messages
+                            .push((r.key(), codec.encode(&r).unwrap(), None));
+                        out.readings.push(r.clone());
+                    }
+                    out.resends += copies - 1;
+                    n += 1;
+                }
+            }
+        }
+        out
+    }
+
+    /// Points: one per device and timestamp.
+    pub fn points(&self) -> u64 {
+        self.devices as u64 * self.times as u64
+    }
+
+    /// Readings merged into a point: every humidity message (sent after its temperature).
+    pub fn merged(&self) -> u64 {
+        self.devices as u64 * (self.times as u64 - 1)
+    }
+
+    /// Asserts the database holds exactly the merged points and per-metric latest values.
+    pub async fn assert_stored(&self, pool: &sqlx::PgPool) -> Result<()> {
+        let rows: Vec<(String, DateTime<Utc>, serde_json::Value)> = sqlx::query_as(
+            "SELECT device_id::text, time, metrics FROM telemetry WHERE tenant_id = $1 \
+             ORDER BY device_id, time",
+        )
+        .bind(SPLIT_TENANT)
+        .fetch_all(pool)
+        .await?;
+        assert_eq!(rows.len() as u64, self.points(), "one row per point");
+        let mut i = 0;
+        for device in 0..self.devices {
+            for t in 0..self.times {
+                let (device_id, time, metrics) = &rows[i];
+                i += 1;
+                assert_eq!(device_id, &format!("dev-{device:05}"));
+                assert_eq!(*time, self.start + chrono::Duration::seconds(t));
+                let expected = if t + 1 < self.times {
+                    serde_json::json!({"temperature": split_temperature(device, t),
+                                       "humidity": split_humidity(device, t)})
+                } else {
+                    serde_json::json!({"temperature": split_temperature(device, t)})
+                };
+                assert_eq!(metrics, &expected, "{device_id} at {time}");
+            }
+        }
+        let latest: Vec<(String, DateTime<Utc>, serde_json::Value, serde_json::Value)> =
+            sqlx::query_as(
+                "SELECT device_id::text, time, metrics, metric_times FROM device_latest \
+                 WHERE tenant_id = $1 ORDER BY device_id",
+            )
+            .bind(SPLIT_TENANT)
+            .fetch_all(pool)
+            .await?;
+        assert_eq!(latest.len(), self.devices);
+        let last = self.times - 1;
+        for (device, (device_id, time, metrics, metric_times)) in latest.iter().enumerate() {
+            assert_eq!(device_id, &format!("dev-{device:05}"));
+            assert_eq!(*time, self.start + chrono::Duration::seconds(last));
+            assert_eq!(
+                metrics,
+                &serde_json::json!({"temperature": split_temperature(device, last),
+                                    "humidity": split_humidity(device, last - 1)})
+            );
+            let humidity_at = (self.start + chrono::Duration::seconds(last - 1)).timestamp_micros();
+            assert_eq!(
+                metric_times,
+                &serde_json::json!({ "humidity": humidity_at })
+            );
+        }
+        Ok(())
+    }
+}

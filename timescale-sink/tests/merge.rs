@@ -1,0 +1,160 @@
+//! One point per (tenant, device, time): readings that share it are merged, exactly, whatever
+//! the batch boundaries, on both layouts, into compressed TimescaleDB chunks too.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Result;
+use common::SplitSensors;
+use plumbing::testing::{available_layouts, TestDb, TestTopics};
+use rand::Rng;
+use schemas::LayoutChoice;
+use timescale_sink::batch::{Batch, RawMessage};
+use timescale_sink::stats::Stats;
+use timescale_sink::writer::{BatchWriter, Outcome};
+use tokio_util::sync::CancellationToken;
+
+fn writer(db: &TestDb, topics: &TestTopics) -> Result<(BatchWriter, Arc<Stats>)> {
+    let stats = Arc::new(Stats::default());
+    let producer = plumbing::kafka::producer_config(&topics.args, "merge-test").create()?;
+    Ok((
+        BatchWriter {
+            pool: db.pool.clone(),
+            group: "g".to_owned(),
+            topic: "t".to_owned(),
+            dlq: timescale_sink::dlq::DeadLetterQueue::new(
+                producer,
+                topics.args.dlq_topic.clone(),
+                "t".to_owned(),
+            ),
+            on_committed: Arc::new(|_| {}),
+            stats: stats.clone(),
+            min_backoff: Duration::from_millis(10),
+            max_backoff: Duration::from_millis(100),
+        },
+        stats,
+    ))
+}
+
+/// Writes `indexes` of `fleet` as partition 0 from offset `first_offset` on, in batches of
+/// random sizes, as the consumer would. Returns (rows, merged, duplicates).
+async fn write_in_random_batches(
+    writer: &BatchWriter,
+    fleet: &SplitSensors,
+    indexes: &[usize],
+    first_offset: i64,
+) -> Result<(u64, u64, u64)> {
+    let never = CancellationToken::new();
+    let (mut rows, mut merged, mut duplicates) = (0, 0, 0);
+    let mut offset = first_offset;
+    let mut rest = indexes;
+    while !rest.is_empty() {
+        let size = rand::rng().random_range(1..=3_000).min(rest.len());
+        let (now, later) = rest.split_at(size);
+        rest = later;
+        let expected = (offset > 0).then_some(offset);
+        let mut batch = Batch::with_capacity(size);
+        for &i in now {
+            let message = RawMessage {
+                partition: 0,
+                offset,
+                payload: fleet.messages[i].1.clone(),
+                traceparent: None,
+            };
+            offset += 1;
+            batch.push(message, expected, Ok(fleet.readings[i].clone()));
+        }
+        match writer.write(batch, &never).await {
+            Outcome::Committed {
+                rows: r,
+                merged: m,
+                duplicates: d,
+                dead_letters: 0,
+            } => {
+                rows += r;
+                merged += m;
+                duplicates += d;
+            }
+            other => panic!("batch not committed cleanly: {other:?}"),
+        }
+    }
+    Ok((rows, merged, duplicates))
+}
+
+/// 1,000 devices report temperature and humidity in separate messages at the same
+/// timestamps, interleaved with exact re-sends, in batches of random sizes: every point holds
+/// both metrics once, `device_latest` shows both with their own times, and each reading is
+/// accounted exactly (new point, merged, or duplicate).
+#[tokio::test]
+async fn split_sensor_readings_merge_into_one_point_and_are_accounted_exactly() -> Result<()> {
+    for layout in available_layouts().await? {
+        let db = TestDb::new(layout).await?;
+        let topics = TestTopics::new(1).await?;
+        let (writer, stats) = writer(&db, &topics)?;
+        let fleet = SplitSensors::new(1_000, 12, 9);
+        let all: Vec<usize> = (0..fleet.messages.len()).collect();
+        let (rows, merged, duplicates) = write_in_random_batches(&writer, &fleet, &all, 0).await?;
+        assert_eq!(
+            (rows, merged, duplicates),
+            (fleet.points(), fleet.merged(), fleet.resends),
+            "{layout:?}: (new points, merged, duplicates)"
+        );
+        assert_eq!(stats.duplicates(), fleet.resends);
+        assert_eq!(stats.merged(), fleet.merged());
+        fleet.assert_stored(&db.pool).await?;
+    }
+    Ok(())
+}
+
+/// The temperature readings are stored and their chunk compressed; then the humidity
+/// readings and the re-sends arrive. TimescaleDB merges them into the compressed chunk.
+#[tokio::test]
+async fn readings_merge_into_a_compressed_timescaledb_chunk() -> Result<()> {
+    if !available_layouts()
+        .await?
+        .contains(&LayoutChoice::TimescaleDb)
+    {
+        eprintln!("skipped: this PostgreSQL server does not offer the timescaledb extension");
+        return Ok(());
+    }
+    let db = TestDb::new(LayoutChoice::TimescaleDb).await?;
+    let topics = TestTopics::new(1).await?;
+    let (writer, _stats) = writer(&db, &topics)?;
+    let fleet = SplitSensors::new(300, 6, 5);
+    let is_first_temperature = |i: usize| {
+        fleet.readings[i].metrics.contains_key("temperature")
+            && (i == 0 || fleet.messages[i - 1].1 != fleet.messages[i].1)
+    };
+    let first: Vec<usize> = (0..fleet.messages.len())
+        .filter(|&i| is_first_temperature(i))
+        .collect();
+    let rest: Vec<usize> = (0..fleet.messages.len())
+        .filter(|&i| !is_first_temperature(i))
+        .collect();
+    let (rows, merged, _) = write_in_random_batches(&writer, &fleet, &first, 0).await?;
+    assert_eq!((rows, merged), (fleet.points(), 0));
+    let compressed: i64 =
+        sqlx::query_scalar("SELECT count(compress_chunk(c)) FROM show_chunks('telemetry') c")
+            .fetch_one(&db.pool)
+            .await?;
+    assert!(compressed >= 1);
+    let uncompressed: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM timescaledb_information.chunks \
+         WHERE hypertable_name = 'telemetry' AND NOT is_compressed",
+    )
+    .fetch_one(&db.pool)
+    .await?;
+    assert_eq!(uncompressed, 0, "every telemetry chunk is compressed");
+    let (rows, merged, duplicates) =
+        write_in_random_batches(&writer, &fleet, &rest, first.len() as i64).await?;
+    assert_eq!(
+        (rows, merged, duplicates),
+        (0, fleet.merged(), fleet.resends),
+        "(new points, merged, duplicates) of the second part"
+    );
+    fleet.assert_stored(&db.pool).await?;
+    Ok(())
+}
