@@ -93,6 +93,36 @@ impl Rejection {
         )
     }
 
+    /// 413: the body as sent fitted, but it decompresses to more than the limit.
+    pub fn too_large_decompressed(limit: usize) -> Self {
+        Rejection::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("decompressed body exceeds {limit} bytes"),
+        )
+    }
+
+    /// 400: the body does not decompress with its `Content-Encoding`.
+    pub fn malformed_encoding(encoding: &str, error: impl std::fmt::Display) -> Self {
+        Rejection::new(
+            StatusCode::BAD_REQUEST,
+            "malformed",
+            format!("malformed {encoding} body: {error}"),
+        )
+    }
+
+    /// 415: a `Content-Encoding` other than gzip or identity. The response lists the
+    /// supported ones in `Accept-Encoding` (RFC 9110, section 12.5.3).
+    pub fn unsupported_encoding(encoding: &str) -> Self {
+        let encoding: String = encoding.chars().take(64).collect();
+        Rejection::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            UNSUPPORTED_ENCODING,
+            format!("content-encoding {encoding} is not supported; send gzip or identity"),
+        )
+        .field("content-encoding")
+    }
+
     /// 415: neither JSON nor NDJSON.
     pub fn unsupported_media_type() -> Self {
         Rejection::new(
@@ -160,6 +190,12 @@ impl Rejection {
     }
 }
 
+/// Metric label of an unsupported `Content-Encoding`; its response gets `Accept-Encoding`.
+const UNSUPPORTED_ENCODING: &str = "unsupported_encoding";
+
+/// The encodings a request body may have, as sent in `Accept-Encoding` with a 415.
+const ACCEPTED_ENCODINGS: &str = "gzip, identity";
+
 /// `Retry-After` in whole seconds, at least one.
 pub(crate) fn retry_after_header(wait: Duration) -> HeaderValue {
     let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
@@ -170,11 +206,18 @@ impl IntoResponse for Rejection {
     fn into_response(self) -> Response {
         let status = self.status;
         let retry_after = self.retry_after;
+        let code = self.code;
         let mut response = (status, Json(self)).into_response();
         if let Some(wait) = retry_after {
             response
                 .headers_mut()
                 .insert("retry-after", retry_after_header(wait));
+        }
+        if code == UNSUPPORTED_ENCODING {
+            response.headers_mut().insert(
+                axum::http::header::ACCEPT_ENCODING,
+                HeaderValue::from_static(ACCEPTED_ENCODINGS),
+            );
         }
         response
     }

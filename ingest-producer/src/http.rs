@@ -1,16 +1,23 @@
-//! `POST /v1/telemetry`: authenticate, read the body within its limit, validate each message,
-//! authorize it against the token, take rate-limit cells, produce, and answer only after
-//! Kafka acknowledged every accepted message.
+//! `POST /v1/telemetry`: authenticate, read the body within its limit (decompressing a gzip
+//! body, within the same limit), validate each message, authorize it against the token, take
+//! rate-limit cells, produce, and answer only after Kafka acknowledged every accepted message.
 //!
 //! Replies:
-//! * a single JSON object: `202 {"accepted":1}`, or the refusal's status with
-//!   `{"error","field","index"}`;
-//! * a batch (array or NDJSON): `202 {"accepted":n,"rejected":m,"errors":[…]}` when at least
-//!   one message was accepted (each error is `{"error","field","index","status"}`); when none
-//!   was, the same body with the first error's status. With `?atomic=true` any refusal
-//!   rejects the whole batch and nothing is produced.
-//! * request-level refusals (401, 413, 415, malformed JSON, tenant rate limit) are one
-//!   `{"error","field","index"}` object. 429 and 503 carry `Retry-After`.
+//! * a single JSON object: `202 {"accepted":1,"points":1,"merged":0}`, or the refusal's status
+//!   with `{"error","field","index"}`;
+//! * a batch (array or NDJSON): `202 {"accepted":n,"points":p,"merged":m,"rejected":r,
+//!   "errors":[…]}` when at least one message was accepted (each error is
+//!   `{"error","field","index","status"}`); when none was, the same body with the first
+//!   error's status. With `?atomic=true` any refusal rejects the whole batch and nothing is
+//!   produced.
+//! * `points` counts the distinct (tenant, device, time) among the accepted readings and
+//!   `merged` the accepted readings that share their point with an earlier one of the request
+//!   (`accepted = points + merged`): the sink stores one row per point, the union of its
+//!   readings' metrics (readings without `time` all get the request's ingest time, so several
+//!   of one device are one point).
+//! * request-level refusals (401, 413, 415, malformed JSON or gzip, tenant rate limit) are one
+//!   `{"error","field","index"}` object. 429 and 503 carry `Retry-After`, a 415 for an
+//!   unsupported `Content-Encoding` carries `Accept-Encoding`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -30,15 +37,17 @@ use serde::Serialize;
 use tracing::error;
 
 use crate::credentials::Credentials;
+use crate::encoding::ContentEncoding;
 use crate::error::{retry_after_header, Rejection};
-use crate::message::{parse_body, validate, Format, TimeLimits};
+use crate::message::{count_points, read_body, Format, TimeLimits};
 use crate::producer::{Outgoing, Producer};
 use crate::rate_limit::RateLimits;
 
 /// Limits applied to every request.
 #[derive(Debug, Clone, Copy)]
 pub struct IngestSettings {
-    /// Largest accepted body; larger ones get `413` without being read past the limit.
+    /// Largest accepted body, as sent and decompressed; larger ones get `413` without being
+    /// read or inflated past the limit.
     pub max_body_bytes: usize,
     /// Allowed range of `time`.
     pub time_limits: TimeLimits,
@@ -106,6 +115,10 @@ struct BatchError {
 #[derive(Debug, Serialize)]
 struct BatchReply {
     accepted: usize,
+    /// Distinct (tenant, device, time) among the accepted readings.
+    points: usize,
+    /// Accepted readings merged into the point of an earlier one (`accepted - points`).
+    merged: usize,
     rejected: usize,
     errors: Vec<BatchError>,
 }
@@ -113,6 +126,8 @@ struct BatchReply {
 #[derive(Debug, Serialize)]
 struct SingleReply {
     accepted: usize,
+    points: usize,
+    merged: usize,
 }
 
 struct InFlight;
@@ -161,34 +176,26 @@ async fn handle(
         .get(axum::http::header::CONTENT_TYPE)
         .map(|v| v.to_str().unwrap_or("invalid"));
     let format = Format::from_content_type(content_type)?;
-    let bytes = read_limited(headers, body, inner.settings.max_body_bytes).await?;
-    let parsed = parse_body(format, &bytes)?;
+    let encoding = ContentEncoding::from_headers(headers)?;
+    let limit = inner.settings.max_body_bytes;
+    let bytes = encoding.decode(read_limited(headers, body, limit).await?, limit)?;
+    let received_at = Utc::now();
+    let parsed = read_body(format, &bytes, received_at, inner.settings.time_limits)?;
     drop(bytes);
 
-    let received_at = Utc::now();
     let mut outcomes: Vec<Result<Telemetry, Rejection>> = parsed
-        .messages
+        .readings
         .into_iter()
         .enumerate()
-        .map(|(index, message)| {
-            message
-                .and_then(|value| validate(value, received_at, inner.settings.time_limits))
+        .map(|(index, reading)| {
+            reading
                 .and_then(|reading| {
                     let (tenant_id, device_id, registered_site) = inner.credentials.authorize(
                         &principal,
                         reading.tenant_id.as_deref(),
                         reading.device_id.as_deref(),
                     )?;
-                    Ok(Telemetry {
-                        tenant_id,
-                        device_id,
-                        site_id: reading.site_id.or(registered_site),
-                        msg_type: reading.msg_type,
-                        seq: reading.seq,
-                        time: reading.time,
-                        received_at,
-                        metrics: reading.metrics,
-                    })
+                    Ok(reading.into_telemetry(tenant_id, device_id, registered_site, received_at))
                 })
                 .map_err(|rejection| rejection.at(index))
         })
@@ -284,13 +291,20 @@ fn reply(
     let mut accepted = 0;
     let mut held_back = 0;
     let mut errors = Vec::new();
-    for outcome in outcomes {
+    let mut delivered = Vec::new();
+    for outcome in &outcomes {
         match outcome {
             Ok(_) if none_accepted => held_back += 1,
-            Ok(_) => accepted += 1,
-            Err(rejection) => errors.push(rejection),
+            Ok(telemetry) => {
+                accepted += 1;
+                delivered.push(telemetry);
+            }
+            Err(_) => {}
         }
     }
+    let points = count_points(delivered);
+    let merged = accepted - points;
+    errors.extend(outcomes.into_iter().filter_map(Result::err));
     crate::metrics::accepted(accepted);
     for rejection in &errors {
         crate::metrics::rejected(rejection.code, 1);
@@ -299,7 +313,15 @@ fn reply(
     crate::metrics::rejected("atomic", held_back);
     if !batch {
         return match errors.into_iter().next() {
-            None => (StatusCode::ACCEPTED, Json(SingleReply { accepted })).into_response(),
+            None => (
+                StatusCode::ACCEPTED,
+                Json(SingleReply {
+                    accepted,
+                    points,
+                    merged,
+                }),
+            )
+                .into_response(),
             Some(rejection) => rejection.into_response(),
         };
     }
@@ -310,6 +332,8 @@ fn reply(
     let retry_after = errors.iter().filter_map(|e| e.retry_after).max();
     let body = BatchReply {
         accepted,
+        points,
+        merged,
         rejected: errors.len(),
         errors: errors
             .into_iter()
@@ -353,7 +377,8 @@ fn atomic_mode(uri: &Uri) -> Result<bool, Rejection> {
 }
 
 /// Reads at most `limit` bytes: a declared length over it is refused before reading, a
-/// streamed body as soon as it passes the limit.
+/// streamed body as soon as it passes the limit. (A compressed body is limited here as sent,
+/// and again as decompressed by [`ContentEncoding::decode`].)
 ///
 /// Why not a library limit (checked against tower-http 0.6.11 and 0.7.1, axum 0.8.9):
 /// * `tower_http::limit::RequestBodyLimitLayer` answers a declared `Content-Length` over the

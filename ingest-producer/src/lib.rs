@@ -3,13 +3,18 @@
 //! Devices and gateways `POST /v1/telemetry` one JSON object, a JSON array or NDJSON with a
 //! bearer token; each message is validated, checked against what the token may write, rate
 //! limited, encoded with the shipped Avro schema and produced to `telemetry.v1` under key
-//! `tenant/device`. The reply (`202` with the accepted count) is sent only after Kafka
-//! acknowledged every accepted message.
+//! `tenant/device`. The reply (`202` with the accepted count, and how many distinct points
+//! they make) is sent only after Kafka acknowledged every accepted message.
 //!
 //! # Layout
 //!
 //! * [`http`]: the route, the request flow and the reply shapes.
-//! * [`message`]: body formats and per-message validation (schema, limits, time window).
+//! * [`encoding`]: `Content-Encoding` (identity, gzip) and decompression within the body limit.
+//! * `json`: JSON as PostgreSQL stores it: the second reading of a body that refuses
+//!   integers outside 64 bits, numbers a double cannot hold, U+0000, lone surrogates and
+//!   duplicate keys, naming the field.
+//! * [`message`]: body formats and per-message validation (schema, limits, time window), and
+//!   what an accepted message becomes.
 //! * [`credentials`]: device and gateway tokens (hashes) and devices, cached from PostgreSQL
 //!   and refreshed by LISTEN/NOTIFY and a periodic reload.
 //! * [`rate_limit`]: token buckets per device and per tenant.
@@ -23,8 +28,10 @@
 //! The library runs in-process from tests through [`run`] or [`http::router`].
 
 pub mod credentials;
+pub mod encoding;
 pub mod error;
 pub mod http;
+mod json;
 pub mod manifest;
 pub mod message;
 pub mod metrics;

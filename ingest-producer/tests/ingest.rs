@@ -1,9 +1,14 @@
 //! `POST /v1/telemetry` against a real Kafka broker and PostgreSQL: what is accepted lands on
 //! the topic exactly once, correctly keyed and decodable; what is refused gets its documented
 //! status and body and puts nothing on the topic.
+//!
+//! "Nothing on the topic" is checked right after the replies: a message is produced only
+//! before its reply is sent (the handler waits for Kafka's acknowledgement), so a refused
+//! request that produced anything would already show in the end offsets.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
+use std::io::Write;
 use std::num::NonZeroU32;
 use std::time::{Duration, Instant};
 
@@ -11,7 +16,9 @@ use anyhow::Result;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use axum::Router;
-use chrono::Utc;
+use chrono::{SecondsFormat, Utc};
+use flate2::write::GzEncoder;
+use flate2::Compression;
 use ingest_producer::credentials::{token_hash, Credentials};
 use ingest_producer::http::{router, App, IngestSettings};
 use ingest_producer::message::TimeLimits;
@@ -157,6 +164,7 @@ impl Fixture {
 struct Reply {
     status: StatusCode,
     retry_after: Option<String>,
+    accept_encoding: Option<String>,
     body: Value,
 }
 
@@ -167,9 +175,23 @@ async fn send(
     content_type: &str,
     body: Body,
 ) -> Reply {
-    let mut request = Request::post(uri).header("content-type", content_type);
-    if let Some(token) = token {
-        request = request.header("authorization", format!("Bearer {token}"));
+    let authorization = token.map(|token| format!("Bearer {token}"));
+    let mut headers = vec![("content-type", content_type)];
+    if let Some(authorization) = &authorization {
+        headers.push(("authorization", authorization));
+    }
+    send_with_headers(router, uri, &headers, body).await
+}
+
+async fn send_with_headers(
+    router: &Router,
+    uri: &str,
+    headers: &[(&str, &str)],
+    body: Body,
+) -> Reply {
+    let mut request = Request::post(uri);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
     }
     let response = router
         .clone()
@@ -177,10 +199,14 @@ async fn send(
         .await
         .unwrap();
     let status = response.status();
-    let retry_after = response
-        .headers()
-        .get("retry-after")
-        .map(|v| v.to_str().unwrap().to_owned());
+    let header = |name: &str| {
+        response
+            .headers()
+            .get(name)
+            .map(|v| v.to_str().unwrap().to_owned())
+    };
+    let retry_after = header("retry-after");
+    let accept_encoding = header("accept-encoding");
     let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
         .await
         .unwrap();
@@ -188,8 +214,15 @@ async fn send(
     Reply {
         status,
         retry_after,
+        accept_encoding,
         body,
     }
+}
+
+fn gzip(data: &[u8]) -> Vec<u8> {
+    let mut encoder = GzEncoder::new(Vec::new(), Compression::default());
+    encoder.write_all(data).unwrap();
+    encoder.finish().unwrap()
 }
 
 fn error(message: &str, field: Option<&str>, index: Option<usize>) -> Value {
@@ -204,12 +237,18 @@ async fn topic_count(args: &KafkaArgs) -> i64 {
         let consumer: BaseConsumer = plumbing::kafka::base_config(&args, "ingest-test-count")
             .create()
             .unwrap();
+        // Right after the topic is created (or the broker restarted, as `broker_restart` does)
+        // a partition may briefly have no leader; retry that until a deadline.
+        let deadline = Instant::now() + Duration::from_secs(30);
         (0..PARTITIONS)
-            .map(|p| {
-                let (low, high) = consumer
-                    .fetch_watermarks(&args.telemetry_topic, p, Duration::from_secs(10))
-                    .unwrap();
-                high - low
+            .map(|p| loop {
+                match consumer.fetch_watermarks(&args.telemetry_topic, p, Duration::from_secs(10)) {
+                    Ok((low, high)) => break high - low,
+                    Err(_) if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                    Err(err) => panic!("watermarks of partition {p}: {err}"),
+                }
             })
             .sum()
     })
@@ -293,7 +332,8 @@ async fn accepted_messages_are_on_the_topic_exactly_once_keyed_and_decodable() -
     assert_eq!(reply.status, StatusCode::ACCEPTED, "{:?}", reply.body);
     assert_eq!(
         reply.body,
-        json!({"accepted": 20, "rejected": 0, "errors": []})
+        // Readings without `time` share the request's ingest time: one point per device.
+        json!({"accepted": 20, "points": 2, "merged": 18, "rejected": 0, "errors": []})
     );
     let consumed = consume_all(&fx.topics.args).await;
     assert_eq!(consumed.len(), 20);
@@ -335,21 +375,22 @@ async fn accepted_messages_are_on_the_topic_exactly_once_keyed_and_decodable() -
 async fn a_device_token_writes_its_own_device_without_naming_it() -> Result<()> {
     let fx = Fixture::new().await?;
     let time = Utc::now() - chrono::Duration::seconds(10);
+    let sent = time.to_rfc3339_opts(SecondsFormat::Micros, true);
     let reply = fx
         .post_json(
             "tok-d2",
-            json!({"seq": 7, "time": time.to_rfc3339(), "msg_type": "event", "metrics": {"door": "open"}}),
+            json!({"seq": 7, "time": sent, "msg_type": "event", "metrics": {"door": "open"}}),
         )
         .await;
     assert_eq!(reply.status, StatusCode::ACCEPTED);
-    assert_eq!(reply.body, json!({"accepted": 1}));
+    assert_eq!(reply.body, json!({"accepted": 1, "points": 1, "merged": 0}));
     let consumed = consume_all(&fx.topics.args).await;
     assert_eq!(consumed.len(), 1);
     let t = &consumed[0].telemetry;
     assert_eq!((t.tenant_id.as_str(), t.device_id.as_str()), ("acme", "d2"));
     assert_eq!(t.msg_type, "event");
-    // Avro carries microseconds.
-    assert_eq!(t.time.timestamp_micros(), time.timestamp_micros());
+    // Avro carries microseconds, as many as were sent.
+    assert_eq!(t.time.to_rfc3339_opts(SecondsFormat::Micros, true), sent);
     Ok(())
 }
 
@@ -361,8 +402,10 @@ async fn each_bad_input_gets_its_status_and_body_and_puts_nothing_on_the_topic()
     let fx = Fixture::new().await?;
     let json = "application/json";
     let ok = json!({"seq": 1, "metrics": {"t": 1}}).to_string();
-    let future = (Utc::now() + chrono::Duration::minutes(6)).to_rfc3339();
-    let ancient = (Utc::now() - chrono::Duration::days(91)).to_rfc3339();
+    let future =
+        (Utc::now() + chrono::Duration::minutes(6)).to_rfc3339_opts(SecondsFormat::Micros, true);
+    let ancient =
+        (Utc::now() - chrono::Duration::days(91)).to_rfc3339_opts(SecondsFormat::Micros, true);
     let many: serde_json::Map<String, Value> =
         (0..257).map(|i| (format!("m{i}"), json!(i))).collect();
     let name_pattern = "[A-Za-z0-9_.:-]{1,64}";
@@ -419,21 +462,21 @@ async fn each_bad_input_gets_its_status_and_body_and_puts_nothing_on_the_topic()
             r#"{"seq": 1,"#.to_owned(),
             StatusCode::BAD_REQUEST,
             error(
-                "malformed json: EOF while parsing a value at line 1 column 10",
+                "malformed json: EOF while parsing an object at line 1 column 10",
                 None,
                 None,
             ),
         ),
         (
-            "non-finite number",
+            "number beyond a double",
             Some("tok-d1"),
             json,
             r#"{"seq":1,"metrics":{"x":1e999}}"#.to_owned(),
             StatusCode::BAD_REQUEST,
             error(
-                "malformed json: number out of range at line 1 column 29",
-                None,
-                None,
+                "number outside the range of a 64-bit float",
+                Some("metrics.x"),
+                Some(0),
             ),
         ),
         (
@@ -657,7 +700,7 @@ async fn a_mixed_batch_puts_exactly_the_valid_messages() -> Result<()> {
     assert_eq!(reply.status, StatusCode::ACCEPTED);
     assert_eq!(
         reply.body,
-        json!({"accepted": 3, "rejected": 2, "errors": [
+        json!({"accepted": 3, "points": 2, "merged": 1, "rejected": 2, "errors": [
             {"error": "missing", "field": "seq", "index": 1, "status": 400},
             {"error": "unknown device", "field": "device_id", "index": 3, "status": 422},
         ]})
@@ -680,7 +723,7 @@ async fn ndjson_lines_stand_on_their_own() -> Result<()> {
     assert_eq!(reply.status, StatusCode::ACCEPTED);
     assert_eq!(
         reply.body,
-        json!({"accepted": 2, "rejected": 1, "errors": [
+        json!({"accepted": 2, "points": 2, "merged": 0, "rejected": 1, "errors": [
             {"error": "malformed json: key must be a string at line 1 column 2", "field": null, "index": 1, "status": 400},
         ]})
     );
@@ -703,7 +746,7 @@ async fn an_atomic_batch_with_one_bad_message_puts_nothing() -> Result<()> {
     assert_eq!(reply.status, StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(
         reply.body,
-        json!({"accepted": 0, "rejected": 1, "errors": [
+        json!({"accepted": 0, "points": 0, "merged": 0, "rejected": 1, "errors": [
             {"error": "unknown device", "field": "device_id", "index": 1, "status": 422},
         ]})
     );
@@ -852,8 +895,429 @@ async fn a_full_producer_queue_refuses_the_overflow_with_503_and_retry_after() -
     let full = |index: usize| json!({"error": "kafka producer queue is full", "field": null, "index": index, "status": 503});
     assert_eq!(
         reply.body,
-        json!({"accepted": 1, "rejected": 3, "errors": [full(1), full(2), full(3)]})
+        json!({"accepted": 1, "points": 1, "merged": 0, "rejected": 3, "errors": [full(1), full(2), full(3)]})
     );
     assert_eq!(topic_count(&topics.args).await, 1);
+    Ok(())
+}
+
+const OUT_OF_I64: &str =
+    "integer outside the signed 64-bit range (-9223372036854775808 to 9223372036854775807)";
+const NUL_STRING: &str = "string contains U+0000, which PostgreSQL cannot store";
+
+#[tokio::test]
+async fn each_value_postgresql_would_not_store_as_sent_gets_400_naming_message_and_field(
+) -> Result<()> {
+    let fx = Fixture::new().await?;
+    let json = "application/json";
+    let now = Utc::now();
+    let micros = now.format("%Y-%m-%dT%H:%M:%S%.6f").to_string();
+    let nanos = format!("{micros}001Z");
+    // The current minute's second 60: within the allowed clock skew, but a leap second.
+    let leap = now.format("%Y-%m-%dT%H:%M:60Z").to_string();
+    let not_a_number = |literal: &str| {
+        error(
+            &format!(
+                "malformed json: {literal} at line 1 column 29 is not a json number; \
+                 send null instead"
+            ),
+            None,
+            None,
+        )
+    };
+    let one = |field: &str, message: &str| error(message, Some(field), Some(0));
+    let cases: Vec<(&str, String, Value)> = vec![
+        (
+            "U+0000 in a string metric",
+            r#"{"seq":1,"metrics":{"ok":1,"s":"a\u0000b"}}"#.to_owned(),
+            one("metrics.s", NUL_STRING),
+        ),
+        (
+            "U+0000 in a metric name",
+            r#"{"seq":1,"metrics":{"t\u0000":1}}"#.to_owned(),
+            one(
+                "metrics.t\u{0}",
+                "key contains U+0000, which PostgreSQL cannot store",
+            ),
+        ),
+        (
+            "U+0000 in device_id",
+            r#"{"device_id":"d1\u0000","seq":1,"metrics":{}}"#.to_owned(),
+            one("device_id", NUL_STRING),
+        ),
+        (
+            "U+0000 in tenant_id",
+            r#"{"tenant_id":"acme\u0000","seq":1,"metrics":{}}"#.to_owned(),
+            one("tenant_id", NUL_STRING),
+        ),
+        (
+            "U+0000 in site_id",
+            r#"{"site_id":"\u0000","seq":1,"metrics":{}}"#.to_owned(),
+            one("site_id", NUL_STRING),
+        ),
+        (
+            "U+0000 in msg_type",
+            r#"{"msg_type":"telemetry\u0000","seq":1,"metrics":{}}"#.to_owned(),
+            one("msg_type", NUL_STRING),
+        ),
+        (
+            "U+0000 in time",
+            format!(r#"{{"time":"{micros}Z\u0000","seq":1,"metrics":{{}}}}"#),
+            one("time", NUL_STRING),
+        ),
+        (
+            "unsigned 64-bit counter",
+            r#"{"seq":1,"metrics":{"if_in_octets":18446744073709551615}}"#.to_owned(),
+            one("metrics.if_in_octets", OUT_OF_I64),
+        ),
+        (
+            "integer above u64",
+            r#"{"seq":1,"metrics":{"c":18446744073709551616}}"#.to_owned(),
+            one("metrics.c", OUT_OF_I64),
+        ),
+        (
+            "integer below i64",
+            r#"{"seq":1,"metrics":{"c":-9223372036854775809}}"#.to_owned(),
+            one("metrics.c", OUT_OF_I64),
+        ),
+        (
+            "seq above i64",
+            r#"{"seq":9223372036854775808,"metrics":{}}"#.to_owned(),
+            one("seq", OUT_OF_I64),
+        ),
+        (
+            "negative overflow",
+            r#"{"seq":1,"metrics":{"x":-1e400}}"#.to_owned(),
+            one("metrics.x", "number outside the range of a 64-bit float"),
+        ),
+        (
+            "underflow",
+            r#"{"seq":1,"metrics":{"x":1.0e-400}}"#.to_owned(),
+            one(
+                "metrics.x",
+                "number too small for a 64-bit float (it would be stored as 0)",
+            ),
+        ),
+        (
+            "lone surrogate",
+            r#"{"seq":1,"metrics":{"s":"\ud800"}}"#.to_owned(),
+            one(
+                "metrics.s",
+                "string contains a lone surrogate escape, which is not unicode",
+            ),
+        ),
+        (
+            "duplicate metric",
+            r#"{"seq":1,"metrics":{"t":1,"h":2,"t":3}}"#.to_owned(),
+            one("metrics.t", "duplicate key"),
+        ),
+        (
+            "duplicate field",
+            r#"{"seq":1,"metrics":{},"seq":2}"#.to_owned(),
+            one("seq", "duplicate key"),
+        ),
+        (
+            "nanoseconds",
+            format!(r#"{{"time":"{nanos}","seq":1,"metrics":{{}}}}"#),
+            one(
+                "time",
+                "more precise than a microsecond (PostgreSQL stores 6 fractional digits)",
+            ),
+        ),
+        (
+            "leap second",
+            format!(r#"{{"time":"{leap}","seq":1,"metrics":{{}}}}"#),
+            one("time", "leap second (second 60) cannot be stored as sent"),
+        ),
+        // As Python's json.dumps writes float("nan"), float("inf"), float("-inf").
+        (
+            "NaN",
+            r#"{"seq": 1, "metrics": {"x": NaN}}"#.to_owned(),
+            not_a_number("NaN"),
+        ),
+        (
+            "Infinity",
+            r#"{"seq": 1, "metrics": {"x": Infinity}}"#.to_owned(),
+            not_a_number("Infinity"),
+        ),
+        (
+            "-Infinity",
+            r#"{"seq": 1, "metrics": {"x": -Infinity}}"#.to_owned(),
+            not_a_number("-Infinity"),
+        ),
+    ];
+    for (name, body, expected) in cases {
+        let reply = fx.post(Some("tok-d1"), json, body).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::BAD_REQUEST,
+            "{name}: {:?}",
+            reply.body
+        );
+        assert_eq!(reply.body, expected, "{name}");
+    }
+
+    // In a batch, the message is named by its index.
+    let refused = |error: &str, field: Option<&str>, index: usize| json!({"error": error, "field": field, "index": index, "status": 400});
+    let batch = r#"[{"device_id":"d1","seq":1,"metrics":{"t":1}},
+                    {"device_id":"d2","seq":2,"metrics":{"c":18446744073709551615}}]"#;
+    let reply = fx
+        .post_to("/v1/telemetry?atomic=true", Some("gw-acme"), json, batch)
+        .await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        reply.body,
+        json!({"accepted": 0, "points": 0, "merged": 0, "rejected": 1, "errors": [
+            refused(OUT_OF_I64, Some("metrics.c"), 1),
+        ]})
+    );
+    let batch = r#"[{"device_id":"d1","seq":1,"metrics":{"s":"\u0000"}},
+                    {"device_id":"d2","seq":1,"seq":2,"metrics":{}}]"#;
+    let reply = fx.post(Some("gw-acme"), json, batch).await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        reply.body,
+        json!({"accepted": 0, "points": 0, "merged": 0, "rejected": 2, "errors": [
+            refused(NUL_STRING, Some("metrics.s"), 0),
+            refused("duplicate key", Some("seq"), 1),
+        ]})
+    );
+    let ndjson = "{\"device_id\":\"d1\",\"seq\":1,\"metrics\":{}}\n\
+                  {\"device_id\":\"d1\",\"seq\":2,\"metrics\":{\"x\":NaN}}\n";
+    let reply = fx
+        .post_to(
+            "/v1/telemetry?atomic=true",
+            Some("gw-acme"),
+            "application/x-ndjson",
+            ndjson,
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        reply.body,
+        json!({"accepted": 0, "points": 0, "merged": 0, "rejected": 1, "errors": [
+            refused(
+                "malformed json: NaN at line 1 column 42 is not a json number; send null instead",
+                None,
+                1,
+            ),
+        ]})
+    );
+
+    assert_eq!(topic_count(&fx.topics.args).await, 0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_batch_of_one_device_without_time_is_one_point_and_the_reply_says_so() -> Result<()> {
+    let fx = Fixture::new().await?;
+    let before = Utc::now();
+    // A device reporting its sensors separately, all in one request, without `time`.
+    let batch = json!([
+        {"seq": 1, "metrics": {"temperature": 21.5}},
+        {"seq": 2, "metrics": {"humidity": 40}},
+        {"seq": 3, "metrics": {"temperature": 21.7}},
+    ]);
+    let reply = fx.post_json("tok-d1", batch).await;
+    assert_eq!(reply.status, StatusCode::ACCEPTED);
+    assert_eq!(
+        reply.body,
+        json!({"accepted": 3, "points": 1, "merged": 2, "rejected": 0, "errors": []})
+    );
+    // All three are produced with the same time: the sink merges them into one row.
+    let consumed = consume_all(&fx.topics.args).await;
+    assert_eq!(consumed.len(), 3);
+    let times: std::collections::BTreeSet<_> = consumed.iter().map(|m| m.telemetry.time).collect();
+    assert_eq!(times.len(), 1);
+    assert!(*times.first().unwrap() >= before);
+
+    // A gateway batch: points are per device and time; refused messages do not count.
+    let t1 = (before - chrono::Duration::seconds(60)).to_rfc3339_opts(SecondsFormat::Micros, true);
+    let t2 = (before - chrono::Duration::seconds(30)).to_rfc3339_opts(SecondsFormat::Micros, true);
+    let batch = json!([
+        {"device_id": "d1", "seq": 10, "metrics": {"t": 1}},
+        {"device_id": "d2", "seq": 11, "metrics": {"t": 1}},
+        {"device_id": "d1", "seq": 12, "metrics": {"h": 1}},
+        {"device_id": "d1", "seq": 13, "time": t1, "metrics": {"t": 2}},
+        {"device_id": "d1", "seq": 13, "time": t1, "metrics": {"t": 2}},
+        {"device_id": "d1", "seq": 14, "time": t2, "metrics": {"t": 3}},
+        {"device_id": "ghost", "seq": 15, "time": t2, "metrics": {"t": 3}},
+        {"device_id": "d2", "seq": 16, "time": t1, "metrics": {"t": 4}},
+    ]);
+    let reply = fx.post_json("gw-acme", batch).await;
+    assert_eq!(reply.status, StatusCode::ACCEPTED);
+    assert_eq!(
+        reply.body,
+        json!({"accepted": 7, "points": 5, "merged": 2, "rejected": 1, "errors": [
+            {"error": "unknown device", "field": "device_id", "index": 6, "status": 422},
+        ]})
+    );
+    assert_eq!(topic_count(&fx.topics.args).await, 10);
+    Ok(())
+}
+
+#[tokio::test]
+async fn gzip_bodies_are_decompressed_and_their_readings_land_on_the_topic() -> Result<()> {
+    let fx = Fixture::new().await?;
+    let time =
+        (Utc::now() - chrono::Duration::seconds(5)).to_rfc3339_opts(SecondsFormat::Micros, true);
+    let post =
+        |encoding: &'static str, content_type: &'static str, token: &'static str, body: Vec<u8>| {
+            let authorization = format!("Bearer {token}");
+            let router = fx.router.clone();
+            async move {
+                send_with_headers(
+                    &router,
+                    "/v1/telemetry",
+                    &[
+                        ("authorization", &authorization),
+                        ("content-type", content_type),
+                        ("content-encoding", encoding),
+                    ],
+                    Body::from(body),
+                )
+                .await
+            }
+        };
+    let batch = json!([
+        {"device_id": "d1", "seq": 1, "time": time, "metrics": {"t": 1.5, "s": "é😀"}},
+        {"device_id": "d2", "seq": 2, "time": time, "metrics": {"c": i64::MAX}},
+    ]);
+    let reply = post(
+        "gzip",
+        "application/json",
+        "gw-acme",
+        gzip(batch.to_string().as_bytes()),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::ACCEPTED, "{:?}", reply.body);
+    assert_eq!(
+        reply.body,
+        json!({"accepted": 2, "points": 2, "merged": 0, "rejected": 0, "errors": []})
+    );
+    let single = json!({"seq": 3, "time": time, "metrics": {"b": true}}).to_string();
+    let reply = post(
+        "x-gzip",
+        "application/json",
+        "tok-d2",
+        gzip(single.as_bytes()),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::ACCEPTED);
+    assert_eq!(reply.body, json!({"accepted": 1, "points": 1, "merged": 0}));
+    let ndjson = format!("{}\n", json!({"seq": 4, "metrics": {"n": null}}));
+    let reply = post(
+        "identity",
+        "application/x-ndjson",
+        "tok-d1",
+        ndjson.into_bytes(),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::ACCEPTED);
+
+    let consumed = consume_all(&fx.topics.args).await;
+    let by_seq: BTreeMap<i64, &Telemetry> = consumed
+        .iter()
+        .map(|m| (m.telemetry.seq, &m.telemetry))
+        .collect();
+    assert_eq!(by_seq.keys().copied().collect::<Vec<_>>(), vec![1, 2, 3, 4]);
+    assert_eq!(by_seq[&1].metrics["t"], MetricValue::Double(1.5));
+    assert_eq!(by_seq[&1].metrics["s"], MetricValue::String("é😀".into()));
+    assert_eq!(by_seq[&2].metrics["c"], MetricValue::Long(i64::MAX));
+    assert_eq!(by_seq[&3].device_id, "d2");
+    assert_eq!(by_seq[&3].metrics["b"], MetricValue::Bool(true));
+    assert_eq!(by_seq[&4].metrics["n"], MetricValue::Null);
+    Ok(())
+}
+
+#[tokio::test]
+async fn gzip_bombs_get_413_unknown_encodings_415_and_nothing_lands() -> Result<()> {
+    let fx = Fixture::new().await?;
+    let send = |token: Option<&'static str>, encoding: &'static str, body: Vec<u8>| {
+        let router = fx.router.clone();
+        async move {
+            let length = body.len().to_string();
+            let authorization = token.map(|t| format!("Bearer {t}"));
+            let mut headers = vec![
+                ("content-type", "application/json"),
+                ("content-encoding", encoding),
+                ("content-length", length.as_str()),
+            ];
+            if let Some(authorization) = &authorization {
+                headers.push(("authorization", authorization));
+            }
+            send_with_headers(&router, "/v1/telemetry", &headers, Body::from(body)).await
+        }
+    };
+    // 4 MiB of zeros in about 4 KiB: under the limit as sent, far over it decompressed.
+    let bomb = gzip(&vec![0; 4 << 20]);
+    assert!(bomb.len() < MAX_BODY, "{}", bomb.len());
+    let reply = send(Some("tok-d1"), "gzip", bomb.clone()).await;
+    assert_eq!(reply.status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(
+        reply.body,
+        error(
+            &format!("decompressed body exceeds {MAX_BODY} bytes"),
+            None,
+            None
+        )
+    );
+    // The same bomb without a token is refused before it is read.
+    let reply = send(None, "gzip", bomb.clone()).await;
+    assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
+    // A 10 MB bomb (10 GiB of zeros) is over the limit as sent.
+    let member = gzip(&vec![0; 16 << 20]);
+    let big_bomb: Vec<u8> = member
+        .iter()
+        .copied()
+        .cycle()
+        .take(member.len() * (10_000_000 / member.len() + 1))
+        .collect();
+    assert!(big_bomb.len() >= 10_000_000);
+    let reply = send(Some("tok-d1"), "gzip", big_bomb).await;
+    assert_eq!(reply.status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(
+        reply.body,
+        error(&format!("body exceeds {MAX_BODY} bytes"), None, None)
+    );
+
+    let ok = json!({"seq": 1, "metrics": {"t": 1}})
+        .to_string()
+        .into_bytes();
+    for encoding in ["br", "compress", "deflate", "gzip, gzip"] {
+        let reply = send(Some("tok-d1"), encoding, gzip(&ok)).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "{encoding}"
+        );
+        assert_eq!(reply.accept_encoding.as_deref(), Some("gzip, identity"));
+        assert_eq!(
+            reply.body,
+            error(
+                &format!("content-encoding {encoding} is not supported; send gzip or identity"),
+                Some("content-encoding"),
+                None
+            ),
+            "{encoding}"
+        );
+    }
+    // A plain body labelled gzip, and a truncated gzip body.
+    let reply = send(Some("tok-d1"), "gzip", ok.clone()).await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        reply.body,
+        error("malformed gzip body: invalid gzip header", None, None)
+    );
+    let mut truncated = gzip(&ok);
+    truncated.truncate(truncated.len() - 8);
+    let reply = send(Some("tok-d1"), "gzip", truncated).await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        reply.body,
+        error("malformed gzip body: unexpected end of file", None, None)
+    );
+
+    assert_eq!(topic_count(&fx.topics.args).await, 0);
     Ok(())
 }

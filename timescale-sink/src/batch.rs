@@ -5,7 +5,6 @@
 //! row may exist yet) and the offset after its last message (`next`).
 
 use std::collections::{BTreeMap, HashSet};
-use std::hash::BuildHasher;
 use std::time::Instant;
 
 use schemas::{DecodeError, Telemetry};
@@ -95,13 +94,13 @@ impl Batch {
             .then(|| crate::merge::Point::group(&self.rows))
     }
 
+    /// The hashes of the batch's point keys ([`crate::merge::point_hash`]).
+    pub fn point_hashes(&self) -> impl Iterator<Item = u64> + '_ {
+        self.point_hashes.iter().copied()
+    }
+
     fn note_point(&mut self, row: &Telemetry) {
-        let hash = self.point_hashes.hasher().hash_one((
-            row.tenant_id.as_str(),
-            row.device_id.as_str(),
-            row.time.timestamp_micros(),
-        ));
-        if !self.point_hashes.insert(hash) {
+        if !self.point_hashes.insert(crate::merge::point_hash(row)) {
             self.shared_points = true;
         }
     }

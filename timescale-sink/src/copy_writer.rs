@@ -27,8 +27,11 @@ pub const COPY_TELEMETRY_SQL: &str = "COPY telemetry (time, tenant_id, device_id
 const TELEMETRY_COLUMNS: i16 = 7;
 
 /// Number of columns of a `device_latest` staging row: the telemetry columns, then
-/// `received_at` and `metric_times` (see [`CopyEncoder::push_latest`]).
-const LATEST_COLUMNS: i16 = 9;
+/// `received_at`, `metric_times` and `metric_keys` (see [`CopyEncoder::push_latest`]).
+const LATEST_COLUMNS: i16 = 10;
+
+/// OID of PostgreSQL's `text` type (the element type of `text[]`).
+const TEXT_OID: u32 = 25;
 
 const SIGNATURE: &[u8; 11] = b"PGCOPY\n\xff\r\n\0";
 
@@ -95,13 +98,15 @@ impl CopyEncoder {
 
     /// Appends one row for the `device_latest` staging table: the columns of
     /// [`COPY_TELEMETRY_SQL`] in the same order (from the state's newest reading, with the
-    /// state's metrics), then `received_at` (`timestamptz`) and `metric_times` (`jsonb`). On
-    /// error the buffer is left exactly as before the call.
+    /// state's metrics), then `received_at` (`timestamptz`), `metric_times` (`jsonb`) and
+    /// `metric_keys` (`text[]`, the metric names in the state's bytewise order). On error the
+    /// buffer is left exactly as before the call.
     pub fn push_latest(&mut self, state: &LatestState<'_>) -> Result<(), CopyEncodeError> {
         self.push(|e| {
             e.encode_telemetry(LATEST_COLUMNS, state.newest, &state.metrics)?;
             e.timestamptz(state.newest.received_at);
-            e.jsonb("metric_times", &state.metric_times)
+            e.jsonb("metric_times", &state.metric_times)?;
+            e.text_array("metric_keys", state.metrics.keys().copied())
         })
     }
 
@@ -177,6 +182,33 @@ impl CopyEncoder {
         self.buf
             .extend_from_slice(&Self::length(field, value.len())?);
         self.buf.extend_from_slice(value.as_bytes());
+        Ok(())
+    }
+
+    /// A one-dimensional `text[]` without NULLs, in `array_send` form: dimensions, a has-NULL
+    /// flag, the element type, per dimension its length and lower bound (1), then each
+    /// element as a length and its bytes. An empty array has no dimensions.
+    fn text_array<'a>(
+        &mut self,
+        field: &'static str,
+        items: impl ExactSizeIterator<Item = &'a str>,
+    ) -> Result<(), CopyEncodeError> {
+        let len_at = self.buf.len();
+        self.buf.extend_from_slice(&[0; 4]);
+        let count = items.len();
+        let dimensions: i32 = if count == 0 { 0 } else { 1 };
+        self.buf.extend_from_slice(&dimensions.to_be_bytes());
+        self.buf.extend_from_slice(&0i32.to_be_bytes()); // no NULLs
+        self.buf.extend_from_slice(&TEXT_OID.to_be_bytes());
+        if count > 0 {
+            self.buf.extend_from_slice(&Self::length(field, count)?);
+            self.buf.extend_from_slice(&1i32.to_be_bytes()); // lower bound
+        }
+        for item in items {
+            self.text(field, item)?;
+        }
+        let len = Self::length(field, self.buf.len() - len_at - 4)?;
+        self.buf[len_at..len_at + 4].copy_from_slice(&len);
         Ok(())
     }
 
@@ -259,7 +291,7 @@ mod tests {
     }
 
     #[test]
-    fn latest_rows_are_telemetry_rows_plus_received_at_and_metric_times() {
+    fn latest_rows_are_telemetry_rows_plus_received_at_metric_times_and_keys() {
         let row = row();
         let mut telemetry = CopyEncoder::default();
         telemetry.push_telemetry(&row).unwrap();
@@ -269,12 +301,15 @@ mod tests {
         let (telemetry, latest) = (telemetry.finish(), latest.finish());
         let t = &telemetry[19..telemetry.len() - 2];
         let l = &latest[19..latest.len() - 2];
-        assert_eq!(&l[..2], &[0, 9]);
+        assert_eq!(&l[..2], &[0, 10]);
         assert_eq!(&l[2..t.len()], &t[2..]);
         let mut rest = vec![0, 0, 0, 8];
         rest.extend_from_slice(&1_000_000i64.to_be_bytes());
         rest.extend_from_slice(&[0, 0, 0, 3, 1]);
         rest.extend_from_slice(b"{}");
+        // text[] {t}: length 25; 1 dimension, no NULLs, OID 25, 1 element from 1; "t".
+        rest.extend_from_slice(&[0, 0, 0, 25, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 25]);
+        rest.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 1, b't']);
         assert_eq!(&l[t.len()..], rest.as_slice());
     }
 

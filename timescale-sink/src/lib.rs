@@ -188,6 +188,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), Error> {
     let mut tasks = Vec::new();
     let topic = config.kafka.telemetry_topic.clone();
     let stored = plumbing::kafka::StoredOffsets::default();
+    let recent = Arc::new(merge::RecentPoints::default());
     for _ in 0..config.writers.max(1) {
         let commit_handle = kafka_commit.clone();
         let stored = stored.clone();
@@ -208,6 +209,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), Error> {
             stats: stats.clone(),
             min_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(10),
+            recent: recent.clone(),
         };
         let limits = pipeline::BatchLimits {
             max_rows: config.batch_max_rows,

@@ -12,12 +12,15 @@
 //! (`merged`), or changes nothing because every metric it carries is already there with the
 //! same value (`duplicates`: an exact re-send).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::hash::BuildHasher;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use schemas::{MetricValue, Telemetry};
 use serde_json::Value;
 
-use crate::batch::SourcedRow;
+use crate::batch::{Batch, SourcedRow};
 
 /// (tenant, device, time in microseconds since the Unix epoch).
 pub type PointKey = (String, String, i64);
@@ -29,6 +32,92 @@ pub fn point_key(row: &Telemetry) -> PointKey {
         row.device_id.clone(),
         row.time.timestamp_micros(),
     )
+}
+
+/// A 64-bit hash of a reading's point key (equal keys, equal hashes; rarely, different keys
+/// too: users of the hash treat a match as "maybe").
+pub fn point_hash(row: &Telemetry) -> u64 {
+    foldhash::fast::FixedState::default().hash_one((
+        row.tenant_id.as_str(),
+        row.device_id.as_str(),
+        row.time.timestamp_micros(),
+    ))
+}
+
+/// Hashes of the points stored in the last `WINDOW` to `2 × WINDOW` (two generations, at most
+/// `CAPACITY` each), so a batch can send readings that meet a point stored moments ago
+/// straight to the merge path instead of failing its COPY on them. A hash match is only a
+/// hint: a point that does not exist yet is inserted by the merge path as well, and a point
+/// not remembered makes the COPY fail, after which the whole batch is merged.
+#[derive(Debug)]
+pub struct RecentPoints {
+    generations: Mutex<Generations>,
+}
+
+#[derive(Debug)]
+struct Generations {
+    current: HashSet<u64, foldhash::fast::FixedState>,
+    previous: HashSet<u64, foldhash::fast::FixedState>,
+    started: Instant,
+}
+
+impl RecentPoints {
+    const WINDOW: Duration = Duration::from_secs(30);
+    const CAPACITY: usize = 2_000_000;
+
+    /// Indexes (ascending) of the batch's points that were stored recently; `None` when there
+    /// are none. `points` are the batch's points when grouped (else each row is one).
+    pub fn seen(&self, batch: &Batch, points: Option<&[Point]>) -> Option<Vec<usize>> {
+        let generations = self.generations.lock().ok()?;
+        let known =
+            |hash: &u64| generations.current.contains(hash) || generations.previous.contains(hash);
+        if generations.current.is_empty() || !batch.point_hashes().any(|h| known(&h)) {
+            return None;
+        }
+        let seen: Vec<usize> = match points {
+            Some(points) => points
+                .iter()
+                .enumerate()
+                .filter(|(_, p)| known(&point_hash(p.row(&batch.rows))))
+                .map(|(i, _)| i)
+                .collect(),
+            None => batch
+                .rows
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| known(&point_hash(&r.row)))
+                .map(|(i, _)| i)
+                .collect(),
+        };
+        Some(seen)
+    }
+
+    /// Records the points of a committed batch.
+    pub fn remember(&self, batch: &Batch) {
+        let Ok(mut generations) = self.generations.lock() else {
+            return;
+        };
+        if generations.started.elapsed() >= Self::WINDOW
+            || generations.current.len() + batch.rows.len() > Self::CAPACITY
+        {
+            let full = std::mem::take(&mut generations.current);
+            generations.previous = full;
+            generations.started = Instant::now();
+        }
+        generations.current.extend(batch.point_hashes());
+    }
+}
+
+impl Default for RecentPoints {
+    fn default() -> Self {
+        Self {
+            generations: Mutex::new(Generations {
+                current: HashSet::default(),
+                previous: HashSet::default(),
+                started: Instant::now(),
+            }),
+        }
+    }
 }
 
 /// The readings of one point in a batch.

@@ -17,7 +17,7 @@ use timescale_sink::stats::Stats;
 use timescale_sink::writer::{BatchWriter, Outcome};
 use tokio_util::sync::CancellationToken;
 
-fn writer(db: &TestDb, topics: &TestTopics) -> Result<(BatchWriter, Arc<Stats>)> {
+fn writer_for(db: &TestDb, topics: &TestTopics) -> Result<(BatchWriter, Arc<Stats>)> {
     let stats = Arc::new(Stats::default());
     let producer = plumbing::kafka::producer_config(&topics.args, "merge-test").create()?;
     Ok((
@@ -34,6 +34,7 @@ fn writer(db: &TestDb, topics: &TestTopics) -> Result<(BatchWriter, Arc<Stats>)>
             stats: stats.clone(),
             min_backoff: Duration::from_millis(10),
             max_backoff: Duration::from_millis(100),
+            recent: Default::default(),
         },
         stats,
     ))
@@ -93,7 +94,7 @@ async fn split_sensor_readings_merge_into_one_point_and_are_accounted_exactly() 
     for layout in available_layouts().await? {
         let db = TestDb::new(layout).await?;
         let topics = TestTopics::new(1).await?;
-        let (writer, stats) = writer(&db, &topics)?;
+        let (writer, stats) = writer_for(&db, &topics)?;
         let fleet = SplitSensors::new(1_000, 12, 9);
         let all: Vec<usize> = (0..fleet.messages.len()).collect();
         let (rows, merged, duplicates) = write_in_random_batches(&writer, &fleet, &all, 0).await?;
@@ -122,7 +123,7 @@ async fn readings_merge_into_a_compressed_timescaledb_chunk() -> Result<()> {
     }
     let db = TestDb::new(LayoutChoice::TimescaleDb).await?;
     let topics = TestTopics::new(1).await?;
-    let (writer, _stats) = writer(&db, &topics)?;
+    let (writer, _stats) = writer_for(&db, &topics)?;
     let fleet = SplitSensors::new(300, 6, 5);
     let is_first_temperature = |i: usize| {
         fleet.readings[i].metrics.contains_key("temperature")
@@ -148,13 +149,87 @@ async fn readings_merge_into_a_compressed_timescaledb_chunk() -> Result<()> {
     .fetch_one(&db.pool)
     .await?;
     assert_eq!(uncompressed, 0, "every telemetry chunk is compressed");
-    let (rows, merged, duplicates) =
-        write_in_random_batches(&writer, &fleet, &rest, first.len() as i64).await?;
+    // The first half through the same writer: it remembers those points and merges the
+    // readings that meet them right away. The second half through a writer that remembers
+    // nothing (as after a restart): its COPY meets the stored points and the batch is merged.
+    let (one, two) = rest.split_at(rest.len() / 2);
+    let a = write_in_random_batches(&writer, &fleet, one, first.len() as i64).await?;
+    let (fresh, _) = writer_for(&db, &topics)?;
+    let b = write_in_random_batches(&fresh, &fleet, two, (first.len() + one.len()) as i64).await?;
     assert_eq!(
-        (rows, merged, duplicates),
+        (a.0 + b.0, a.1 + b.1, a.2 + b.2),
         (0, fleet.merged(), fleet.resends),
         "(new points, merged, duplicates) of the second part"
     );
     fleet.assert_stored(&db.pool).await?;
+    Ok(())
+}
+
+/// `device_latest` per metric: a reading older than the stored row only updates the metrics
+/// whose stored value is older still, and every metric keeps its own time.
+#[tokio::test]
+async fn an_older_reading_updates_only_the_metrics_it_has_newer() -> Result<()> {
+    for layout in available_layouts().await? {
+        let db = TestDb::new(layout).await?;
+        let topics = TestTopics::new(1).await?;
+        let (writer, _) = writer_for(&db, &topics)?;
+        let never = CancellationToken::new();
+        let t0 = chrono::DateTime::from_timestamp(1_795_000_000, 0).unwrap();
+        let at = |s: i64| t0 + chrono::Duration::seconds(s);
+        let reading = |seq: i64, time, metrics: &[(&str, f64)]| schemas::Telemetry {
+            tenant_id: "acme".into(),
+            device_id: "d1".into(),
+            site_id: None,
+            msg_type: "telemetry".into(),
+            seq,
+            time,
+            received_at: time,
+            metrics: metrics
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), schemas::MetricValue::Double(*v)))
+                .collect(),
+        };
+        let batches = [
+            vec![reading(1, at(10), &[("a", 1.0), ("b", 2.0)])],
+            // Older than the row: `a` stays (newer stored), `c` is new, `b` untouched.
+            vec![reading(2, at(5), &[("a", 9.0), ("c", 3.0)])],
+            // Newer, without `b` and `c`: they keep their values and times.
+            vec![reading(3, at(20), &[("a", 4.0)])],
+        ];
+        for (offset, rows) in batches.into_iter().enumerate() {
+            let mut batch = Batch::with_capacity(1);
+            for r in rows {
+                let message = RawMessage {
+                    partition: 0,
+                    offset: offset as i64,
+                    payload: Vec::new(),
+                    traceparent: None,
+                };
+                batch.push(message, (offset > 0).then_some(offset as i64), Ok(r));
+            }
+            assert!(matches!(
+                writer.write(batch, &never).await,
+                Outcome::Committed { rows: 1, .. }
+            ));
+        }
+        let (time, seq, metrics, metric_times, keys): (
+            chrono::DateTime<chrono::Utc>,
+            i64,
+            serde_json::Value,
+            serde_json::Value,
+            Vec<String>,
+        ) = sqlx::query_as(
+            "SELECT time, seq, metrics, metric_times, metric_keys FROM device_latest",
+        )
+        .fetch_one(&db.pool)
+        .await?;
+        assert_eq!((time, seq), (at(20), 3), "{layout:?}");
+        assert_eq!(metrics, serde_json::json!({"a": 4.0, "b": 2.0, "c": 3.0}));
+        assert_eq!(
+            metric_times,
+            serde_json::json!({"b": at(10).timestamp_micros(), "c": at(5).timestamp_micros()})
+        );
+        assert_eq!(keys, ["a", "b", "c"]);
+    }
     Ok(())
 }

@@ -32,6 +32,7 @@ async fn writer(db: &TestDb, topics: &TestTopics) -> Result<(BatchWriter, Arc<St
             stats: stats.clone(),
             min_backoff: Duration::from_millis(10),
             max_backoff: Duration::from_millis(100),
+            recent: Default::default(),
         },
         stats,
     ))
