@@ -49,6 +49,9 @@ pub fn point_hash(row: &Telemetry) -> u64 {
 /// straight to the merge path instead of failing its COPY on them. A hash match is only a
 /// hint: a point that does not exist yet is inserted by the merge path as well, and a point
 /// not remembered makes the COPY fail, after which the whole batch is merged.
+///
+/// Armed only while merges happen (for `ARMED_FOR` after the last one): a fleet whose
+/// readings never share a point pays nothing for it.
 #[derive(Debug)]
 pub struct RecentPoints {
     generations: Mutex<Generations>,
@@ -59,11 +62,21 @@ struct Generations {
     current: HashSet<u64, foldhash::fast::FixedState>,
     previous: HashSet<u64, foldhash::fast::FixedState>,
     started: Instant,
+    /// Until when batches are remembered (`None`: not armed).
+    armed_until: Option<Instant>,
 }
 
 impl RecentPoints {
     const WINDOW: Duration = Duration::from_secs(30);
     const CAPACITY: usize = 2_000_000;
+    const ARMED_FOR: Duration = Duration::from_secs(600);
+
+    /// Readings met stored points: remember batches from now on (for `ARMED_FOR`).
+    pub fn arm(&self) {
+        if let Ok(mut generations) = self.generations.lock() {
+            generations.armed_until = Some(Instant::now() + Self::ARMED_FOR);
+        }
+    }
 
     /// Indexes (ascending) of the batch's points that were stored recently; `None` when there
     /// are none. `points` are the batch's points when grouped (else each row is one).
@@ -97,6 +110,15 @@ impl RecentPoints {
         let Ok(mut generations) = self.generations.lock() else {
             return;
         };
+        match generations.armed_until {
+            Some(until) if until > Instant::now() => {}
+            Some(_) => {
+                // Disarmed: no merges for a while; free the memory.
+                *generations = Generations::default();
+                return;
+            }
+            None => return,
+        }
         if generations.started.elapsed() >= Self::WINDOW
             || generations.current.len() + batch.rows.len() > Self::CAPACITY
         {
@@ -111,11 +133,18 @@ impl RecentPoints {
 impl Default for RecentPoints {
     fn default() -> Self {
         Self {
-            generations: Mutex::new(Generations {
-                current: HashSet::default(),
-                previous: HashSet::default(),
-                started: Instant::now(),
-            }),
+            generations: Mutex::new(Generations::default()),
+        }
+    }
+}
+
+impl Default for Generations {
+    fn default() -> Self {
+        Self {
+            current: HashSet::default(),
+            previous: HashSet::default(),
+            started: Instant::now(),
+            armed_until: None,
         }
     }
 }

@@ -292,6 +292,9 @@ impl BatchWriter {
                     .record_many(batch.rows.len() as u64, sum, max);
                 self.stats
                     .committed(*rows, *merged, *duplicates, *dead_letters as u64);
+                if *merged > 0 || *duplicates > 0 {
+                    self.recent.arm();
+                }
                 self.recent.remember(batch);
                 (self.on_committed)(&batch.partitions);
             }

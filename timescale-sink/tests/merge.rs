@@ -4,41 +4,14 @@
 
 mod common;
 
-use std::sync::Arc;
-use std::time::Duration;
-
 use anyhow::Result;
 use common::SplitSensors;
 use plumbing::testing::{available_layouts, TestDb, TestTopics};
 use rand::Rng;
 use schemas::LayoutChoice;
 use timescale_sink::batch::{Batch, RawMessage};
-use timescale_sink::stats::Stats;
 use timescale_sink::writer::{BatchWriter, Outcome};
 use tokio_util::sync::CancellationToken;
-
-fn writer_for(db: &TestDb, topics: &TestTopics) -> Result<(BatchWriter, Arc<Stats>)> {
-    let stats = Arc::new(Stats::default());
-    let producer = plumbing::kafka::producer_config(&topics.args, "merge-test").create()?;
-    Ok((
-        BatchWriter {
-            pool: db.pool.clone(),
-            group: "g".to_owned(),
-            topic: "t".to_owned(),
-            dlq: timescale_sink::dlq::DeadLetterQueue::new(
-                producer,
-                topics.args.dlq_topic.clone(),
-                "t".to_owned(),
-            ),
-            on_committed: Arc::new(|_| {}),
-            stats: stats.clone(),
-            min_backoff: Duration::from_millis(10),
-            max_backoff: Duration::from_millis(100),
-            recent: Default::default(),
-        },
-        stats,
-    ))
-}
 
 /// Writes `indexes` of `fleet` as partition 0 from offset `first_offset` on, in batches of
 /// random sizes, as the consumer would. Returns (rows, merged, duplicates).
@@ -94,7 +67,7 @@ async fn split_sensor_readings_merge_into_one_point_and_are_accounted_exactly() 
     for layout in available_layouts().await? {
         let db = TestDb::new(layout).await?;
         let topics = TestTopics::new(1).await?;
-        let (writer, stats) = writer_for(&db, &topics)?;
+        let (writer, stats) = common::batch_writer(&db, &topics)?;
         let fleet = SplitSensors::new(1_000, 12, 9);
         let all: Vec<usize> = (0..fleet.messages.len()).collect();
         let (rows, merged, duplicates) = write_in_random_batches(&writer, &fleet, &all, 0).await?;
@@ -123,7 +96,7 @@ async fn readings_merge_into_a_compressed_timescaledb_chunk() -> Result<()> {
     }
     let db = TestDb::new(LayoutChoice::TimescaleDb).await?;
     let topics = TestTopics::new(1).await?;
-    let (writer, _stats) = writer_for(&db, &topics)?;
+    let (writer, _stats) = common::batch_writer(&db, &topics)?;
     let fleet = SplitSensors::new(300, 6, 5);
     let is_first_temperature = |i: usize| {
         fleet.readings[i].metrics.contains_key("temperature")
@@ -149,12 +122,11 @@ async fn readings_merge_into_a_compressed_timescaledb_chunk() -> Result<()> {
     .fetch_one(&db.pool)
     .await?;
     assert_eq!(uncompressed, 0, "every telemetry chunk is compressed");
-    // The first half through the same writer: it remembers those points and merges the
-    // readings that meet them right away. The second half through a writer that remembers
-    // nothing (as after a restart): its COPY meets the stored points and the batch is merged.
+    // Two halves, the second through a writer that remembers nothing (as after a restart):
+    // either way the COPY meets the compressed points and the batch is merged.
     let (one, two) = rest.split_at(rest.len() / 2);
     let a = write_in_random_batches(&writer, &fleet, one, first.len() as i64).await?;
-    let (fresh, _) = writer_for(&db, &topics)?;
+    let (fresh, _) = common::batch_writer(&db, &topics)?;
     let b = write_in_random_batches(&fresh, &fleet, two, (first.len() + one.len()) as i64).await?;
     assert_eq!(
         (a.0 + b.0, a.1 + b.1, a.2 + b.2),
@@ -172,7 +144,7 @@ async fn an_older_reading_updates_only_the_metrics_it_has_newer() -> Result<()> 
     for layout in available_layouts().await? {
         let db = TestDb::new(layout).await?;
         let topics = TestTopics::new(1).await?;
-        let (writer, _) = writer_for(&db, &topics)?;
+        let (writer, _) = common::batch_writer(&db, &topics)?;
         let never = CancellationToken::new();
         let t0 = chrono::DateTime::from_timestamp(1_795_000_000, 0).unwrap();
         let at = |s: i64| t0 + chrono::Duration::seconds(s);

@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Result;
@@ -11,32 +10,8 @@ use common::reading;
 use plumbing::testing::{TestDb, TestTopics};
 use schemas::LayoutChoice;
 use timescale_sink::batch::{Batch, RawMessage};
-use timescale_sink::stats::Stats;
-use timescale_sink::writer::{BatchWriter, Outcome};
+use timescale_sink::writer::Outcome;
 use tokio_util::sync::CancellationToken;
-
-async fn writer(db: &TestDb, topics: &TestTopics) -> Result<(BatchWriter, Arc<Stats>)> {
-    let stats = Arc::new(Stats::default());
-    let producer = plumbing::kafka::producer_config(&topics.args, "writer-test").create()?;
-    Ok((
-        BatchWriter {
-            pool: db.pool.clone(),
-            group: "g".to_owned(),
-            topic: "t".to_owned(),
-            dlq: timescale_sink::dlq::DeadLetterQueue::new(
-                producer,
-                topics.args.dlq_topic.clone(),
-                "t".to_owned(),
-            ),
-            on_committed: Arc::new(|_| {}),
-            stats: stats.clone(),
-            min_backoff: Duration::from_millis(10),
-            max_backoff: Duration::from_millis(100),
-            recent: Default::default(),
-        },
-        stats,
-    ))
-}
 
 /// Readings `seqs` of device 1 on partition 0 at offsets `first..`, expecting `expected`.
 fn batch(first_offset: i64, seqs: std::ops::Range<i64>, expected: Option<i64>) -> Batch {
@@ -67,7 +42,7 @@ async fn a_batch_whose_start_no_longer_matches_the_stored_offset_rolls_back_and_
 ) -> Result<()> {
     let db = TestDb::new(LayoutChoice::Postgres).await?;
     let topics = TestTopics::new(1).await?;
-    let (writer, stats) = writer(&db, &topics).await?;
+    let (writer, stats) = common::batch_writer(&db, &topics)?;
     let never = CancellationToken::new();
     assert!(matches!(
         writer.write(batch(0, 0..10, None), &never).await,
@@ -102,7 +77,7 @@ async fn a_batch_whose_start_no_longer_matches_the_stored_offset_rolls_back_and_
 async fn re_sent_readings_are_skipped_and_counted_exactly() -> Result<()> {
     let db = TestDb::new(LayoutChoice::Postgres).await?;
     let topics = TestTopics::new(1).await?;
-    let (writer, stats) = writer(&db, &topics).await?;
+    let (writer, stats) = common::batch_writer(&db, &topics)?;
     let never = CancellationToken::new();
     assert_eq!(
         writer.write(batch(0, 0..100, None), &never).await,
@@ -171,7 +146,7 @@ async fn invalidations(
 async fn a_late_batch_marks_its_range_for_the_rollup_and_a_live_one_does_not() -> Result<()> {
     let db = TestDb::new(LayoutChoice::Postgres).await?;
     let topics = TestTopics::new(1).await?;
-    let (writer, stats) = writer(&db, &topics).await?;
+    let (writer, stats) = common::batch_writer(&db, &topics)?;
     let never = CancellationToken::new();
     sqlx::query("INSERT INTO tenants (tenant_id, name) VALUES ('acme', 'acme')")
         .execute(&db.pool)

@@ -31,6 +31,36 @@ pub fn reading(tenant: &str, device: usize, seq: i64, time: DateTime<Utc>) -> Te
     }
 }
 
+/// A batch writer of group `g`, topic `t`, on `db`, with fast retries and its own stats.
+pub fn batch_writer(
+    db: &TestDb,
+    topics: &TestTopics,
+) -> Result<(
+    timescale_sink::writer::BatchWriter,
+    std::sync::Arc<timescale_sink::stats::Stats>,
+)> {
+    let stats = std::sync::Arc::new(timescale_sink::stats::Stats::default());
+    let producer = plumbing::kafka::producer_config(&topics.args, "writer-test").create()?;
+    Ok((
+        timescale_sink::writer::BatchWriter {
+            pool: db.pool.clone(),
+            group: "g".to_owned(),
+            topic: "t".to_owned(),
+            dlq: timescale_sink::dlq::DeadLetterQueue::new(
+                producer,
+                topics.args.dlq_topic.clone(),
+                "t".to_owned(),
+            ),
+            on_committed: std::sync::Arc::new(|_| {}),
+            stats: stats.clone(),
+            min_backoff: Duration::from_millis(10),
+            max_backoff: Duration::from_millis(100),
+            recent: Default::default(),
+        },
+        stats,
+    ))
+}
+
 pub fn producer(topics: &TestTopics) -> Result<FutureProducer> {
     let mut config = plumbing::kafka::producer_config(&topics.args, "sink-test-producer");
     config.set("queue.buffering.max.messages", "2000000");
