@@ -30,6 +30,9 @@ const TELEMETRY_COLUMNS: i16 = 7;
 /// `received_at`, `metric_times` and `metric_keys` (see [`CopyEncoder::push_latest`]).
 const LATEST_COLUMNS: i16 = 10;
 
+/// `{}` as JSON.
+const EMPTY_OBJECT: std::collections::BTreeMap<&str, i64> = std::collections::BTreeMap::new();
+
 /// OID of PostgreSQL's `text` type (the element type of `text[]`).
 const TEXT_OID: u32 = 25;
 
@@ -102,11 +105,20 @@ impl CopyEncoder {
     /// `metric_keys` (`text[]`, the metric names in the state's bytewise order). On error the
     /// buffer is left exactly as before the call.
     pub fn push_latest(&mut self, state: &LatestState<'_>) -> Result<(), CopyEncodeError> {
-        self.push(|e| {
-            e.encode_telemetry(LATEST_COLUMNS, state.newest, &state.metrics)?;
-            e.timestamptz(state.newest.received_at);
-            e.jsonb("metric_times", &state.metric_times)?;
-            e.text_array("metric_keys", state.metrics.keys().copied())
+        self.push(|e| match &state.merged {
+            None => {
+                let row = state.newest;
+                e.encode_telemetry(LATEST_COLUMNS, row, &row.metrics)?;
+                e.timestamptz(row.received_at);
+                e.jsonb("metric_times", &EMPTY_OBJECT)?;
+                e.text_array("metric_keys", row.metrics.keys().map(String::as_str))
+            }
+            Some(merged) => {
+                e.encode_telemetry(LATEST_COLUMNS, state.newest, &merged.metrics)?;
+                e.timestamptz(state.newest.received_at);
+                e.jsonb("metric_times", &merged.metric_times)?;
+                e.text_array("metric_keys", merged.metrics.keys().copied())
+            }
         })
     }
 
@@ -296,7 +308,7 @@ mod tests {
         let mut telemetry = CopyEncoder::default();
         telemetry.push_telemetry(&row).unwrap();
         let mut latest = CopyEncoder::default();
-        let states = crate::merge::latest_per_device([&row]);
+        let states = crate::merge::latest_per_device(&[&row]);
         latest.push_latest(&states[0]).unwrap();
         let (telemetry, latest) = (telemetry.finish(), latest.finish());
         let t = &telemetry[19..telemetry.len() - 2];

@@ -309,58 +309,93 @@ pub struct LatestState<'a> {
     /// The newest reading (largest time; at equal times the later): its site, type, seq and
     /// received_at describe the row.
     pub newest: &'a Telemetry,
+    /// `None` in the usual case: the newest reading carries every metric the device's other
+    /// readings in the batch carry, so its metrics, all at its time, are the state.
+    pub merged: Option<MergedLatest<'a>>,
+}
+
+/// Metrics of a device's readings in a batch, when the newest does not carry them all.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MergedLatest<'a> {
     pub metrics: BTreeMap<&'a str, &'a MetricValue>,
     pub metric_times: BTreeMap<&'a str, i64>,
 }
 
 /// Each device's [`LatestState`] over `rows` (in partition order), sorted by (tenant, device):
-/// a stable order keeps concurrent upserts from deadlocking on row locks.
-pub fn latest_per_device<'a>(
-    rows: impl IntoIterator<Item = &'a Telemetry>,
-) -> Vec<LatestState<'a>> {
-    struct Acc<'a> {
-        newest: &'a Telemetry,
-        metrics: BTreeMap<&'a str, (&'a MetricValue, i64)>,
-    }
-    let mut devices: HashMap<(&'a str, &'a str), Acc<'a>> = HashMap::new();
+/// a stable order keeps concurrent upserts from deadlocking on row locks. Allocates per
+/// device only for devices whose newest reading lacks a metric of an earlier one.
+pub fn latest_per_device<'a>(rows: &[&'a Telemetry]) -> Vec<LatestState<'a>> {
+    // Pass 1: each device's newest reading.
+    let mut newest: HashMap<(&'a str, &'a str), &'a Telemetry> = HashMap::with_capacity(rows.len());
     for row in rows {
-        let time = row.time.timestamp_micros();
-        let acc = devices
+        newest
             .entry((row.tenant_id.as_str(), row.device_id.as_str()))
-            .or_insert_with(|| Acc {
-                newest: row,
-                metrics: BTreeMap::new(),
-            });
-        if row.time >= acc.newest.time {
-            acc.newest = row;
-        }
-        for (name, value) in &row.metrics {
-            let slot = acc.metrics.entry(name.as_str()).or_insert((value, time));
-            if time >= slot.1 {
-                *slot = (value, time);
-            }
-        }
+            .and_modify(|best| {
+                if row.time >= best.time {
+                    *best = row;
+                }
+            })
+            .or_insert(row);
     }
-    let mut states: Vec<LatestState<'a>> = devices
-        .into_values()
-        .map(|acc| {
-            let newest_us = acc.newest.time.timestamp_micros();
-            LatestState {
-                newest: acc.newest,
-                metric_times: acc
-                    .metrics
-                    .iter()
-                    .filter(|(_, (_, t))| *t < newest_us)
-                    .map(|(k, (_, t))| (*k, *t))
-                    .collect(),
-                metrics: acc.metrics.into_iter().map(|(k, (v, _))| (k, v)).collect(),
-            }
+    // Pass 2: devices with a reading holding a metric their newest lacks merge per metric.
+    let mut merged: HashMap<(&'a str, &'a str), Folded<'a>> = HashMap::new();
+    for row in rows {
+        let key = (row.tenant_id.as_str(), row.device_id.as_str());
+        if let Some(acc) = merged.get_mut(&key) {
+            fold(acc, row);
+            continue;
+        }
+        let best = newest[&key];
+        if std::ptr::eq(*row, best) || row.metrics.keys().all(|k| best.metrics.contains_key(k)) {
+            continue;
+        }
+        // From here on this device folds every reading; the earlier ones are folded now.
+        let mut acc = BTreeMap::new();
+        for earlier in rows
+            .iter()
+            .take_while(|r| !std::ptr::eq(**r, *row))
+            .filter(|r| (r.tenant_id.as_str(), r.device_id.as_str()) == key)
+        {
+            fold(&mut acc, earlier);
+        }
+        fold(&mut acc, row);
+        merged.insert(key, acc);
+    }
+    let mut states: Vec<LatestState<'a>> = newest
+        .into_iter()
+        .map(|(key, newest)| LatestState {
+            newest,
+            merged: merged.remove(&key).map(|acc| {
+                let newest_us = newest.time.timestamp_micros();
+                MergedLatest {
+                    metric_times: acc
+                        .iter()
+                        .filter(|(_, (_, t))| *t < newest_us)
+                        .map(|(k, (_, t))| (*k, *t))
+                        .collect(),
+                    metrics: acc.into_iter().map(|(k, (v, _))| (k, v)).collect(),
+                }
+            }),
         })
         .collect();
     states.sort_unstable_by(|a, b| {
         (&a.newest.tenant_id, &a.newest.device_id).cmp(&(&b.newest.tenant_id, &b.newest.device_id))
     });
     states
+}
+
+/// Per metric, its newest value and that value's time (µs).
+type Folded<'a> = BTreeMap<&'a str, (&'a MetricValue, i64)>;
+
+/// Per metric, the later time wins; at equal times the later reading.
+fn fold<'a>(acc: &mut Folded<'a>, row: &'a Telemetry) {
+    let time = row.time.timestamp_micros();
+    for (name, value) in &row.metrics {
+        let slot = acc.entry(name.as_str()).or_insert((value, time));
+        if time >= slot.1 {
+            *slot = (value, time);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -455,6 +490,22 @@ mod tests {
     }
 
     #[test]
+    fn a_newest_reading_with_every_metric_is_the_state() {
+        let rows = [
+            reading("a", 3, 1, &[("temperature", d(20.0))]),
+            reading("a", 5, 2, &[("temperature", d(21.0)), ("humidity", d(40.0))]),
+            reading("b", 4, 3, &[("temperature", d(1.0))]),
+        ];
+        let refs: Vec<&Telemetry> = rows.iter().map(|r| &r.row).collect();
+        let states = latest_per_device(&refs);
+        assert_eq!(states.len(), 2);
+        assert_eq!(states[0].newest.seq, 2);
+        assert_eq!(states[0].merged, None);
+        assert_eq!(states[1].newest.seq, 3);
+        assert_eq!(states[1].merged, None);
+    }
+
+    #[test]
     fn latest_keeps_each_metrics_newest_value_and_time() {
         let rows = [
             reading(
@@ -467,13 +518,17 @@ mod tests {
             reading("a", 4, 3, &[("temperature", d(99.0)), ("pressure", d(1.0))]),
             reading("a", 5, 4, &[("temperature", d(22.0))]),
         ];
-        let states = latest_per_device(rows.iter().map(|r| &r.row));
+        let refs: Vec<&Telemetry> = rows.iter().map(|r| &r.row).collect();
+        let states = latest_per_device(&refs);
         assert_eq!(states.len(), 1);
-        let s = &states[0];
         assert_eq!(
-            s.newest.seq, 4,
+            states[0].newest.seq, 4,
             "equal times: the later reading is the newest"
         );
+        let s = states[0]
+            .merged
+            .as_ref()
+            .expect("the newest lacks humidity and pressure");
         assert_eq!(s.metrics["temperature"], &d(22.0));
         assert_eq!(s.metrics["humidity"], &d(40.0));
         assert_eq!(s.metrics["pressure"], &d(1.0));

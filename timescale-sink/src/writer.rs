@@ -589,7 +589,7 @@ async fn upsert_latest(conn: &mut PgConnection, rows: &[&Telemetry]) -> Result<(
     if rows.is_empty() {
         return Ok(());
     }
-    let states = crate::merge::latest_per_device(rows.iter().copied());
+    let states = crate::merge::latest_per_device(rows);
     let mut encoder = CopyEncoder::with_capacity(states.len() * 180);
     for state in &states {
         // Every row in a batch was encodable when it was added; the extra columns are a
