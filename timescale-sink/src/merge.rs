@@ -337,29 +337,22 @@ pub fn latest_per_device<'a>(rows: &[&'a Telemetry]) -> Vec<LatestState<'a>> {
             })
             .or_insert(row);
     }
-    // Pass 2: devices with a reading holding a metric their newest lacks merge per metric.
+    // Pass 2: devices with a reading holding a metric their newest lacks; pass 3: fold those
+    // devices' readings per metric.
     let mut merged: HashMap<(&'a str, &'a str), Folded<'a>> = HashMap::new();
     for row in rows {
         let key = (row.tenant_id.as_str(), row.device_id.as_str());
-        if let Some(acc) = merged.get_mut(&key) {
-            fold(acc, row);
-            continue;
-        }
         let best = newest[&key];
-        if std::ptr::eq(*row, best) || row.metrics.keys().all(|k| best.metrics.contains_key(k)) {
-            continue;
+        if !row.metrics.keys().all(|k| best.metrics.contains_key(k)) {
+            merged.entry(key).or_default();
         }
-        // From here on this device folds every reading; the earlier ones are folded now.
-        let mut acc = BTreeMap::new();
-        for earlier in rows
-            .iter()
-            .take_while(|r| !std::ptr::eq(**r, *row))
-            .filter(|r| (r.tenant_id.as_str(), r.device_id.as_str()) == key)
-        {
-            fold(&mut acc, earlier);
+    }
+    if !merged.is_empty() {
+        for row in rows {
+            if let Some(acc) = merged.get_mut(&(row.tenant_id.as_str(), row.device_id.as_str())) {
+                fold(acc, row);
+            }
         }
-        fold(&mut acc, row);
-        merged.insert(key, acc);
     }
     let mut states: Vec<LatestState<'a>> = newest
         .into_iter()
@@ -493,7 +486,12 @@ mod tests {
     fn a_newest_reading_with_every_metric_is_the_state() {
         let rows = [
             reading("a", 3, 1, &[("temperature", d(20.0))]),
-            reading("a", 5, 2, &[("temperature", d(21.0)), ("humidity", d(40.0))]),
+            reading(
+                "a",
+                5,
+                2,
+                &[("temperature", d(21.0)), ("humidity", d(40.0))],
+            ),
             reading("b", 4, 3, &[("temperature", d(1.0))]),
         ];
         let refs: Vec<&Telemetry> = rows.iter().map(|r| &r.row).collect();
