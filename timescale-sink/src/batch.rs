@@ -4,7 +4,7 @@
 //! from (`expected`: what `consumer_offsets` must hold for the batch to apply, `None` when no
 //! row may exist yet) and the offset after its last message (`next`).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::time::Instant;
 
 use schemas::{DecodeError, Telemetry};
@@ -61,11 +61,6 @@ pub struct Batch {
     pub traceparent: Option<String>,
     /// Time spent decoding, validating and encoding the batch's messages.
     pub decode_time: std::time::Duration,
-    /// Hashes of the rows' point keys (tenant, device, time), to notice readings of one point.
-    point_hashes: HashSet<u64, foldhash::fast::FixedState>,
-    /// Whether two rows may share a point (a hash seen twice): then [`Batch::points`] groups
-    /// them and the encoder's rows are not used.
-    shared_points: bool,
 }
 
 impl Batch {
@@ -79,29 +74,6 @@ impl Batch {
             opened_at: Instant::now(),
             traceparent: None,
             decode_time: std::time::Duration::ZERO,
-            point_hashes: HashSet::with_capacity_and_hasher(
-                rows,
-                foldhash::fast::FixedState::default(),
-            ),
-            shared_points: false,
-        }
-    }
-
-    /// The batch's points: `None` when every row is its own point (the rows and
-    /// [`Batch::encoder`] are what to store), else the rows grouped (see [`crate::merge`]).
-    pub fn points(&self) -> Option<Vec<crate::merge::Point>> {
-        self.shared_points
-            .then(|| crate::merge::Point::group(&self.rows))
-    }
-
-    /// The hashes of the batch's point keys ([`crate::merge::point_hash`]).
-    pub fn point_hashes(&self) -> impl Iterator<Item = u64> + '_ {
-        self.point_hashes.iter().copied()
-    }
-
-    fn note_point(&mut self, row: &Telemetry) {
-        if !self.point_hashes.insert(crate::merge::point_hash(row)) {
-            self.shared_points = true;
         }
     }
 
@@ -140,15 +112,12 @@ impl Batch {
             .and_then(|row| validate(&row).map(|()| row));
         match checked {
             Ok(row) => match self.encoder.push_telemetry(&row) {
-                Ok(()) => {
-                    self.note_point(&row);
-                    self.rows.push(SourcedRow {
-                        row,
-                        partition: message.partition,
-                        offset: message.offset,
-                        payload: message.payload,
-                    })
-                }
+                Ok(()) => self.rows.push(SourcedRow {
+                    row,
+                    partition: message.partition,
+                    offset: message.offset,
+                    payload: message.payload,
+                }),
                 Err(err) => self.dead_letters.push(dead_letter(message, &err, "decode")),
             },
             Err(error) => self.dead_letters.push(DeadLetter {
@@ -170,15 +139,10 @@ impl Batch {
         self.rows.retain(|r| r.partition != partition);
         self.dead_letters.retain(|d| d.partition != partition);
         let mut encoder = CopyEncoder::with_capacity(self.rows.len() * 160);
-        self.point_hashes.clear();
-        self.shared_points = false;
-        let rows = std::mem::take(&mut self.rows);
-        for row in &rows {
+        for row in &self.rows {
             // Rows were encodable when added; re-encoding the same values cannot fail.
             let _ = encoder.push_telemetry(&row.row);
-            self.note_point(&row.row);
         }
-        self.rows = rows;
         self.encoder = encoder;
     }
 }

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use schemas::{MetricValue, Telemetry};
 use serde_json::Value;
 
-use crate::batch::{Batch, SourcedRow};
+use crate::batch::SourcedRow;
 
 /// (tenant, device, time in microseconds since the Unix epoch).
 pub type PointKey = (String, String, i64);
@@ -50,8 +50,10 @@ pub fn point_hash(row: &Telemetry) -> u64 {
 /// hint: a point that does not exist yet is inserted by the merge path as well, and a point
 /// not remembered makes the COPY fail, after which the whole batch is merged.
 ///
-/// Armed only while merges happen (for `ARMED_FOR` after the last one): a fleet whose
-/// readings never share a point pays nothing for it.
+/// Armed only while merges happen (for `ARMED_FOR` after the last one); only then are
+/// batches grouped into points before their COPY. A fleet whose readings never share a point
+/// pays nothing for either: a batch that does share points meets a unique violation in its
+/// COPY, is merged, and arms this.
 #[derive(Debug)]
 pub struct RecentPoints {
     generations: Mutex<Generations>,
@@ -78,35 +80,35 @@ impl RecentPoints {
         }
     }
 
-    /// Indexes (ascending) of the batch's points that were stored recently; `None` when there
-    /// are none. `points` are the batch's points when grouped (else each row is one).
-    pub fn seen(&self, batch: &Batch, points: Option<&[Point]>) -> Option<Vec<usize>> {
-        let generations = self.generations.lock().ok()?;
-        let known =
-            |hash: &u64| generations.current.contains(hash) || generations.previous.contains(hash);
-        if generations.current.is_empty() || !batch.point_hashes().any(|h| known(&h)) {
-            return None;
-        }
-        let seen: Vec<usize> = match points {
-            Some(points) => points
-                .iter()
-                .enumerate()
-                .filter(|(_, p)| known(&point_hash(p.row(&batch.rows))))
-                .map(|(i, _)| i)
-                .collect(),
-            None => batch
-                .rows
-                .iter()
-                .enumerate()
-                .filter(|(_, r)| known(&point_hash(&r.row)))
-                .map(|(i, _)| i)
-                .collect(),
-        };
-        Some(seen)
+    /// Whether merges happened lately: then batches are grouped into points up front and
+    /// checked against the recent points.
+    pub fn armed(&self) -> bool {
+        self.generations
+            .lock()
+            .is_ok_and(|g| g.armed_until.is_some_and(|until| until > Instant::now()))
     }
 
-    /// Records the points of a committed batch.
-    pub fn remember(&self, batch: &Batch) {
+    /// Indexes (ascending) of `points` that were stored recently.
+    pub fn seen(&self, rows: &[SourcedRow], points: &[Point]) -> Vec<usize> {
+        let Ok(generations) = self.generations.lock() else {
+            return Vec::new();
+        };
+        if generations.current.is_empty() {
+            return Vec::new();
+        }
+        points
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| {
+                let hash = point_hash(p.row(rows));
+                generations.current.contains(&hash) || generations.previous.contains(&hash)
+            })
+            .map(|(i, _)| i)
+            .collect()
+    }
+
+    /// Records the points of a committed batch (only while armed).
+    pub fn remember(&self, rows: &[SourcedRow]) {
         let Ok(mut generations) = self.generations.lock() else {
             return;
         };
@@ -120,13 +122,15 @@ impl RecentPoints {
             None => return,
         }
         if generations.started.elapsed() >= Self::WINDOW
-            || generations.current.len() + batch.rows.len() > Self::CAPACITY
+            || generations.current.len() + rows.len() > Self::CAPACITY
         {
             let full = std::mem::take(&mut generations.current);
             generations.previous = full;
             generations.started = Instant::now();
         }
-        generations.current.extend(batch.point_hashes());
+        generations
+            .current
+            .extend(rows.iter().map(|r| point_hash(&r.row)));
     }
 }
 
@@ -163,16 +167,6 @@ impl Point {
     /// The row to store for this point.
     pub fn row<'a>(&'a self, rows: &'a [SourcedRow]) -> &'a Telemetry {
         self.merged.as_ref().unwrap_or(&rows[self.readings[0]].row)
-    }
-
-    /// One point per reading (a batch whose keys are all distinct).
-    pub fn singles(rows: &[SourcedRow]) -> Vec<Point> {
-        (0..rows.len())
-            .map(|i| Point {
-                readings: vec![i],
-                merged: None,
-            })
-            .collect()
     }
 
     /// Groups `rows` into points, in order of each point's first reading. Metrics are merged
@@ -325,25 +319,32 @@ pub struct MergedLatest<'a> {
 /// a stable order keeps concurrent upserts from deadlocking on row locks. Allocates per
 /// device only for devices whose newest reading lacks a metric of an earlier one.
 pub fn latest_per_device<'a>(rows: &[&'a Telemetry]) -> Vec<LatestState<'a>> {
-    // Pass 1: each device's newest reading.
-    let mut newest: HashMap<(&'a str, &'a str), &'a Telemetry> = HashMap::with_capacity(rows.len());
+    // Pass 1: each device's newest reading, and whether all its readings carry the same
+    // metric names (then the newest carries them all).
+    let mut newest: HashMap<
+        (&'a str, &'a str),
+        (&'a Telemetry, bool),
+        foldhash::fast::RandomState,
+    > = HashMap::with_capacity_and_hasher(rows.len(), Default::default());
     for row in rows {
         newest
             .entry((row.tenant_id.as_str(), row.device_id.as_str()))
-            .and_modify(|best| {
+            .and_modify(|(best, uniform)| {
+                *uniform = *uniform && row.metrics.keys().eq(best.metrics.keys());
                 if row.time >= best.time {
                     *best = row;
                 }
             })
-            .or_insert(row);
+            .or_insert((row, true));
     }
     // Pass 2: devices with a reading holding a metric their newest lacks; pass 3: fold those
     // devices' readings per metric.
     let mut merged: HashMap<(&'a str, &'a str), Folded<'a>> = HashMap::new();
-    for row in rows {
+    let all_uniform = newest.values().all(|(_, uniform)| *uniform);
+    for row in rows.iter().filter(|_| !all_uniform) {
         let key = (row.tenant_id.as_str(), row.device_id.as_str());
-        let best = newest[&key];
-        if !row.metrics.keys().all(|k| best.metrics.contains_key(k)) {
+        let (best, uniform) = newest[&key];
+        if !uniform && !row.metrics.keys().all(|k| best.metrics.contains_key(k)) {
             merged.entry(key).or_default();
         }
     }
@@ -356,7 +357,7 @@ pub fn latest_per_device<'a>(rows: &[&'a Telemetry]) -> Vec<LatestState<'a>> {
     }
     let mut states: Vec<LatestState<'a>> = newest
         .into_iter()
-        .map(|(key, newest)| LatestState {
+        .map(|(key, (newest, _))| LatestState {
             newest,
             merged: merged.remove(&key).map(|acc| {
                 let newest_us = newest.time.timestamp_micros();

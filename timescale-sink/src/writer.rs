@@ -295,7 +295,7 @@ impl BatchWriter {
                 if *merged > 0 || *duplicates > 0 {
                     self.recent.arm();
                 }
-                self.recent.remember(batch);
+                self.recent.remember(&batch.rows);
                 (self.on_committed)(&batch.partitions);
             }
             Outcome::Fenced => {
@@ -333,18 +333,22 @@ impl BatchWriter {
         if !batch.rows.is_empty() {
             // Readings of one point are merged in memory first, so the COPY never meets a key
             // twice; it only meets keys stored by earlier batches.
-            let points = batch.points();
-            // Points this sink stored moments ago (a device's second message at the same
-            // time, in the next batch) are merged through staging right away; the rest take
-            // the COPY. Points it does not remember (stored before a restart) make the COPY
-            // fail, and then the whole batch is merged.
-            let seen = self.recent.seen(batch, points.as_deref());
-            let (points, seen) = match seen {
-                Some(seen) => {
-                    let points = points.unwrap_or_else(|| Point::singles(&batch.rows));
+            // While merges happen (see `RecentPoints`), readings of one point are merged in
+            // memory first, so the COPY never meets a key twice, and points this sink stored
+            // moments ago (a device's second message at the same time, in the next batch) are
+            // merged through staging right away while the rest take the COPY. Otherwise the
+            // batch goes as it is; a COPY that meets a key (twice in the batch, or stored
+            // before) fails, and then the whole batch is grouped and merged.
+            let (points, seen) = if self.recent.armed() {
+                let points = Point::group(&batch.rows);
+                let seen = self.recent.seen(&batch.rows, &points);
+                if seen.is_empty() && points.len() == batch.rows.len() {
+                    (None, seen)
+                } else {
                     (Some(points), seen)
                 }
-                None => (points, Vec::new()),
+            } else {
+                (None, Vec::new())
             };
             let grouped = points.as_ref().map(|points| {
                 let mut seen_at = seen.iter().peekable();
@@ -391,7 +395,7 @@ impl BatchWriter {
                         .execute(&mut *tx)
                         .await?;
                     sqlx::query(STAGING_DDL).execute(&mut *tx).await?;
-                    let points = points.unwrap_or_else(|| Point::singles(&batch.rows));
+                    let points = points.unwrap_or_else(|| Point::group(&batch.rows));
                     let all: Vec<&Point> = points.iter().collect();
                     let stored = staging_merge(&mut tx, &batch.rows, &all).await?;
                     account = Account::of(&points, &batch.rows, &stored);
@@ -401,7 +405,7 @@ impl BatchWriter {
                         .execute(&mut *tx)
                         .await?;
                     sqlx::query(STAGING_DDL).execute(&mut *tx).await?;
-                    let points = points.unwrap_or_else(|| Point::singles(&batch.rows));
+                    let points = points.unwrap_or_else(|| Point::group(&batch.rows));
                     let mut bad = Vec::new();
                     let mut stored = HashMap::new();
                     let indexes: Vec<usize> = (0..points.len()).collect();
