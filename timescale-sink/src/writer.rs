@@ -8,13 +8,13 @@
 //! Inside the transaction:
 //! 1. the fenced offset update (first: it takes the offset row locks, so a zombie batch waits
 //!    for, then loses to, the partition's new owner before doing any work);
-//! 2. `COPY telemetry FROM STDIN (FORMAT binary)` under a savepoint, of one row per point
-//!    (readings of one (tenant, device, time) in the batch merged in memory first, see
-//!    [`crate::merge`]);
-//!    * unique violation (a point stored by an earlier batch): redo through a temporary
-//!      staging table, reading the stored metrics of the keys met (to account each reading as
-//!      merged or duplicate), then `INSERT … ON CONFLICT DO UPDATE SET metrics =
-//!      telemetry.metrics || EXCLUDED.metrics` where that changes something;
+//! 2. `COPY telemetry FROM STDIN (FORMAT binary)` under a savepoint (see [`crate::merge`]
+//!    for when the batch is grouped into points first);
+//!    * unique violation (a point met twice, or stored by an earlier batch): the batch is
+//!      grouped into points and stored through a temporary staging table, reading the stored
+//!      metrics of the keys met (to account each reading as merged or duplicate), then
+//!      `INSERT … ON CONFLICT DO UPDATE SET metrics = telemetry.metrics || EXCLUDED.metrics`
+//!      where that changes something;
 //!    * a data error (a row PostgreSQL rejects): bisect the points under savepoints until each
 //!      bad one is isolated; its readings go to the DLQ (acknowledged before commit), good
 //!      points are stored;
