@@ -153,7 +153,9 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), Error> {
                 rollup: config.rollup_interval,
             },
             stats.clone(),
-            background.clone(),
+            // The signal itself, not `background`: a rollup step in progress is cancelled
+            // at once and none starts while the writers flush, so shutdown keeps its deadline.
+            shutdown.clone(),
         )),
     ];
     let reporter = stats::spawn_reporter(
