@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use plumbing::admin::{self, Health};
 use plumbing::config::{DatabaseArgs, KafkaArgs, ObservabilityArgs};
+use plumbing::db::Privilege;
 use plumbing::system_metrics::{LatencyWindow, Rate};
 use plumbing::Shutdown;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -156,6 +157,14 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), Error> {
         },
     ];
 
+    if let Err(err) = startup_checks(&config, &pool, &shutdown).await {
+        background.cancel();
+        for task in tasks {
+            let _ = task.await;
+        }
+        pool.close().await;
+        return Err(err);
+    }
     let rules = load_rules_until_ok(&pool, &shutdown).await?;
     health.set("rules", true);
     let (rules_tx, rules_rx) = watch::channel(rules.clone());
@@ -274,6 +283,83 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), Error> {
     }
     pool.close().await;
     info!(messages = stats.messages.load(Ordering::Relaxed), "stopped");
+    Ok(())
+}
+
+/// What the evaluator does to the database: checked at start-up so a missing right fails at
+/// once, not on the first commit (which would be retried for ever).
+const PRIVILEGES: &[Privilege] = &[
+    Privilege::Table {
+        table: "alert_rules",
+        privilege: "SELECT",
+    },
+    Privilege::Table {
+        table: "telemetry",
+        privilege: "SELECT",
+    },
+    Privilege::Table {
+        table: "device_latest",
+        privilege: "SELECT",
+    },
+    Privilege::Table {
+        table: "devices",
+        privilege: "SELECT",
+    },
+    Privilege::Table {
+        table: "alerts",
+        privilege: "SELECT",
+    },
+    Privilege::Table {
+        table: "consumer_offsets",
+        privilege: "SELECT",
+    },
+    Privilege::Table {
+        table: "consumer_offsets",
+        privilege: "INSERT",
+    },
+    Privilege::Table {
+        table: "consumer_offsets",
+        privilege: "UPDATE",
+    },
+    Privilege::Table {
+        table: "alert_outbox",
+        privilege: "INSERT",
+    },
+    Privilege::Table {
+        table: "alert_outbox",
+        privilege: "UPDATE",
+    },
+    Privilege::Table {
+        table: "alert_outbox",
+        privilege: "DELETE",
+    },
+    Privilege::Table {
+        table: "system_metrics",
+        privilege: "INSERT",
+    },
+    Privilege::Execute {
+        function: "fleet_apply_alert_transitions(text[], bigint[], text[], text[], text[], \
+                   text[], text[], text[], double precision[], double precision[], \
+                   timestamptz[], timestamptz[])",
+    },
+];
+
+/// Fails on what no retry fixes: a telemetry or alerts topic that does not exist, a database
+/// not migrated, a role without a right the evaluator needs. Brokers or a database that cannot
+/// be reached yet are waited for (readiness stays red meanwhile).
+async fn startup_checks(config: &Config, pool: &PgPool, shutdown: &Shutdown) -> Result<(), Error> {
+    let topics = [
+        config.kafka.telemetry_topic.as_str(),
+        config.kafka.alerts_topic.as_str(),
+    ];
+    let result = tokio::try_join!(
+        plumbing::kafka::require_topics(&config.kafka, &topics, shutdown),
+        plumbing::db::require_schema(pool, PRIVILEGES, shutdown),
+    );
+    if let Err(err) = &result {
+        tracing::error!(error = %err, "start-up check failed");
+    }
+    result?;
     Ok(())
 }
 

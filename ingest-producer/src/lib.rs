@@ -47,6 +47,7 @@ use std::time::Duration;
 use clap::{Args, Parser};
 use plumbing::admin::Health;
 use plumbing::config::{parse_duration, DatabaseArgs, KafkaArgs, ObservabilityArgs};
+use plumbing::db::Privilege;
 use plumbing::Shutdown;
 use tokio::net::TcpListener;
 use tracing::info;
@@ -153,6 +154,9 @@ pub async fn run_on(
     config: Config,
     shutdown: Shutdown,
 ) -> Result<(), Error> {
+    // The caller's signal, or a failed start-up check: either stops the service, and the
+    // latter must not cancel the caller's token.
+    let shutdown = shutdown.child_token();
     // The recorder must exist before the descriptions are registered.
     plumbing::observability::prometheus()?;
     metrics::describe();
@@ -205,15 +209,68 @@ pub async fn run_on(
             .await
             .map_err(plumbing::Error::from)
     };
-    let (admin, ingest) = tokio::join!(admin, ingest);
-    admin?;
-    ingest?;
+    // Alongside serving, not before it: while the brokers or the database cannot be reached
+    // yet, ingest answers (503, not ready) as it always did.
+    let checks = async {
+        let result = startup_checks(&config, &pool, &shutdown).await;
+        if let Err(err) = &result {
+            tracing::error!(error = %err, "start-up check failed");
+            shutdown.cancel();
+        }
+        result
+    };
+    let (checks, admin, ingest) = tokio::join!(checks, admin, ingest);
+    let failed = checks.err();
+    if failed.is_none() {
+        admin?;
+        ingest?;
+    }
     for task in tasks {
         let _ = task.await;
     }
     app.flush(Duration::from_secs(10));
     pool.close().await;
+    if let Some(err) = failed {
+        return Err(err);
+    }
     info!("stopped");
+    Ok(())
+}
+
+/// What ingest reads and writes in the database: checked at start-up so a missing right fails
+/// at once instead of as endless credential-refresh warnings.
+const PRIVILEGES: &[Privilege] = &[
+    Privilege::Table {
+        table: "tenants",
+        privilege: "SELECT",
+    },
+    Privilege::Table {
+        table: "devices",
+        privilege: "SELECT",
+    },
+    Privilege::Table {
+        table: "gateway_tokens",
+        privilege: "SELECT",
+    },
+    Privilege::Table {
+        table: "system_metrics",
+        privilege: "INSERT",
+    },
+];
+
+/// Fails on what no retry fixes: a telemetry topic that does not exist, a database not
+/// migrated, a role without a right ingest needs. Brokers or a database that cannot be reached
+/// yet are waited for (readiness stays red meanwhile).
+async fn startup_checks(
+    config: &Config,
+    pool: &sqlx::PgPool,
+    shutdown: &Shutdown,
+) -> Result<(), Error> {
+    let topics = [config.kafka.telemetry_topic.as_str()];
+    tokio::try_join!(
+        plumbing::kafka::require_topics(&config.kafka, &topics, shutdown),
+        plumbing::db::require_schema(pool, PRIVILEGES, shutdown),
+    )?;
     Ok(())
 }
 

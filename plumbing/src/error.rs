@@ -22,4 +22,28 @@ pub enum Error {
     Telemetry(String),
     #[error("topic {topic}: {reason}")]
     Topic { topic: String, reason: String },
+    /// The brokers answered and these topics do not exist: no retry will create them.
+    #[error(
+        "kafka topic(s) {} do not exist on {brokers}; create them (`deploy/local/deps.sh up` \
+         creates the default ones, or kafka-topics.sh --create --topic NAME) or set the topic \
+         variables (TELEMETRY_TOPIC, DLQ_TOPIC, ALERTS_TOPIC) to existing topics",
+        topics.join(", ")
+    )]
+    MissingTopics {
+        topics: Vec<String>,
+        brokers: String,
+    },
+    /// The database answered but does not hold this build's schema.
+    #[error(
+        "database not migrated: schema version {} found, this build needs {expected}; \
+         run `query-api migrate` against it first",
+        found.map_or_else(|| "none".to_owned(), |v| v.to_string())
+    )]
+    NotMigrated { found: Option<i64>, expected: i64 },
+    /// The role the service connects as lacks a right it needs.
+    #[error(
+        "database role `{role}` lacks {privilege}; connect as a member of `fleet_writer` \
+         (the migrations grant it) or grant it"
+    )]
+    MissingPrivilege { role: String, privilege: String },
 }

@@ -85,6 +85,68 @@ pub async fn ensure_topics(args: &KafkaArgs, topics: &[(&str, i32)]) -> Result<(
     Ok(())
 }
 
+/// How long one start-up metadata request may take, and the wait before the next while the
+/// brokers cannot be reached.
+const METADATA_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Waits until the brokers answer, then fails with [`Error::MissingTopics`] if any of
+/// `topics` does not exist.
+///
+/// Brokers that cannot be reached are not an error: the check is retried (the readiness probe
+/// reports them meanwhile) until they answer or `shutdown` is cancelled, since services may
+/// start before Kafka. A topic the brokers say does not exist is: consuming or producing to it
+/// would otherwise retry for ever. The metadata request lists all topics, so it never
+/// auto-creates one.
+pub async fn require_topics(
+    args: &KafkaArgs,
+    topics: &[&str],
+    shutdown: &crate::Shutdown,
+) -> Result<(), Error> {
+    let client: Arc<BaseConsumer> =
+        Arc::new(base_config(args, "fleetstream-startup-check").create()?);
+    loop {
+        let probe = client.clone();
+        let listed = tokio::task::spawn_blocking(move || {
+            probe
+                .fetch_metadata(None, METADATA_TIMEOUT)
+                .map(|metadata| {
+                    metadata
+                        .topics()
+                        .iter()
+                        .filter(|topic| topic.error().is_none())
+                        .map(|topic| topic.name().to_owned())
+                        .collect::<Vec<_>>()
+                })
+        })
+        .await
+        .map_err(|err| Error::Io(std::io::Error::other(err)))?;
+        match listed {
+            Ok(existing) => {
+                let missing: Vec<String> = topics
+                    .iter()
+                    .filter(|topic| !existing.iter().any(|name| name == *topic))
+                    .map(|topic| (*topic).to_owned())
+                    .collect();
+                if missing.is_empty() {
+                    return Ok(());
+                }
+                return Err(Error::MissingTopics {
+                    topics: missing,
+                    brokers: args.bootstrap_servers.clone(),
+                });
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, brokers = %args.bootstrap_servers,
+                    "kafka unreachable at start-up; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(METADATA_TIMEOUT) => {}
+                }
+            }
+        }
+    }
+}
+
 /// Deletes topics; missing ones are not an error.
 pub async fn delete_topics(args: &KafkaArgs, topics: &[&str]) -> Result<(), Error> {
     if topics.is_empty() {

@@ -8,8 +8,10 @@
 //!   set, the Prometheus recorder.
 //! * [`admin`]: the `/metrics`, `/healthz`, `/readyz` endpoints every service serves.
 //! * [`shutdown`]: SIGTERM/SIGINT as a cancellation token passed to `run`.
-//! * [`kafka`]: librdkafka client settings and topic administration.
-//! * [`db`]: the PostgreSQL pool.
+//! * [`kafka`]: librdkafka client settings, topic administration and the start-up check that
+//!   the service's topics exist.
+//! * [`db`]: the PostgreSQL pool, and the start-up check that the database is migrated and the
+//!   role holds the rights the service needs.
 //! * [`probe`]: background readiness probes for the database and the brokers.
 //! * [`system_metrics`]: key figures into the `system_metrics` table.
 //! * `testing` (feature `testing`): a fresh migrated database and fresh topics per test, and a

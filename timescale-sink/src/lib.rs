@@ -27,9 +27,11 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use plumbing::admin::{self, Health};
 use plumbing::config::{DatabaseArgs, KafkaArgs, ObservabilityArgs};
+use plumbing::db::Privilege;
 use plumbing::Shutdown;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::FutureProducer;
+use sqlx::PgPool;
 use tracing::info;
 
 pub mod batch;
@@ -145,18 +147,6 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), Error> {
             health.clone(),
             background.clone(),
         ),
-        tokio::spawn(maintenance::run(
-            pool.clone(),
-            config.partitions_ahead_days,
-            maintenance::Intervals {
-                partitions: config.maintenance_interval,
-                rollup: config.rollup_interval,
-            },
-            stats.clone(),
-            // The signal itself, not `background`: a rollup step in progress is cancelled
-            // at once and none starts while the writers flush, so shutdown keeps its deadline.
-            shutdown.clone(),
-        )),
     ];
     let reporter = stats::spawn_reporter(
         pool.clone(),
@@ -169,6 +159,30 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), Error> {
         listener,
         admin::router(health.clone())?,
         background.clone(),
+    ));
+
+    if let Err(err) = startup_checks(&config, &pool, &shutdown).await {
+        background.cancel();
+        let _ = admin_task.await;
+        for probe in probes {
+            let _ = probe.await;
+        }
+        let _ = reporter.await;
+        pool.close().await;
+        return Err(err);
+    }
+    // Upkeep only once the schema is known to be there.
+    let maintenance = tokio::spawn(maintenance::run(
+        pool.clone(),
+        config.partitions_ahead_days,
+        maintenance::Intervals {
+            partitions: config.maintenance_interval,
+            rollup: config.rollup_interval,
+        },
+        stats.clone(),
+        // The signal itself, not `background`: a rollup step in progress is cancelled
+        // at once and none starts while the writers flush, so shutdown keeps its deadline.
+        shutdown.clone(),
     ));
 
     let dlq_producer: FutureProducer =
@@ -283,9 +297,71 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), Error> {
     for probe in probes {
         let _ = probe.await;
     }
+    let _ = maintenance.await;
     let _ = reporter.await;
     pool.close().await;
     info!(rows = stats.rows(), "stopped");
+    Ok(())
+}
+
+/// What the sink does to the database: checked at start-up so a missing right fails at once,
+/// not on the first batch (which would be retried for ever).
+const PRIVILEGES: &[Privilege] = &[
+    Privilege::Table {
+        table: "telemetry",
+        privilege: "INSERT",
+    },
+    Privilege::Table {
+        table: "device_latest",
+        privilege: "INSERT",
+    },
+    Privilege::Table {
+        table: "device_latest",
+        privilege: "UPDATE",
+    },
+    Privilege::Table {
+        table: "consumer_offsets",
+        privilege: "SELECT",
+    },
+    Privilege::Table {
+        table: "consumer_offsets",
+        privilege: "INSERT",
+    },
+    Privilege::Table {
+        table: "consumer_offsets",
+        privilege: "UPDATE",
+    },
+    Privilege::Table {
+        table: "system_metrics",
+        privilege: "INSERT",
+    },
+    Privilege::Execute {
+        function: "fleet_rollup_1m_invalidate(timestamptz, timestamptz)",
+    },
+    Privilege::Execute {
+        function: "fleet_refresh_rollup_1m(integer)",
+    },
+    Privilege::Execute {
+        function: "fleet_maintain_partitions(integer)",
+    },
+];
+
+/// Fails on what no retry fixes: a telemetry or DLQ topic that does not exist, a database not
+/// migrated, a role without a right the sink needs. Brokers or a database that cannot be
+/// reached yet are waited for (readiness stays red meanwhile), as before these checks.
+async fn startup_checks(config: &Config, pool: &PgPool, shutdown: &Shutdown) -> Result<(), Error> {
+    let topics = [
+        config.kafka.telemetry_topic.as_str(),
+        config.kafka.dlq_topic.as_str(),
+    ];
+    let result = tokio::try_join!(
+        plumbing::kafka::require_topics(&config.kafka, &topics, shutdown),
+        plumbing::db::require_schema(pool, PRIVILEGES, shutdown),
+    );
+    if let Err(err) = &result {
+        tracing::error!(error = %err, "start-up check failed");
+    }
+    result?;
     Ok(())
 }
 

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, info_span, warn, Instrument};
 
@@ -42,6 +42,10 @@ pub struct Refresh {
 
 /// One rollup step, one transaction.
 pub async fn refresh_rollup(pool: &PgPool) -> Result<Refresh, sqlx::Error> {
+    refresh_rollup_on(&mut *pool.acquire().await?).await
+}
+
+async fn refresh_rollup_on(conn: &mut PgConnection) -> Result<Refresh, sqlx::Error> {
     let (watermark, rows_written, minutes_recomputed, more): (
         Option<DateTime<Utc>>,
         i64,
@@ -50,7 +54,7 @@ pub async fn refresh_rollup(pool: &PgPool) -> Result<Refresh, sqlx::Error> {
     ) = sqlx::query_as(
         "SELECT watermark, rows_written, minutes_recomputed, more FROM fleet_refresh_rollup_1m()",
     )
-    .fetch_one(pool)
+    .fetch_one(&mut *conn)
     .await?;
     Ok(Refresh {
         watermark,
@@ -60,22 +64,72 @@ pub async fn refresh_rollup(pool: &PgPool) -> Result<Refresh, sqlx::Error> {
     })
 }
 
-/// Refreshes until no work is left (or `MAX_CALLS_PER_TICK` calls), recording metrics and the
-/// rollup lag. Returns the last call's answer.
+/// One rollup step that gives way to `shutdown`: when it fires mid-step, the step's
+/// statement is cancelled on the server (`pg_cancel_backend`), so its transaction rolls back
+/// at once instead of holding the shutdown for as long as a catch-up step takes (minutes,
+/// after a backlog). Nothing is lost: the next start redoes the step. `Ok(None)`: cancelled.
+async fn refresh_rollup_or_stop(
+    pool: &PgPool,
+    shutdown: &CancellationToken,
+) -> Result<Option<Refresh>, sqlx::Error> {
+    let mut conn = pool.acquire().await?;
+    let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut *conn)
+        .await?;
+    let step = refresh_rollup_on(&mut conn);
+    tokio::pin!(step);
+    tokio::select! {
+        result = &mut step => result.map(Some),
+        _ = shutdown.cancelled() => {
+            let cancelled: Result<bool, sqlx::Error> =
+                sqlx::query_scalar("SELECT pg_cancel_backend($1)")
+                    .bind(pid)
+                    .fetch_one(pool)
+                    .await;
+            if let Err(err) = cancelled {
+                // The step's connection is dropped with `step` below; the server ends it when
+                // it notices.
+                warn!(error = %err, "could not cancel the rollup step on shutdown");
+                return Ok(None);
+            }
+            // The statement ends with "canceling statement due to user request" (or had just
+            // finished); either way the connection is clean again.
+            match step.await {
+                Ok(refresh) => Ok(Some(refresh)),
+                Err(_) => {
+                    info!("rollup step cancelled for shutdown (rolled back; redone on the next start)");
+                    Ok(None)
+                }
+            }
+        }
+    }
+}
+
+/// Refreshes until no work is left (or `MAX_CALLS_PER_TICK` calls, or `shutdown`: no step
+/// starts after it, and a step in progress is cancelled), recording metrics and the rollup
+/// lag. Returns the last completed call's answer (`None`: none completed).
 pub async fn refresh_rollup_until_done(
     pool: &PgPool,
     stats: &Stats,
     shutdown: &CancellationToken,
-) -> Result<Refresh, sqlx::Error> {
+) -> Result<Option<Refresh>, sqlx::Error> {
     let span = info_span!("refresh_rollup");
     async {
         let mut calls = 0usize;
+        let mut last = None;
         loop {
+            if shutdown.is_cancelled() {
+                return Ok(last);
+            }
             let started = Instant::now();
-            let result = refresh_rollup(pool).await;
+            let result = refresh_rollup_or_stop(pool, shutdown).await;
             metrics::histogram!(m::ROLLUP_REFRESH_DURATION).record(started.elapsed().as_secs_f64());
             let refresh = match result {
-                Ok(refresh) => refresh,
+                Ok(Some(refresh)) => refresh,
+                Ok(None) => {
+                    metrics::counter!(m::ROLLUP_REFRESHES, "outcome" => "cancelled").increment(1);
+                    return Ok(last);
+                }
                 Err(err) => {
                     metrics::counter!(m::ROLLUP_REFRESHES, "outcome" => "error").increment(1);
                     return Err(err);
@@ -98,8 +152,9 @@ pub async fn refresh_rollup_until_done(
                 "rollup refreshed"
             );
             calls += 1;
-            if !refresh.more || calls >= MAX_CALLS_PER_TICK || shutdown.is_cancelled() {
-                return Ok(refresh);
+            last = Some(refresh);
+            if !refresh.more || calls >= MAX_CALLS_PER_TICK {
+                return Ok(last);
             }
         }
     }
@@ -116,7 +171,8 @@ pub struct Intervals {
     pub rollup: Duration,
 }
 
-/// Runs partition upkeep and the rollup refresh now and then every interval until `shutdown`.
+/// Runs partition upkeep and the rollup refresh now and then every interval until `shutdown`
+/// (the service's signal: a refresh step in progress is cancelled, none starts after it).
 pub async fn run(
     pool: PgPool,
     days_ahead: u32,

@@ -113,6 +113,32 @@ async fn terminate(sink: &mut Sink) -> Result<()> {
     Ok(())
 }
 
+/// Runs sinks of `group` that are SIGKILLed one after the other at `kills` random moments
+/// (each once it stored a random number of offsets below 90 % of `total`), then one that
+/// stores everything and stops on SIGTERM.
+async fn sigkill_then_finish(
+    db: &TestDb,
+    topics: &TestTopics,
+    group: &str,
+    kills: usize,
+    total: i64,
+) -> Result<()> {
+    let mut kill_points: Vec<i64> = (0..kills)
+        .map(|_| rand::rng().random_range(1..total * 9 / 10))
+        .collect();
+    kill_points.sort_unstable();
+    for (i, point) in kill_points.iter().enumerate() {
+        let mut child = spawn_sink(db, topics, group, &format!("victim-{i}"))?;
+        let reached = wait_for_stored(&db.pool, group, *point, Duration::from_secs(180)).await;
+        child.kill()?; // SIGKILL
+        child.wait()?;
+        reached?;
+    }
+    let mut last = spawn_sink(db, topics, group, "survivor")?;
+    wait_for_stored(&db.pool, group, total, Duration::from_secs(180)).await?;
+    terminate(&mut last).await
+}
+
 async fn assert_exactly_once(
     db: &TestDb,
     topics: &TestTopics,
@@ -150,20 +176,7 @@ async fn sigkill_at_five_random_moments_loses_and_duplicates_nothing() -> Result
     );
     let group = format!("crash-{}", db.name);
 
-    let mut kill_points: Vec<i64> = (0..5)
-        .map(|_| rand::rng().random_range(1..TOTAL * 9 / 10))
-        .collect();
-    kill_points.sort_unstable();
-    for (i, point) in kill_points.iter().enumerate() {
-        let mut child = spawn_sink(&db, &topics, &group, &format!("victim-{i}"))?;
-        let reached = wait_for_stored(&db.pool, &group, *point, Duration::from_secs(180)).await;
-        child.kill()?; // SIGKILL
-        child.wait()?;
-        reached?;
-    }
-    let mut last = spawn_sink(&db, &topics, &group, "survivor")?;
-    wait_for_stored(&db.pool, &group, TOTAL, Duration::from_secs(180)).await?;
-    terminate(&mut last).await?;
+    sigkill_then_finish(&db, &topics, &group, 5, TOTAL).await?;
     assert_exactly_once(&db, &topics, &group, PARTITIONS, TOTAL).await
 }
 
@@ -224,20 +237,7 @@ async fn split_sensor_readings_merge_exactly_across_sigkills() -> Result<()> {
             total
         );
         let group = format!("split-{}", db.name);
-        let mut kill_points: Vec<i64> = (0..2)
-            .map(|_| rand::rng().random_range(1..total * 9 / 10))
-            .collect();
-        kill_points.sort_unstable();
-        for (i, point) in kill_points.iter().enumerate() {
-            let mut child = spawn_sink(&db, &topics, &group, &format!("victim-{i}"))?;
-            let reached = wait_for_stored(&db.pool, &group, *point, Duration::from_secs(180)).await;
-            child.kill()?; // SIGKILL
-            child.wait()?;
-            reached?;
-        }
-        let mut last = spawn_sink(&db, &topics, &group, "survivor")?;
-        wait_for_stored(&db.pool, &group, total, Duration::from_secs(180)).await?;
-        terminate(&mut last).await?;
+        sigkill_then_finish(&db, &topics, &group, 2, total).await?;
         assert_eq!(
             stored_offsets(&db.pool, &group).await?,
             end_offsets(&topics, PARTITIONS)?
