@@ -4,95 +4,40 @@
 //! shared check.)
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
-use plumbing::testing::{admin_database_url, eventually, unique_name, TestDb, TestTopics};
+use anyhow::Result;
+use plumbing::testing::{unique_name, EmptyDb, ServiceProcess, TestDb, TestTopics};
 use schemas::LayoutChoice;
-use sqlx::postgres::PgConnectOptions;
-use sqlx::{ConnectOptions, Connection, PgConnection};
 
 const BIN: &str = env!("CARGO_BIN_EXE_evaluator-stream");
 
 /// How long a misconfigured evaluator may take to give up: one metadata request and a few queries.
 const FAIL_WITHIN: Duration = Duration::from_secs(30);
 
-/// A child evaluator killed when dropped, so a failing test leaves no process behind; its stderr
-/// goes to a file the test reads.
-struct Evaluator {
-    child: Child,
-    stderr: std::path::PathBuf,
-}
-
-impl Drop for Evaluator {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.stderr);
-    }
-}
-
-impl Evaluator {
-    fn spawn(
-        database_url: &str,
-        bootstrap: &str,
-        telemetry: &str,
-        alerts: &str,
-    ) -> Result<Evaluator> {
-        let admin_port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let path =
-            std::env::temp_dir().join(format!("{}.stderr", unique_name("evaluator_startup")));
-        let file = std::fs::File::create(&path)?;
-        let child = Command::new(BIN)
-            .env("DATABASE_URL", database_url)
-            .env("KAFKA_BOOTSTRAP_SERVERS", bootstrap)
-            .env("TELEMETRY_TOPIC", telemetry)
-            .env("ALERTS_TOPIC", alerts)
-            .env("EVALUATOR_GROUP_ID", unique_name("g"))
-            .env("ADMIN_LISTEN", format!("127.0.0.1:{admin_port}"))
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(file))
-            .spawn()?;
-        Ok(Evaluator {
-            child,
-            stderr: path,
-        })
-    }
-
-    fn stderr(&self) -> String {
-        std::fs::read_to_string(&self.stderr).unwrap_or_default()
-    }
-
-    async fn exit_status(&mut self, within: Duration) -> Result<ExitStatus> {
-        let child = &mut self.child;
-        eventually("the evaluator to exit", within, || {
-            let polled = child.try_wait();
-            async move {
-                match polled {
-                    Ok(Some(status)) => Ok(status),
-                    Ok(None) => Err("still running".to_owned()),
-                    Err(err) => Err(err.to_string()),
-                }
-            }
-        })
+/// Runs the evaluator against these settings until it fails at start-up; its stderr.
+async fn start_up_error(
+    database_url: &str,
+    bootstrap: &str,
+    telemetry: &str,
+    alerts: &str,
+) -> Result<String> {
+    let admin_port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let mut command = Command::new(BIN);
+    command
+        .env("DATABASE_URL", database_url)
+        .env("KAFKA_BOOTSTRAP_SERVERS", bootstrap)
+        .env("TELEMETRY_TOPIC", telemetry)
+        .env("ALERTS_TOPIC", alerts)
+        .env("EVALUATOR_GROUP_ID", unique_name("g"))
+        .env("ADMIN_LISTEN", format!("127.0.0.1:{admin_port}"))
+        .env("RUST_LOG", "warn");
+    ServiceProcess::spawn(command, "evaluator")?
+        .failure(FAIL_WITHIN)
         .await
-    }
-
-    /// Waits for the evaluator to fail at start-up; its stderr.
-    async fn failure(&mut self) -> Result<String> {
-        let status = self.exit_status(FAIL_WITHIN).await?;
-        let stderr = self.stderr();
-        assert!(
-            !status.success(),
-            "evaluator exited with {status}; stderr:\n{stderr}"
-        );
-        Ok(stderr)
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -100,13 +45,13 @@ async fn a_missing_alerts_topic_ends_the_evaluator_with_an_error_naming_it() -> 
     let db = TestDb::new(LayoutChoice::Postgres).await?;
     let topics = TestTopics::new(1).await?;
     let missing = unique_name("missing_alerts");
-    let mut evaluator = Evaluator::spawn(
+    let stderr = start_up_error(
         &db.url,
         &topics.args.bootstrap_servers,
         &topics.args.telemetry_topic,
         &missing,
-    )?;
-    let stderr = evaluator.failure().await?;
+    )
+    .await?;
     assert!(
         stderr.contains(&format!("kafka topic(s) {missing} do not exist")),
         "{stderr}"
@@ -117,31 +62,14 @@ async fn a_missing_alerts_topic_ends_the_evaluator_with_an_error_naming_it() -> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_not_migrated_ends_the_evaluator_with_an_error_saying_so() -> Result<()> {
     let topics = TestTopics::new(1).await?;
-    let admin_url = admin_database_url().await?;
-    let name = unique_name("fleet_empty");
-    let mut admin = PgConnection::connect(&admin_url).await?;
-    sqlx::query(&format!("CREATE DATABASE \"{name}\""))
-        .execute(&mut admin)
-        .await?;
-    let url = admin_url
-        .parse::<PgConnectOptions>()?
-        .database(&name)
-        .to_url_lossy()
-        .to_string();
-    let result = async {
-        let mut evaluator = Evaluator::spawn(
-            &url,
-            &topics.args.bootstrap_servers,
-            &topics.args.telemetry_topic,
-            &topics.args.alerts_topic,
-        )?;
-        evaluator.failure().await
-    }
-    .await;
-    sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
-        .execute(&mut admin)
-        .await?;
-    let stderr = result?;
+    let empty = EmptyDb::new().await?;
+    let stderr = start_up_error(
+        &empty.url,
+        &topics.args.bootstrap_servers,
+        &topics.args.telemetry_topic,
+        &topics.args.alerts_topic,
+    )
+    .await?;
     assert!(
         stderr.contains("database not migrated: schema version none found"),
         "{stderr}"
@@ -153,38 +81,19 @@ async fn a_database_not_migrated_ends_the_evaluator_with_an_error_saying_so() ->
 async fn a_role_without_a_right_ends_the_evaluator_with_an_error_naming_the_right() -> Result<()> {
     let db = TestDb::new(LayoutChoice::Postgres).await?;
     let topics = TestTopics::new(1).await?;
-    let role = unique_name("evaluator_role");
-    sqlx::query(&format!(
-        "CREATE ROLE \"{role}\" LOGIN PASSWORD 'evaluator-test' IN ROLE fleet_writer"
-    ))
-    .execute(&db.pool)
-    .await
-    .context("creating a login role")?;
+    let role = db.writer_login("evaluator_role").await?;
     // Only in this test's database: grants are per database object.
     sqlx::query("REVOKE DELETE ON alert_outbox FROM fleet_writer")
         .execute(&db.pool)
         .await?;
-    let url = db
-        .url
-        .parse::<PgConnectOptions>()?
-        .username(&role)
-        .password("evaluator-test")
-        .to_url_lossy()
-        .to_string();
-    let result = async {
-        let mut evaluator = Evaluator::spawn(
-            &url,
-            &topics.args.bootstrap_servers,
-            &topics.args.telemetry_topic,
-            &topics.args.alerts_topic,
-        )?;
-        evaluator.failure().await
-    }
-    .await;
-    sqlx::query(&format!("DROP ROLE IF EXISTS \"{role}\""))
-        .execute(&db.pool)
-        .await?;
-    let stderr = result?;
+    let stderr = start_up_error(
+        &role.url,
+        &topics.args.bootstrap_servers,
+        &topics.args.telemetry_topic,
+        &topics.args.alerts_topic,
+    )
+    .await?;
+    let role = &role.name;
     assert!(
         stderr.contains(&format!(
             "database role `{role}` lacks DELETE on table alert_outbox"

@@ -213,8 +213,7 @@ pub async fn run_on(
     // yet, ingest answers (503, not ready) as it always did.
     let checks = async {
         let result = startup_checks(&config, &pool, &shutdown).await;
-        if let Err(err) = &result {
-            tracing::error!(error = %err, "start-up check failed");
+        if result.is_err() {
             shutdown.cancel();
         }
         result
@@ -258,20 +257,15 @@ const PRIVILEGES: &[Privilege] = &[
     },
 ];
 
-/// Fails on what no retry fixes: a telemetry topic that does not exist, a database not
-/// migrated, a role without a right ingest needs. Brokers or a database that cannot be reached
-/// yet are waited for (readiness stays red meanwhile).
+/// Fails on a telemetry topic that does not exist, a database not migrated, a role without a
+/// right ingest needs (see [`plumbing::startup_checks`]).
 async fn startup_checks(
     config: &Config,
     pool: &sqlx::PgPool,
     shutdown: &Shutdown,
 ) -> Result<(), Error> {
     let topics = [config.kafka.telemetry_topic.as_str()];
-    tokio::try_join!(
-        plumbing::kafka::require_topics(&config.kafka, &topics, shutdown),
-        plumbing::db::require_schema(pool, PRIVILEGES, shutdown),
-    )?;
-    Ok(())
+    Ok(plumbing::startup_checks(&config.kafka, &topics, pool, PRIVILEGES, shutdown).await?)
 }
 
 /// Forgets full rate-limit buckets every minute, so memory follows active devices.

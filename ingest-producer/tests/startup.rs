@@ -7,10 +7,8 @@ use std::time::Duration;
 
 use anyhow::Result;
 use clap::Parser;
-use plumbing::testing::{admin_database_url, unique_name, TestDb, TestTopics};
+use plumbing::testing::{unique_name, EmptyDb, TestDb, TestTopics};
 use schemas::LayoutChoice;
-use sqlx::postgres::PgConnectOptions;
-use sqlx::{ConnectOptions, Connection, PgConnection};
 
 /// How long a misconfigured ingest may take to give up: one metadata request and a few queries.
 const FAIL_WITHIN: Duration = Duration::from_secs(30);
@@ -67,27 +65,13 @@ async fn a_missing_telemetry_topic_ends_ingest_with_an_error_naming_it() -> Resu
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_not_migrated_ends_ingest_with_an_error_saying_so() -> Result<()> {
     let topics = TestTopics::new(1).await?;
-    let admin_url = admin_database_url().await?;
-    let name = unique_name("fleet_empty");
-    let mut admin = PgConnection::connect(&admin_url).await?;
-    sqlx::query(&format!("CREATE DATABASE \"{name}\""))
-        .execute(&mut admin)
-        .await?;
-    let url = admin_url
-        .parse::<PgConnectOptions>()?
-        .database(&name)
-        .to_url_lossy()
-        .to_string();
-    let result = start_up_error(
-        &url,
+    let empty = EmptyDb::new().await?;
+    let error = start_up_error(
+        &empty.url,
         &topics.args.bootstrap_servers,
         &topics.args.telemetry_topic,
     )
-    .await;
-    sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
-        .execute(&mut admin)
-        .await?;
-    let error = result?;
+    .await?;
     assert!(
         error.contains("database not migrated: schema version none found"),
         "{error}"

@@ -31,3 +31,24 @@ pub mod testing;
 
 pub use error::Error;
 pub use shutdown::{shutdown_signal, Shutdown};
+
+/// A service's start-up checks: fails on what no retry fixes — one of `topics` missing on a
+/// broker that answers, a database not migrated to this build, a role without one of
+/// `privileges` — logging one error line; brokers or a database that cannot be reached yet are
+/// waited for (readiness stays red meanwhile) until `shutdown`.
+pub async fn startup_checks(
+    kafka: &config::KafkaArgs,
+    topics: &[&str],
+    pool: &sqlx::PgPool,
+    privileges: &[db::Privilege],
+    shutdown: &Shutdown,
+) -> Result<(), Error> {
+    let result = tokio::try_join!(
+        kafka::require_topics(kafka, topics, shutdown),
+        db::require_schema(pool, privileges, shutdown),
+    );
+    if let Err(err) = &result {
+        tracing::error!(error = %err, "start-up check failed");
+    }
+    result.map(|_| ())
+}

@@ -223,6 +223,30 @@ impl TestDb {
         })
     }
 
+    /// A new login role in `fleet_writer` (roles are cluster-wide; it is dropped with the
+    /// returned value), with the URL of this database as that role.
+    pub async fn writer_login(&self, prefix: &str) -> anyhow::Result<WriterLogin> {
+        let name = unique_name(prefix);
+        sqlx::query(&format!(
+            "CREATE ROLE \"{name}\" LOGIN PASSWORD 'writer-login' IN ROLE fleet_writer"
+        ))
+        .execute(&self.pool)
+        .await
+        .context("creating a login role")?;
+        let url = self
+            .url
+            .parse::<PgConnectOptions>()?
+            .username(&name)
+            .password("writer-login")
+            .to_url_lossy()
+            .to_string();
+        Ok(WriterLogin {
+            url,
+            name,
+            admin_url: self.admin_url.clone(),
+        })
+    }
+
     /// A pool whose connections act as `role` (via `SET ROLE`), at most `max` of them.
     /// With `max = 1` every transaction reuses the same server connection.
     pub async fn role_pool(&self, role: &'static str, max: u32) -> anyhow::Result<PgPool> {
@@ -244,28 +268,177 @@ impl TestDb {
 
 impl Drop for TestDb {
     fn drop(&mut self) {
-        let admin_url = self.admin_url.clone();
-        let name = self.name.clone();
-        // Drop may run on the test's own (blocked) runtime, whose reactor the pool's sockets
-        // belong to, so the pool is not closed from here: a short-lived runtime on its own
-        // thread drops the database WITH (FORCE), which ends those connections server-side.
-        let cleanup = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build();
-            if let Ok(runtime) = runtime {
-                runtime.block_on(async move {
-                    if let Ok(mut admin) = PgConnection::connect(&admin_url).await {
-                        let _ = sqlx::query(&format!(
-                            "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
-                        ))
-                        .execute(&mut admin)
-                        .await;
-                    }
-                });
+        drop_database(&self.admin_url, &self.name);
+    }
+}
+
+/// Drops database `name` WITH (FORCE), which ends its connections server-side.
+fn drop_database(admin_url: &str, name: &str) {
+    run_as_admin(
+        admin_url,
+        format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"),
+    );
+}
+
+/// Runs `statement` on a fresh admin connection, ignoring errors (clean-up). Drop may run on
+/// the test's own (blocked) runtime, whose reactor a pool's sockets belong to, so no pool is
+/// used: a short-lived runtime on its own thread runs the statement.
+fn run_as_admin(admin_url: &str, statement: String) {
+    let admin_url = admin_url.to_owned();
+    let cleanup = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build();
+        if let Ok(runtime) = runtime {
+            runtime.block_on(async move {
+                if let Ok(mut admin) = PgConnection::connect(&admin_url).await {
+                    let _ = sqlx::query(&statement).execute(&mut admin).await;
+                }
+            });
+        }
+    });
+    let _ = cleanup.join();
+}
+
+/// A login role that is a member of `fleet_writer`, dropped when this value is dropped.
+#[derive(Debug)]
+pub struct WriterLogin {
+    /// `db`'s URL, connecting as this role.
+    pub url: String,
+    /// The role's name.
+    pub name: String,
+    admin_url: String,
+}
+
+impl Drop for WriterLogin {
+    fn drop(&mut self) {
+        run_as_admin(
+            &self.admin_url,
+            format!("DROP ROLE IF EXISTS \"{}\"", self.name),
+        );
+    }
+}
+
+/// A freshly created database with nothing in it (not migrated), dropped when this value is
+/// dropped: what a service meets when nobody ran the migrations.
+#[derive(Debug)]
+pub struct EmptyDb {
+    /// URL of this database, as the owner of the test server.
+    pub url: String,
+    name: String,
+    admin_url: String,
+}
+
+impl EmptyDb {
+    pub async fn new() -> anyhow::Result<Self> {
+        let admin_url = admin_database_url().await?;
+        let name = unique_name("fleet_empty");
+        let mut admin = PgConnection::connect(&admin_url)
+            .await
+            .context("connecting to DATABASE_URL")?;
+        sqlx::query(&format!("CREATE DATABASE \"{name}\""))
+            .execute(&mut admin)
+            .await
+            .with_context(|| format!("creating database {name}"))?;
+        admin.close().await?;
+        let url = admin_url
+            .parse::<PgConnectOptions>()?
+            .database(&name)
+            .to_url_lossy()
+            .to_string();
+        Ok(EmptyDb {
+            url,
+            name,
+            admin_url,
+        })
+    }
+}
+
+impl Drop for EmptyDb {
+    fn drop(&mut self) {
+        drop_database(&self.admin_url, &self.name);
+    }
+}
+
+/// A service binary run by a test: killed when dropped (a failing test leaves no process
+/// behind), its stderr in a file the test reads.
+#[derive(Debug)]
+pub struct ServiceProcess {
+    child: std::process::Child,
+    stderr: std::path::PathBuf,
+    name: String,
+}
+
+impl ServiceProcess {
+    /// Spawns `command` (stdin and stdout null, stderr to a temporary file).
+    pub fn spawn(mut command: std::process::Command, name: &str) -> anyhow::Result<Self> {
+        let stderr = std::env::temp_dir().join(format!("{}.stderr", unique_name(name)));
+        let file = std::fs::File::create(&stderr)?;
+        let child = command
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::from(file))
+            .spawn()
+            .with_context(|| format!("spawning {name}"))?;
+        Ok(ServiceProcess {
+            child,
+            stderr,
+            name: name.to_owned(),
+        })
+    }
+
+    /// What the process wrote to stderr so far.
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// Its process id.
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Its exit status if it has exited.
+    pub fn try_wait(&mut self) -> std::io::Result<Option<std::process::ExitStatus>> {
+        self.child.try_wait()
+    }
+
+    /// Polls until the process exits, at most `within`.
+    pub async fn exit_status(
+        &mut self,
+        within: Duration,
+    ) -> anyhow::Result<std::process::ExitStatus> {
+        let child = &mut self.child;
+        eventually(&format!("{} to exit", self.name), within, || {
+            let polled = child.try_wait();
+            async move {
+                match polled {
+                    Ok(Some(status)) => Ok(status),
+                    Ok(None) => Err("still running".to_owned()),
+                    Err(err) => Err(err.to_string()),
+                }
             }
-        });
-        let _ = cleanup.join();
+        })
+        .await
+    }
+
+    /// Waits (at most `within`) for the process to exit unsuccessfully; its stderr.
+    pub async fn failure(&mut self, within: Duration) -> anyhow::Result<String> {
+        let status = self.exit_status(within).await?;
+        let stderr = self.stderr();
+        anyhow::ensure!(
+            !status.success(),
+            "{} exited with {status}; stderr:\n{stderr}",
+            self.name
+        );
+        Ok(stderr)
+    }
+}
+
+impl Drop for ServiceProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.stderr);
     }
 }
 

@@ -346,23 +346,14 @@ const PRIVILEGES: &[Privilege] = &[
     },
 ];
 
-/// Fails on what no retry fixes: a telemetry or DLQ topic that does not exist, a database not
-/// migrated, a role without a right the sink needs. Brokers or a database that cannot be
-/// reached yet are waited for (readiness stays red meanwhile), as before these checks.
+/// Fails on a telemetry or DLQ topic that does not exist, a database not migrated, a role
+/// without a right the sink needs (see [`plumbing::startup_checks`]).
 async fn startup_checks(config: &Config, pool: &PgPool, shutdown: &Shutdown) -> Result<(), Error> {
     let topics = [
         config.kafka.telemetry_topic.as_str(),
         config.kafka.dlq_topic.as_str(),
     ];
-    let result = tokio::try_join!(
-        plumbing::kafka::require_topics(&config.kafka, &topics, shutdown),
-        plumbing::db::require_schema(pool, PRIVILEGES, shutdown),
-    );
-    if let Err(err) = &result {
-        tracing::error!(error = %err, "start-up check failed");
-    }
-    result?;
-    Ok(())
+    Ok(plumbing::startup_checks(&config.kafka, &topics, pool, PRIVILEGES, shutdown).await?)
 }
 
 #[cfg(test)]
