@@ -230,7 +230,7 @@ pg_up() {
         tmp=$(mktemp)
         cat >"$tmp" <<'EOF'
 # Written by fleetstream deploy/local/deps.sh because timescaledb.so is installed.
-shared_preload_libraries = 'timescaledb'
+shared_preload_libraries = 'timescaledb,pg_stat_statements'
 # No phoning home: CI and dev machines have no internet access.
 timescaledb.telemetry_level = off
 # Compression/retention jobs; must fit in max_worker_processes (16) together

@@ -49,6 +49,8 @@ pub mod writer;
 
 /// Name in logs, traces, metrics and `system_metrics`.
 pub const SERVICE: &str = "timescale-sink";
+/// `application_name` of the connections doing the rollup refresh and partition upkeep.
+pub const UPKEEP_APPLICATION_NAME: &str = "timescale-sink-upkeep";
 
 /// Errors of the service.
 #[derive(Debug, thiserror::Error)]
@@ -171,9 +173,15 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), Error> {
         pool.close().await;
         return Err(err);
     }
-    // Upkeep only once the schema is known to be there.
+    // Upkeep only once the schema is known to be there. Its own connections (one for a step,
+    // one to cancel it on shutdown) under their own application_name, so the database cost of
+    // the rollup refresh and partition upkeep shows apart from the batches' in
+    // pg_stat_activity and in per-backend CPU.
+    let mut upkeep_args = config.database.clone();
+    upkeep_args.database_max_connections = 2;
+    let upkeep_pool = plumbing::db::pool(&upkeep_args, UPKEEP_APPLICATION_NAME)?;
     let maintenance = tokio::spawn(maintenance::run(
-        pool.clone(),
+        upkeep_pool.clone(),
         config.partitions_ahead_days,
         maintenance::Intervals {
             partitions: config.maintenance_interval,
@@ -298,6 +306,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), Error> {
         let _ = probe.await;
     }
     let _ = maintenance.await;
+    upkeep_pool.close().await;
     let _ = reporter.await;
     pool.close().await;
     info!(rows = stats.rows(), "stopped");

@@ -236,6 +236,20 @@ pub struct StorageFigures {
     pub after_compression_bytes: Option<i64>,
 }
 
+/// One statement's cost over the run, from pg_stat_statements.
+#[derive(Debug, Clone, Serialize)]
+pub struct StatementCost {
+    /// The normalised statement, shortened to one line.
+    pub query: String,
+    pub calls: i64,
+    pub rows: i64,
+    /// Execution time (wall clock in the backend, ms): close to CPU for the statements of a
+    /// CPU-bound run, but it also counts lock and I/O waits.
+    pub total_ms: f64,
+    /// `total_ms` as µs per accepted reading.
+    pub us_per_reading: f64,
+}
+
 /// Everything a run found and measured.
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
@@ -268,6 +282,9 @@ pub struct Report {
     /// CPU µs per accepted reading per process group.
     pub cpu_us_per_reading: BTreeMap<String, f64>,
     pub storage: StorageFigures,
+    /// The run database's statements by total execution time (pg_stat_statements), most
+    /// expensive first; empty when the server does not preload pg_stat_statements.
+    pub statements: Vec<StatementCost>,
     pub faults: Vec<(f64, String)>,
     pub drain_s: f64,
     pub samples: usize,
@@ -682,6 +699,7 @@ pub async fn run(opts: Options) -> Result<Report> {
     let mut kafka_cpu = CpuAccount::default();
     let mut simulator_cpu = CpuAccount::default();
     let postmaster = postmaster_pid(&db.pool).await?;
+    let statements_on = reset_statements(&db.pool).await;
     let mut last_tick = Instant::now();
     let mut last_scrape = Instant::now();
     let mut sink_lag_max: f64 = 0.0;
@@ -883,6 +901,18 @@ pub async fn run(opts: Options) -> Result<Report> {
         }
     };
 
+    let statements = if statements_on {
+        match statement_costs(&db.pool, accounting.accepted.max(1) as f64).await {
+            Ok(statements) => statements,
+            Err(err) => {
+                eprintln!("[fleet_e2e] statement costs unavailable: {err:#}");
+                Vec::new()
+            }
+        }
+    } else {
+        Vec::new()
+    };
+
     // Stop the services.
     {
         let mut s = shared.lock().await;
@@ -936,6 +966,7 @@ pub async fn run(opts: Options) -> Result<Report> {
         cpu_seconds,
         cpu_us_per_reading,
         storage,
+        statements,
         faults: faults.iter().map(|f| (f.t_s, f.label.clone())).collect(),
         drain_s,
         samples: samples.len(),
@@ -1243,6 +1274,60 @@ async fn sample_postgres_cpu(
     }
 }
 
+/// Starts pg_stat_statements afresh for the run's database. False (and a note) when the
+/// server does not preload it (deps.sh does).
+async fn reset_statements(pool: &sqlx::PgPool) -> bool {
+    let result = async {
+        sqlx::query("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+            .execute(pool)
+            .await?;
+        sqlx::query(
+            "SELECT pg_stat_statements_reset(0, (SELECT oid FROM pg_database \
+             WHERE datname = current_database()), 0)",
+        )
+        .execute(pool)
+        .await?;
+        Ok::<_, sqlx::Error>(())
+    }
+    .await;
+    match result {
+        Ok(()) => true,
+        Err(err) => {
+            eprintln!("[fleet_e2e] no statement costs (pg_stat_statements not preloaded?): {err}");
+            false
+        }
+    }
+}
+
+/// The run database's 15 most expensive statements.
+async fn statement_costs(pool: &sqlx::PgPool, accepted: f64) -> Result<Vec<StatementCost>> {
+    let rows = sqlx::query(
+        "SELECT query, calls, rows, total_exec_time FROM pg_stat_statements \
+         WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+         ORDER BY total_exec_time DESC LIMIT 15",
+    )
+    .fetch_all(pool)
+    .await?;
+    let mut out = Vec::with_capacity(rows.len());
+    for row in rows {
+        let query: String = row.try_get(0)?;
+        let mut query = query.split_whitespace().collect::<Vec<_>>().join(" ");
+        if let Some((cut, _)) = query.char_indices().nth(160) {
+            query.truncate(cut);
+            query.push('…');
+        }
+        let total_ms: f64 = row.try_get(3)?;
+        out.push(StatementCost {
+            query,
+            calls: row.try_get(1)?,
+            rows: row.try_get(2)?,
+            total_ms,
+            us_per_reading: total_ms * 1e3 / accepted,
+        });
+    }
+    Ok(out)
+}
+
 /// Storage of the run's telemetry: per chunk (TimescaleDB) or partition.
 async fn storage_figures(pool: &sqlx::PgPool, layout: Layout) -> Result<StorageFigures> {
     let mut figures = StorageFigures::default();
@@ -1443,6 +1528,24 @@ fn write_report(report: &Report, samples: &[Sample], faults: &[Fault], dir: &Pat
         let _ = writeln!(md, "\n## Storage per chunk/partition\n\n| range start / name | MB | compressed |\n|---|---|---|");
         for (name, bytes, compressed) in &report.storage.parts {
             let _ = writeln!(md, "| {name} | {:.1} | {compressed} |", *bytes as f64 / 1e6);
+        }
+    }
+    if !report.statements.is_empty() {
+        let _ = writeln!(
+            md,
+            "\n## Statements by execution time (pg_stat_statements, the run's database)\n\n\
+             | µs per reading | total s | calls | rows | statement |\n|---|---|---|---|---|"
+        );
+        for st in &report.statements {
+            let _ = writeln!(
+                md,
+                "| {:.1} | {:.1} | {} | {} | `{}` |",
+                st.us_per_reading,
+                st.total_ms / 1e3,
+                st.calls,
+                st.rows,
+                st.query.replace('|', "\\|").replace('`', "'")
+            );
         }
     }
     let problems: Vec<&String> = a
