@@ -98,6 +98,14 @@ pub struct Config {
     /// Offsets are stored at least this often when no transition forces a commit.
     #[arg(long, env = "EVALUATOR_COMMIT_INTERVAL", default_value = "1s", value_parser = plumbing::config::parse_duration)]
     pub commit_interval: Duration,
+    /// An alert transition waits at most this long (plus a commit already in flight) for its
+    /// commit, so transitions that come close together share one transaction and one
+    /// `alerts.v1` publish round: under load, at most ~1/delay transition commits per second
+    /// whatever the alert rate. Adds at most this much to alert latency; `0s` commits every
+    /// transition at once. Offsets-only commits (`commit_interval`) take waiting transitions
+    /// along.
+    #[arg(long, env = "EVALUATOR_TRANSITION_COMMIT_DELAY", default_value = "50ms", value_parser = plumbing::config::parse_duration)]
+    pub transition_commit_delay: Duration,
     /// Rules are re-read this often besides on change notifications.
     #[arg(long, env = "EVALUATOR_RULES_REFRESH", default_value = "30s", value_parser = plumbing::config::parse_duration)]
     pub rules_refresh: Duration,
@@ -214,7 +222,9 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), Error> {
         topic: config.kafka.telemetry_topic.clone(),
         partition_count: 0,
         commit_interval: config.commit_interval,
+        transition_commit_delay: config.transition_commit_delay,
         last_commit: Instant::now(),
+        transitions_since: None,
         wake,
         give_up: give_up.clone(),
         stats: stats.clone(),
@@ -507,7 +517,10 @@ struct Runner {
     topic: String,
     partition_count: i32,
     commit_interval: Duration,
+    transition_commit_delay: Duration,
     last_commit: Instant,
+    /// When the oldest transition not yet handed to a commit occurred (`None`: none waits).
+    transitions_since: Option<Instant>,
     wake: Arc<Notify>,
     give_up: Shutdown,
     stats: Arc<Stats>,
@@ -551,6 +564,11 @@ impl Runner {
                 _ = tick.tick() => {
                     self.engine.tick(now_micros());
                 }
+                // Transitions waiting for their commit's delay to pass while nothing else
+                // wakes the loop.
+                _ = tokio::time::sleep_until(tokio::time::Instant::from_std(
+                    self.transitions_since.unwrap_or_else(Instant::now) + self.transition_commit_delay,
+                )), if self.inflight.is_none() && self.transitions_since.is_some() => {}
                 outcome = async {
                     match self.inflight.as_mut() {
                         Some(handle) => join_commit(handle).await,
@@ -563,7 +581,13 @@ impl Runner {
                     }
                 }
             }
-            if self.engine.has_transitions() || self.last_commit.elapsed() >= self.commit_interval {
+            if self.engine.has_transitions() {
+                self.transitions_since.get_or_insert_with(Instant::now);
+            }
+            let transitions_due = self
+                .transitions_since
+                .is_some_and(|since| since.elapsed() >= self.transition_commit_delay);
+            if transitions_due || self.last_commit.elapsed() >= self.commit_interval {
                 self.start_commit();
             }
         }
@@ -800,6 +824,7 @@ impl Runner {
             return;
         }
         self.last_commit = Instant::now();
+        self.transitions_since = None;
         let unit: CommitUnit = self.engine.take_commit();
         let traces = std::mem::take(&mut self.traces);
         if unit.is_empty() {

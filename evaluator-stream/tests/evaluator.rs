@@ -398,3 +398,54 @@ async fn a_device_silent_in_real_time_fires_no_data_by_the_wall_clock() -> Resul
     task.await?;
     Ok(())
 }
+
+/// `EVALUATOR_TRANSITION_COMMIT_DELAY`: transitions half a second apart, with a delay of
+/// three seconds, are written by one transaction (the same `xmin` on both alert rows and
+/// both outbox rows); without the delay the first would have been committed on its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transitions_within_the_commit_delay_share_one_transaction() -> Result<()> {
+    let db = TestDb::new(LayoutChoice::Postgres).await?;
+    let topics = TestTopics::new(1).await?;
+    provision(&db.pool, &[A], &[(A, "d1"), (A, "d2")]).await?;
+    rule(
+        &db.pool,
+        A,
+        "hot",
+        "kind='threshold'; metric='temp'; op='>'; threshold=30",
+    )
+    .await?;
+    let group = format!("eval-{}", db.name);
+    let extra = ["--transition-commit-delay", "0s", "--commit-interval", "1h"];
+    let (shutdown, task) = start(config(&db, &topics, &group, &extra)?).await;
+    let producer = producer(&topics)?;
+    let topic = &topics.args.telemetry_topic;
+    let t0 = Utc::now();
+    produce(&producer, topic, &[reading(A, "d1", t0, &[("temp", 50.0)])]).await?;
+    // The scenario's spacing, not a synchronisation: the second transition comes later.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let t1 = t0 + chrono::Duration::milliseconds(500);
+    produce(&producer, topic, &[reading(A, "d2", t1, &[("temp", 50.0)])]).await?;
+    eventually("both alerts firing", Duration::from_secs(30), || async {
+        let rows = alerts(&db.pool).await.map_err(|e| e.to_string())?;
+        let firing = rows.iter().filter(|r| r.2 == "firing").count();
+        if firing == 2 {
+            Ok(())
+        } else {
+            Err(format!("{rows:?}"))
+        }
+    })
+    .await?;
+    let transactions: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT 'alerts', count(DISTINCT xmin::text) FROM alerts \
+         UNION ALL SELECT 'outbox', count(DISTINCT xmin::text) FROM alert_outbox",
+    )
+    .fetch_all(&db.pool)
+    .await?;
+    assert_eq!(
+        transactions,
+        vec![("alerts".to_owned(), 1), ("outbox".to_owned(), 1)]
+    );
+    shutdown.cancel();
+    task.await?;
+    Ok(())
+}

@@ -259,7 +259,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), Error> {
         stored,
     );
     let mut consumer_config =
-        plumbing::kafka::consumer_config(&config.kafka, SERVICE, &config.group_id);
+        plumbing::kafka::bulk_consumer_config(&config.kafka, SERVICE, &config.group_id);
     // Eager protocol: see the `consumer` module for why not cooperative-sticky.
     consumer_config.set("partition.assignment.strategy", "roundrobin");
     let consumer: Arc<BaseConsumer<consumer::SinkContext>> =
