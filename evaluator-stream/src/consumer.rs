@@ -261,6 +261,8 @@ pub fn poll_loop(consumer: &BaseConsumer<EvalContext>) {
     let context = consumer.context();
     let mut paused = false;
     let mut last_lag = Instant::now();
+    let mut last_kafka_commit = Instant::now();
+    let mut kafka_committed = std::collections::BTreeMap::new();
     // Whether the last poll found nothing: then whatever is pending goes out now; while
     // messages keep coming they go out in chunks, one wake-up of the evaluation task each.
     let mut idle = true;
@@ -334,12 +336,24 @@ pub fn poll_loop(consumer: &BaseConsumer<EvalContext>) {
             Some(Err(err)) => warn!(error = %err, "kafka consumer error"),
             None => {}
         }
+        if last_kafka_commit.elapsed() > KAFKA_COMMIT_INTERVAL {
+            last_kafka_commit = Instant::now();
+            plumbing::kafka::commit_stored(
+                consumer,
+                &context.topic,
+                &context.stored,
+                &mut kafka_committed,
+            );
+        }
         if last_lag.elapsed() > Duration::from_secs(10) {
             last_lag = Instant::now();
             report_lag(consumer);
         }
     }
 }
+
+/// How often offsets stored in PostgreSQL are also committed to Kafka, for lag tools.
+const KAFKA_COMMIT_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Lag as an SRE must read it: end offset − the offset stored in PostgreSQL (what a restart
 /// resumes from), not − the fetch position, which runs ahead by everything queued.

@@ -449,3 +449,88 @@ async fn transitions_within_the_commit_delay_share_one_transaction() -> Result<(
     task.await?;
     Ok(())
 }
+
+/// Kafka's committed offsets of the group follow the offsets stored in PostgreSQL, so
+/// `kafka-consumer-groups.sh --describe` reports the lag the evaluator reports.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_committed_offsets_follow_the_offsets_stored_in_postgresql() -> Result<()> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::{Offset, TopicPartitionList};
+
+    let db = TestDb::new(LayoutChoice::Postgres).await?;
+    let topics = TestTopics::new(2).await?;
+    let devices: Vec<(&str, String)> = (0..8).map(|i| (A, format!("d{i}"))).collect();
+    let device_refs: Vec<(&str, &str)> = devices.iter().map(|(t, d)| (*t, d.as_str())).collect();
+    provision(&db.pool, &[A], &device_refs).await?;
+    let t0 = Utc::now();
+    let readings: Vec<_> = (0..40)
+        .map(|i| {
+            let (tenant, device) = device_refs[i % device_refs.len()];
+            reading(
+                tenant,
+                device,
+                t0 + chrono::Duration::milliseconds(i as i64),
+                &[("temp", 20.0)],
+            )
+        })
+        .collect();
+    produce(&producer(&topics)?, &topics.args.telemetry_topic, &readings).await?;
+    let group = format!("eval-{}", db.name);
+    let (shutdown, task) = start(config(&db, &topics, &group, &[])?).await;
+    eventually(
+        "every reading committed",
+        Duration::from_secs(30),
+        || async {
+            match stored_total(&db.pool, &group).await {
+                Ok(40) => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await?;
+    let stored: Vec<(i32, i64)> = sqlx::query_as(
+        "SELECT partition, next_offset FROM consumer_offsets WHERE consumer_group = $1 \
+         ORDER BY partition",
+    )
+    .bind(&group)
+    .fetch_all(&db.pool)
+    .await?;
+    assert_eq!(stored.iter().map(|(_, n)| n).sum::<i64>(), 40);
+
+    // What a lag tool reads: the group's committed offsets, without joining the group.
+    let lag_tool: BaseConsumer =
+        plumbing::kafka::consumer_config(&topics.args, "lag-tool", &group).create()?;
+    let topic = topics.args.telemetry_topic.clone();
+    eventually(
+        "Kafka's committed offsets = PostgreSQL's",
+        Duration::from_secs(30),
+        || {
+            let mut tpl = TopicPartitionList::new();
+            for (partition, _) in &stored {
+                tpl.add_partition(&topic, *partition);
+            }
+            let committed = lag_tool.committed_offsets(tpl, Duration::from_secs(5));
+            let stored = stored.clone();
+            async move {
+                let committed = committed.map_err(|e| e.to_string())?;
+                let seen: Vec<(i32, i64)> = committed
+                    .elements()
+                    .iter()
+                    .map(|e| match e.offset() {
+                        Offset::Offset(o) => (e.partition(), o),
+                        _ => (e.partition(), -1),
+                    })
+                    .collect();
+                if seen == stored {
+                    Ok(())
+                } else {
+                    Err(format!("Kafka {seen:?}, PostgreSQL {stored:?}"))
+                }
+            }
+        },
+    )
+    .await?;
+    shutdown.cancel();
+    task.await?;
+    Ok(())
+}

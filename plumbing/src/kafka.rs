@@ -269,6 +269,44 @@ impl StoredOffsets {
     }
 }
 
+/// Commits to Kafka the offsets stored in PostgreSQL ([`StoredOffsets`]) of the partitions
+/// assigned to `consumer` that moved since the last call (`committed` remembers what went
+/// out), asynchronously and best effort. So `kafka-consumer-groups.sh --describe` and other
+/// lag tools that read Kafka's committed offsets agree with the service's own lag. Kafka's
+/// committed offsets are never read back: a service resumes from PostgreSQL.
+pub fn commit_stored<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    topic: &str,
+    stored: &StoredOffsets,
+    committed: &mut BTreeMap<i32, i64>,
+) {
+    let Ok(assignment) = consumer.assignment() else {
+        return;
+    };
+    let mut tpl = TopicPartitionList::new();
+    let mut moved = Vec::new();
+    for element in assignment.elements_for_topic(topic) {
+        let partition = element.partition();
+        let Some(next) = stored.get(partition) else {
+            continue;
+        };
+        if committed.get(&partition) != Some(&next)
+            && tpl
+                .add_partition_offset(topic, partition, Offset::Offset(next))
+                .is_ok()
+        {
+            moved.push((partition, next));
+        }
+    }
+    if moved.is_empty() {
+        return;
+    }
+    match consumer.commit(&tpl, rdkafka::consumer::CommitMode::Async) {
+        Ok(()) => committed.extend(moved),
+        Err(err) => tracing::debug!(error = %err, "kafka-side offset commit not queued"),
+    }
+}
+
 /// Messages a restart would have to read, per assigned partition: high watermark − the
 /// offset stored with the data ([`StoredOffsets`]). A partition with nothing stored yet counts
 /// from the consumer's position (where it started reading), or from the low watermark.
