@@ -54,11 +54,17 @@ pub struct Device {
     pub active: bool,
 }
 
+/// A map on foldhash (seeded per process): SipHash cost ~15 % of ingest's CPU while a full
+/// reload of 100,000 devices ran, and every reading of a request is looked up.
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
 /// One consistent snapshot of the credentials.
 #[derive(Debug, Default)]
 pub struct Snapshot {
-    tokens: HashMap<String, Principal>,
-    devices: HashMap<(String, String), Device>,
+    tokens: FastMap<String, Principal>,
+    /// Devices by tenant, then device id: looked up with the request's `&str`s, no key built.
+    devices: FastMap<String, FastMap<String, Device>>,
+    device_count: usize,
     suspended_tenants: std::collections::HashSet<String>,
 }
 
@@ -87,8 +93,9 @@ impl Snapshot {
                     },
                 );
             }
-            snapshot.devices.insert(
-                (tenant_id, device_id),
+            snapshot.insert_device(
+                tenant_id,
+                device_id,
                 Device {
                     site_id,
                     active: status == "active",
@@ -116,9 +123,22 @@ impl Snapshot {
         Ok(snapshot)
     }
 
+    /// Adds (or replaces) a registered device.
+    fn insert_device(&mut self, tenant_id: String, device_id: String, device: Device) {
+        if self
+            .devices
+            .entry(tenant_id)
+            .or_default()
+            .insert(device_id, device)
+            .is_none()
+        {
+            self.device_count += 1;
+        }
+    }
+
     /// Number of known devices.
     pub fn device_count(&self) -> usize {
-        self.devices.len()
+        self.device_count
     }
 }
 
@@ -222,14 +242,18 @@ impl Credentials {
                 ))
             }
         };
-        let tenant = principal.tenant_id().to_owned();
+        let tenant = principal.tenant_id();
         let snapshot = self.snapshot();
-        match snapshot.devices.get(&(tenant.clone(), device.clone())) {
+        match snapshot
+            .devices
+            .get(tenant)
+            .and_then(|devices| devices.get(&device))
+        {
             None => Err(Rejection::unknown_device("unknown device")),
             Some(registered) if !registered.active => {
                 Err(Rejection::unknown_device("device disabled"))
             }
-            Some(registered) => Ok((tenant, device, registered.site_id.clone())),
+            Some(registered) => Ok((tenant.to_owned(), device, registered.site_id.clone())),
         }
     }
 }
@@ -325,8 +349,9 @@ mod tests {
             },
         );
         for (device, active) in [("d1", true), ("d2", true), ("off", false)] {
-            snapshot.devices.insert(
-                ("acme".into(), device.into()),
+            snapshot.insert_device(
+                "acme".into(),
+                device.into(),
                 Device {
                     site_id: None,
                     active,
@@ -414,6 +439,36 @@ mod tests {
                 .status
                 .as_u16(),
             400
+        );
+    }
+
+    #[test]
+    fn devices_are_counted_once_and_looked_up_per_tenant() {
+        let mut snapshot = Snapshot::default();
+        let device = |active| Device {
+            site_id: None,
+            active,
+        };
+        snapshot.insert_device("acme".into(), "d1".into(), device(true));
+        snapshot.insert_device("acme".into(), "d1".into(), device(false));
+        snapshot.insert_device("other".into(), "d1".into(), device(true));
+        assert_eq!(snapshot.device_count(), 2);
+        snapshot.tokens.insert(
+            token_hash("gw"),
+            Principal::Gateway {
+                tenant_id: "acme".into(),
+            },
+        );
+        let creds = Credentials::new(snapshot);
+        let gateway = creds.authenticate(Some("Bearer gw")).unwrap();
+        // The later registration of acme/d1 (disabled) replaced the first; other/d1 is
+        // another tenant's device and does not answer for acme.
+        assert_eq!(
+            creds
+                .authorize(&gateway, None, Some("d1"))
+                .unwrap_err()
+                .error,
+            "device disabled"
         );
     }
 }

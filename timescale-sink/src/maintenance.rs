@@ -27,6 +27,12 @@ use crate::stats::Stats;
 /// long catch-up still lets partition upkeep and shutdown in between).
 const MAX_CALLS_PER_TICK: usize = 1_000;
 
+/// Minutes one rollup step aggregates at most (new minutes and recomputed late ones): a
+/// minute of 100,000 devices is ~100 MB of hash table, and a step must fit the function's
+/// `work_mem` (migration 0013) or it spills to disk and a refresh that fell behind falls
+/// further behind. Steps repeat while work is left.
+const STEP_MINUTES: i32 = 2;
+
 /// What one `fleet_refresh_rollup_1m()` call did.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Refresh {
@@ -52,8 +58,9 @@ async fn refresh_rollup_on(conn: &mut PgConnection) -> Result<Refresh, sqlx::Err
         i32,
         bool,
     ) = sqlx::query_as(
-        "SELECT watermark, rows_written, minutes_recomputed, more FROM fleet_refresh_rollup_1m()",
+        "SELECT watermark, rows_written, minutes_recomputed, more FROM fleet_refresh_rollup_1m($1)",
     )
+    .bind(STEP_MINUTES)
     .fetch_one(&mut *conn)
     .await?;
     Ok(Refresh {

@@ -257,7 +257,7 @@ async fn shutdown_cancels_a_rollup_step_in_progress_and_starts_none() -> Result<
         async move {
             sqlx::query_scalar::<_, i64>(
                 "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND state = $2 \
-                 AND query LIKE '%FROM fleet_refresh_rollup_1m()%' AND pid <> pg_backend_pid()",
+                 AND query LIKE '%FROM fleet_refresh_rollup_1m(%' AND pid <> pg_backend_pid()",
             )
             .bind(name)
             .bind(state)
