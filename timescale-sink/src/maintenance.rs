@@ -147,9 +147,8 @@ pub async fn refresh_rollup_until_done(
             metrics::counter!(m::ROLLUP_MINUTES_RECOMPUTED)
                 .increment(refresh.minutes_recomputed.max(0) as u64);
             if let Some(watermark) = refresh.watermark {
-                let lag = (Utc::now() - watermark).num_milliseconds().max(0) as f64 / 1000.0;
-                metrics::gauge!(m::ROLLUP_LAG).set(lag);
-                stats.set_rollup_lag(lag);
+                stats.set_rollup_watermark(watermark);
+                metrics::gauge!(m::ROLLUP_LAG).set(stats.rollup_lag());
             }
             debug!(
                 watermark = ?refresh.watermark,

@@ -1,7 +1,7 @@
 //! Running figures of this instance, written to `system_metrics` every interval (see
 //! `plumbing::system_metrics`).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,8 +17,8 @@ pub struct Stats {
     dead_letters: AtomicU64,
     fenced: AtomicU64,
     lag: AtomicU64,
-    /// Seconds between now and the rollup watermark at the last refresh, as `f64` bits.
-    rollup_lag: AtomicU64,
+    /// The rollup watermark after the last completed refresh step, epoch µs (0: none yet).
+    rollup_watermark_us: AtomicI64,
     /// Ingest→commit latency of committed rows.
     pub latency: LatencyWindow,
 }
@@ -39,13 +39,19 @@ impl Stats {
         self.lag.store(lag, Ordering::Relaxed);
     }
 
-    pub fn set_rollup_lag(&self, seconds: f64) {
-        self.rollup_lag.store(seconds.to_bits(), Ordering::Relaxed);
+    pub fn set_rollup_watermark(&self, watermark: chrono::DateTime<chrono::Utc>) {
+        self.rollup_watermark_us
+            .store(watermark.timestamp_micros(), Ordering::Relaxed);
     }
 
-    /// Rollup lag at the last refresh, seconds (0 before the first).
+    /// Rollup lag now: seconds from the watermark to the present (0 before the first
+    /// refresh). Computed when read, so it keeps growing while a refresh step runs long,
+    /// instead of showing the lag the last step ended with.
     pub fn rollup_lag(&self) -> f64 {
-        f64::from_bits(self.rollup_lag.load(Ordering::Relaxed))
+        match self.rollup_watermark_us.load(Ordering::Relaxed) {
+            0 => 0.0,
+            watermark => ((chrono::Utc::now().timestamp_micros() - watermark).max(0) as f64) / 1e6,
+        }
     }
 
     /// Rows committed since start.
@@ -86,13 +92,15 @@ pub fn spawn_reporter(
         shutdown,
         move || {
             let (avg, max) = stats.latency.take();
+            let rollup_lag = stats.rollup_lag();
+            metrics::gauge!(crate::metrics::ROLLUP_LAG).set(rollup_lag);
             vec![
                 ("sink_rows_per_second", rate.per_second(stats.rows())),
                 (
                     "sink_consumer_lag_messages",
                     stats.lag.load(Ordering::Relaxed) as f64,
                 ),
-                ("sink_rollup_lag_seconds", stats.rollup_lag()),
+                ("sink_rollup_lag_seconds", rollup_lag),
                 ("sink_ingest_to_commit_avg_seconds", avg),
                 ("sink_ingest_to_commit_max_seconds", max),
                 ("sink_duplicate_rows_total", stats.duplicates() as f64),
@@ -104,4 +112,20 @@ pub fn spawn_reporter(
             ]
         },
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rollup_lag_is_measured_when_read_not_when_the_refresh_ended() {
+        let stats = Stats::default();
+        assert_eq!(stats.rollup_lag(), 0.0);
+        // A step that ended with the watermark 100 s behind, and nothing since: the lag read
+        // now is at least those 100 s (it was 0 s behind "now" only if the clock stood still).
+        stats.set_rollup_watermark(chrono::Utc::now() - chrono::Duration::seconds(100));
+        let lag = stats.rollup_lag();
+        assert!((100.0..160.0).contains(&lag), "{lag}");
+    }
 }
