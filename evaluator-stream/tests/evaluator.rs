@@ -406,7 +406,7 @@ async fn a_device_silent_in_real_time_fires_no_data_by_the_wall_clock() -> Resul
 async fn transitions_within_the_commit_delay_share_one_transaction() -> Result<()> {
     let db = TestDb::new(LayoutChoice::Postgres).await?;
     let topics = TestTopics::new(1).await?;
-    provision(&db.pool, &[A], &[(A, "d1"), (A, "d2")]).await?;
+    provision(&db.pool, &[A], &[(A, "d0"), (A, "d1"), (A, "d2")]).await?;
     rule(
         &db.pool,
         A,
@@ -415,29 +415,55 @@ async fn transitions_within_the_commit_delay_share_one_transaction() -> Result<(
     )
     .await?;
     let group = format!("eval-{}", db.name);
-    let extra = ["--transition-commit-delay", "0s", "--commit-interval", "1h"];
+    let extra = ["--transition-commit-delay", "3s", "--commit-interval", "1h"];
     let (shutdown, task) = start(config(&db, &topics, &group, &extra)?).await;
     let producer = producer(&topics)?;
     let topic = &topics.args.telemetry_topic;
+    let firing = |devices: &'static [&'static str]| {
+        let pool = db.pool.clone();
+        move || {
+            let pool = pool.clone();
+            async move {
+                let rows = alerts(&pool).await.map_err(|e| e.to_string())?;
+                let n = rows
+                    .iter()
+                    .filter(|r| r.2 == "firing" && devices.contains(&r.1.as_str()))
+                    .count();
+                if n == devices.len() {
+                    Ok(())
+                } else {
+                    Err(format!("{rows:?}"))
+                }
+            }
+        }
+    };
+    // Warm-up: the evaluator has joined its group, been assigned and committed once, so no
+    // first-join rebalance (whose revocation commits at once) falls between the two below.
     let t0 = Utc::now();
-    produce(&producer, topic, &[reading(A, "d1", t0, &[("temp", 50.0)])]).await?;
+    produce(&producer, topic, &[reading(A, "d0", t0, &[("temp", 50.0)])]).await?;
+    eventually(
+        "d0's alert firing",
+        Duration::from_secs(30),
+        firing(&["d0"]),
+    )
+    .await?;
+
+    let t1 = t0 + chrono::Duration::seconds(1);
+    produce(&producer, topic, &[reading(A, "d1", t1, &[("temp", 50.0)])]).await?;
     // The scenario's spacing, not a synchronisation: the second transition comes later.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let t1 = t0 + chrono::Duration::milliseconds(500);
-    produce(&producer, topic, &[reading(A, "d2", t1, &[("temp", 50.0)])]).await?;
-    eventually("both alerts firing", Duration::from_secs(30), || async {
-        let rows = alerts(&db.pool).await.map_err(|e| e.to_string())?;
-        let firing = rows.iter().filter(|r| r.2 == "firing").count();
-        if firing == 2 {
-            Ok(())
-        } else {
-            Err(format!("{rows:?}"))
-        }
-    })
+    let t2 = t1 + chrono::Duration::milliseconds(500);
+    produce(&producer, topic, &[reading(A, "d2", t2, &[("temp", 50.0)])]).await?;
+    eventually(
+        "d1's and d2's alerts firing",
+        Duration::from_secs(30),
+        firing(&["d1", "d2"]),
+    )
     .await?;
     let transactions: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT 'alerts', count(DISTINCT xmin::text) FROM alerts \
-         UNION ALL SELECT 'outbox', count(DISTINCT xmin::text) FROM alert_outbox",
+        "SELECT 'alerts', count(DISTINCT xmin::text) FROM alerts WHERE device_id <> 'd0' \
+         UNION ALL SELECT 'outbox', count(DISTINCT xmin::text) FROM alert_outbox \
+         WHERE device_id <> 'd0'",
     )
     .fetch_all(&db.pool)
     .await?;
