@@ -336,7 +336,7 @@ pub fn poll_loop(consumer: &BaseConsumer<EvalContext>) {
             Some(Err(err)) => warn!(error = %err, "kafka consumer error"),
             None => {}
         }
-        if last_kafka_commit.elapsed() > KAFKA_COMMIT_INTERVAL {
+        if last_kafka_commit.elapsed() > plumbing::kafka::KAFKA_COMMIT_INTERVAL {
             last_kafka_commit = Instant::now();
             plumbing::kafka::commit_stored(
                 consumer,
@@ -351,9 +351,6 @@ pub fn poll_loop(consumer: &BaseConsumer<EvalContext>) {
         }
     }
 }
-
-/// How often offsets stored in PostgreSQL are also committed to Kafka, for lag tools.
-const KAFKA_COMMIT_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Lag as an SRE must read it: end offset − the offset stored in PostgreSQL (what a restart
 /// resumes from), not − the fetch position, which runs ahead by everything queued.

@@ -469,6 +469,10 @@ fn spawn_reporter(
                     messages.per_second(stats.messages.load(Ordering::Relaxed)),
                 ),
                 (
+                    "evaluator_messages_total",
+                    stats.messages.load(Ordering::Relaxed) as f64,
+                ),
+                (
                     "evaluator_rule_evaluations_per_second",
                     evaluations.per_second(stats.evaluations.load(Ordering::Relaxed)),
                 ),

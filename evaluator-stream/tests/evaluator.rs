@@ -399,9 +399,10 @@ async fn a_device_silent_in_real_time_fires_no_data_by_the_wall_clock() -> Resul
     Ok(())
 }
 
-/// `EVALUATOR_TRANSITION_COMMIT_DELAY`: transitions half a second apart, with a delay of
-/// three seconds, are written by one transaction (the same `xmin` on both alert rows and
-/// both outbox rows); without the delay the first would have been committed on its own.
+/// `EVALUATOR_TRANSITION_COMMIT_DELAY`: a transition evaluated before the next reading is even
+/// sent, with a delay of ten seconds, is written by one transaction with that reading's (the
+/// same `xmin` on both alert rows and both outbox rows); without the delay the first would
+/// have been committed on its own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transitions_within_the_commit_delay_share_one_transaction() -> Result<()> {
     let db = TestDb::new(LayoutChoice::Postgres).await?;
@@ -415,7 +416,12 @@ async fn transitions_within_the_commit_delay_share_one_transaction() -> Result<(
     )
     .await?;
     let group = format!("eval-{}", db.name);
-    let extra = ["--transition-commit-delay", "3s", "--commit-interval", "1h"];
+    let extra = [
+        "--transition-commit-delay",
+        "10s",
+        "--commit-interval",
+        "1h",
+    ];
     let (shutdown, task) = start(config(&db, &topics, &group, &extra)?).await;
     let producer = producer(&topics)?;
     let topic = &topics.args.telemetry_topic;
@@ -450,8 +456,26 @@ async fn transitions_within_the_commit_delay_share_one_transaction() -> Result<(
 
     let t1 = t0 + chrono::Duration::seconds(1);
     produce(&producer, topic, &[reading(A, "d1", t1, &[("temp", 50.0)])]).await?;
-    // The scenario's spacing, not a synchronisation: the second transition comes later.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // d2's reading is sent only once d1's has been evaluated (its transition waiting for the
+    // delay), so without the delay the two would be committed apart.
+    eventually(
+        "d1's reading evaluated (system_metrics)",
+        Duration::from_secs(30),
+        || async {
+            let evaluated: Option<f64> = sqlx::query_scalar(
+                "SELECT value FROM system_metrics WHERE metric_name = 'evaluator_messages_total' \
+                 ORDER BY time DESC LIMIT 1",
+            )
+            .fetch_optional(&db.pool)
+            .await
+            .map_err(|e| e.to_string())?;
+            match evaluated {
+                Some(n) if n >= 2.0 => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await?;
     let t2 = t1 + chrono::Duration::milliseconds(500);
     produce(&producer, topic, &[reading(A, "d2", t2, &[("temp", 50.0)])]).await?;
     eventually(
@@ -480,9 +504,6 @@ async fn transitions_within_the_commit_delay_share_one_transaction() -> Result<(
 /// `kafka-consumer-groups.sh --describe` reports the lag the evaluator reports.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_committed_offsets_follow_the_offsets_stored_in_postgresql() -> Result<()> {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-    use rdkafka::{Offset, TopicPartitionList};
-
     let db = TestDb::new(LayoutChoice::Postgres).await?;
     let topics = TestTopics::new(2).await?;
     let devices: Vec<(&str, String)> = (0..8).map(|i| (A, format!("d{i}"))).collect();
@@ -524,29 +545,15 @@ async fn kafka_committed_offsets_follow_the_offsets_stored_in_postgresql() -> Re
     assert_eq!(stored.iter().map(|(_, n)| n).sum::<i64>(), 40);
 
     // What a lag tool reads: the group's committed offsets, without joining the group.
-    let lag_tool: BaseConsumer =
-        plumbing::kafka::consumer_config(&topics.args, "lag-tool", &group).create()?;
-    let topic = topics.args.telemetry_topic.clone();
+    let args = topics.args.clone();
     eventually(
         "Kafka's committed offsets = PostgreSQL's",
         Duration::from_secs(30),
         || {
-            let mut tpl = TopicPartitionList::new();
-            for (partition, _) in &stored {
-                tpl.add_partition(&topic, *partition);
-            }
-            let committed = lag_tool.committed_offsets(tpl, Duration::from_secs(5));
+            let seen = plumbing::testing::kafka_committed(&args, &group, 2);
             let stored = stored.clone();
             async move {
-                let committed = committed.map_err(|e| e.to_string())?;
-                let seen: Vec<(i32, i64)> = committed
-                    .elements()
-                    .iter()
-                    .map(|e| match e.offset() {
-                        Offset::Offset(o) => (e.partition(), o),
-                        _ => (e.partition(), -1),
-                    })
-                    .collect();
+                let seen = seen.map_err(|e| e.to_string())?;
                 if seen == stored {
                     Ok(())
                 } else {

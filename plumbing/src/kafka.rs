@@ -269,6 +269,9 @@ impl StoredOffsets {
     }
 }
 
+/// How often services call [`commit_stored`] from their poll loop.
+pub const KAFKA_COMMIT_INTERVAL: Duration = Duration::from_secs(1);
+
 /// Commits to Kafka the offsets stored in PostgreSQL ([`StoredOffsets`]) of the partitions
 /// assigned to `consumer` that moved since the last call (`committed` remembers what went
 /// out), asynchronously and best effort. So `kafka-consumer-groups.sh --describe` and other

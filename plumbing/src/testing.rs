@@ -515,6 +515,31 @@ where
     }
 }
 
+/// `group`'s offsets committed to Kafka for partitions `0..partitions` of the telemetry topic,
+/// as a lag tool reads them (without joining the group): `(partition, offset)`, -1 where none.
+/// Blocking (a metadata round trip).
+pub fn kafka_committed(
+    args: &KafkaArgs,
+    group: &str,
+    partitions: i32,
+) -> anyhow::Result<Vec<(i32, i64)>> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let lag_tool: BaseConsumer = crate::kafka::consumer_config(args, "lag-tool", group).create()?;
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for partition in 0..partitions {
+        tpl.add_partition(&args.telemetry_topic, partition);
+    }
+    let committed = lag_tool.committed_offsets(tpl, Duration::from_secs(5))?;
+    Ok(committed
+        .elements()
+        .iter()
+        .map(|e| match e.offset() {
+            rdkafka::Offset::Offset(o) => (e.partition(), o),
+            _ => (e.partition(), -1),
+        })
+        .collect())
+}
+
 /// The partition Kafka's Java client (default partitioner) picks for `key`:
 /// `toPositive(murmur2(key)) % partitions` ([`crate::kafka::partition_for_key`], checked
 /// against Kafka's own test vectors below), the reference librdkafka's placement is tested

@@ -23,15 +23,15 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
-use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
+use rdkafka::{ClientContext, Message, TopicPartitionList};
 use sqlx::PgPool;
 use tokio::runtime::Handle;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::batch::{PartitionRange, RawMessage};
+use crate::batch::RawMessage;
 use crate::pipeline::Input;
 
 pub use plumbing::kafka::StartFrom;
@@ -230,21 +230,6 @@ impl ConsumerContext for SinkContext {
     }
 }
 
-/// Commits stored offsets to Kafka (asynchronously, best effort) so lag tools see them.
-pub fn commit_to_kafka(
-    consumer: &BaseConsumer<SinkContext>,
-    topic: &str,
-    ranges: &BTreeMap<i32, PartitionRange>,
-) {
-    let mut tpl = TopicPartitionList::new();
-    for (&partition, range) in ranges {
-        let _ = tpl.add_partition_offset(topic, partition, Offset::Offset(range.next));
-    }
-    if let Err(err) = consumer.commit(&tpl, CommitMode::Async) {
-        tracing::debug!(error = %err, "kafka-side offset commit not queued");
-    }
-}
-
 /// Messages per writer handed over at once while the broker keeps delivering: one wake-up
 /// of the batcher per chunk instead of per message (a batch may exceed its row limit by less
 /// than this).
@@ -256,6 +241,8 @@ pub fn poll_loop(consumer: &BaseConsumer<SinkContext>, stats: &crate::stats::Sta
     let context = consumer.context();
     let mut paused = false;
     let mut last_lag = Instant::now();
+    let mut last_kafka_commit = Instant::now();
+    let mut kafka_committed = BTreeMap::new();
     // Whether the last poll found librdkafka's queue empty: then whatever is pending goes out
     // now; while messages keep coming they go out in chunks of `SEND_CHUNK`.
     let mut idle = true;
@@ -318,6 +305,15 @@ pub fn poll_loop(consumer: &BaseConsumer<SinkContext>, stats: &crate::stats::Sta
             Some(Err(err)) => warn!(error = %err, "kafka consumer error"),
             None => idle = true,
         }
+        if last_kafka_commit.elapsed() > plumbing::kafka::KAFKA_COMMIT_INTERVAL {
+            last_kafka_commit = Instant::now();
+            plumbing::kafka::commit_stored(
+                consumer,
+                &context.topic,
+                &context.stored,
+                &mut kafka_committed,
+            );
+        }
         if last_lag.elapsed() > Duration::from_secs(10) {
             last_lag = Instant::now();
             report_lag(consumer, stats);
@@ -362,6 +358,13 @@ pub fn drain_and_close(consumer: &BaseConsumer<SinkContext>, deadline: Instant) 
             break;
         }
     }
+    // What the last batches stored, for lag tools, before the partitions go.
+    plumbing::kafka::commit_stored(
+        consumer,
+        &context.topic,
+        &context.stored,
+        &mut BTreeMap::new(),
+    );
     // Leaving the group runs the revoke callback (nothing left to drop) and lets the other
     // instances take the partitions over at once instead of after the session timeout.
     plumbing::kafka::leave_group(consumer);

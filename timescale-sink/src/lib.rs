@@ -201,12 +201,6 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), Error> {
         config.kafka.telemetry_topic.clone(),
     );
 
-    // Set once the consumer exists, so committers can commit offsets to Kafka for lag tools.
-    // Weak: the consumer owns the writers' inputs, so a strong reference from the writers
-    // would keep both alive for ever.
-    let kafka_commit: Arc<
-        std::sync::OnceLock<std::sync::Weak<BaseConsumer<consumer::SinkContext>>>,
-    > = Arc::new(std::sync::OnceLock::new());
     let give_up = Shutdown::new();
     let mut writers = Vec::new();
     let mut tasks = Vec::new();
@@ -214,20 +208,16 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), Error> {
     let stored = plumbing::kafka::StoredOffsets::default();
     let recent = Arc::new(merge::RecentPoints::default());
     for _ in 0..config.writers.max(1) {
-        let commit_handle = kafka_commit.clone();
         let stored = stored.clone();
-        let commit_topic = topic.clone();
         let writer = writer::BatchWriter {
             pool: pool.clone(),
             group: config.group_id.clone(),
             topic: topic.clone(),
             dlq: dlq.clone(),
             on_committed: Arc::new(move |ranges| {
+                // The consumer thread commits these to Kafka too, for lag tools.
                 for (&partition, range) in ranges {
                     stored.set(partition, range.next);
-                }
-                if let Some(consumer) = commit_handle.get().and_then(std::sync::Weak::upgrade) {
-                    consumer::commit_to_kafka(&consumer, &commit_topic, ranges);
                 }
             }),
             stats: stats.clone(),
@@ -265,7 +255,6 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), Error> {
     let consumer: Arc<BaseConsumer<consumer::SinkContext>> =
         Arc::new(consumer_config.create_with_context(context)?);
     consumer.subscribe(&[&topic])?;
-    let _ = kafka_commit.set(Arc::downgrade(&consumer));
     info!(topic = %topic, group = %config.group_id, writers = config.writers, "sink started");
 
     let poller = consumer.clone();

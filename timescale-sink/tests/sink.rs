@@ -250,9 +250,41 @@ async fn lag_counts_from_the_offsets_stored_in_postgresql() -> Result<()> {
     )
     .await?;
     assert_eq!(stored_total(&db.pool, &group).await?, 2_000);
+    // Kafka's committed offsets (what kafka-consumer-groups.sh reads) follow the stored ones
+    // and never lead them: 2,000 while the backlog cannot be stored.
+    let kafka_committed_total = || -> Result<i64> {
+        Ok(
+            plumbing::testing::kafka_committed(&topics.args, &group, PARTITIONS)?
+                .iter()
+                .map(|(_, offset)| (*offset).max(0))
+                .sum(),
+        )
+    };
+    eventually(
+        "Kafka committed = stored = 2,000",
+        Duration::from_secs(30),
+        || async {
+            match kafka_committed_total() {
+                Ok(2_000) => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await?;
 
     lock.rollback().await?;
     wait_for_stored(&db.pool, &group, 5_000, Duration::from_secs(60)).await?;
+    eventually(
+        "Kafka committed = stored = 5,000",
+        Duration::from_secs(30),
+        || async {
+            match kafka_committed_total() {
+                Ok(5_000) => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await?;
     eventually("lag back to 0", Duration::from_secs(60), || async {
         match latest_lag().await {
             Ok(Some(0.0)) => Ok(()),
