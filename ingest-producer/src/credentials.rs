@@ -71,12 +71,21 @@ pub struct Snapshot {
 impl Snapshot {
     /// Reads every token and device (the caller's role needs SELECT on `tenants`, `devices`,
     /// `gateway_tokens`; `fleet_writer` has it).
+    ///
+    /// One `REPEATABLE READ` transaction, so the three reads see the same committed state: read
+    /// one by one, a gateway token and its devices registered together could be caught
+    /// between the reads (the token without the devices), and that tenant's readings refused
+    /// as unknown devices until the next reload.
     pub async fn load(pool: &PgPool) -> Result<Self, sqlx::Error> {
         let mut snapshot = Snapshot::default();
+        let mut tx = pool.begin().await?;
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            .execute(&mut *tx)
+            .await?;
         let devices = sqlx::query(
             "SELECT tenant_id::text, device_id::text, site_id::text, token_hash, status FROM devices",
         )
-        .fetch_all(pool)
+        .fetch_all(&mut *tx)
         .await?;
         for row in devices {
             let tenant_id: String = row.try_get(0)?;
@@ -105,7 +114,7 @@ impl Snapshot {
         let gateways = sqlx::query(
             "SELECT tenant_id::text, token_hash FROM gateway_tokens WHERE revoked_at IS NULL",
         )
-        .fetch_all(pool)
+        .fetch_all(&mut *tx)
         .await?;
         for row in gateways {
             let tenant_id: String = row.try_get(0)?;
@@ -115,8 +124,9 @@ impl Snapshot {
                 .insert(hash.to_ascii_lowercase(), Principal::Gateway { tenant_id });
         }
         let suspended = sqlx::query("SELECT tenant_id::text FROM tenants WHERE status <> 'active'")
-            .fetch_all(pool)
+            .fetch_all(&mut *tx)
             .await?;
+        tx.commit().await?;
         for row in suspended {
             snapshot.suspended_tenants.insert(row.try_get(0)?);
         }

@@ -770,6 +770,7 @@ async fn an_atomic_batch_with_one_bad_message_puts_nothing() -> Result<()> {
 #[tokio::test]
 async fn a_device_over_its_rate_gets_429_with_retry_after() -> Result<()> {
     let fx = Fixture::with_limits(slow_limit(3), limit(100_000, 100_000)).await?;
+    let first_sent = std::time::Instant::now();
     for seq in 0..3 {
         let reply = fx
             .post_json("tok-d1", json!({"seq": seq, "metrics": {}}))
@@ -780,8 +781,13 @@ async fn a_device_over_its_rate_gets_429_with_retry_after() -> Result<()> {
         .post_json("tok-d1", json!({"seq": 3, "metrics": {}}))
         .await;
     assert_eq!(reply.status, StatusCode::TOO_MANY_REQUESTS);
-    // The next cell is an hour away.
-    assert_eq!(reply.retry_after.as_deref(), Some("3600"));
+    // The next cell is an hour after the first request, rounded up to whole seconds.
+    let retry_after: u64 = reply.retry_after.as_deref().expect("Retry-After").parse()?;
+    let elapsed = first_sent.elapsed().as_secs();
+    assert!(
+        (3_600 - elapsed - 1..=3_600).contains(&retry_after),
+        "Retry-After {retry_after} s, {elapsed} s after the first request"
+    );
     assert_eq!(
         reply.body,
         error("rate limit exceeded for device", Some("device_id"), Some(0))
