@@ -6,7 +6,7 @@
 //! * `fleet_page_1000`: `GET /v1/fleet/latest?limit=1000` of a random 1,000-device tenant;
 //!
 //! each once on a quiet database and once while a writer ingests telemetry with the sink's
-//! transaction shape (COPY of a batch, `device_latest` upsert, the rollup invalidation call,
+//! transaction shape (COPY of a batch, `device_latest` upsert, the rollup cutoff call,
 //! commit; every 200 ms) and a refresher brings the 1-minute rollups up to date every 10 s, as
 //! the sink's maintenance task does.
 //!
@@ -588,11 +588,18 @@ fn spawn_writer(connect: PgConnectOptions, devices: usize, rate: usize) -> Write
             .bind(seq)
             .execute(&mut *tx)
             .await?;
-            sqlx::query("SELECT fleet_rollup_1m_invalidate($1, $2)")
-                .bind(lo)
-                .bind(hi)
-                .execute(&mut *tx)
+            // The sink's rollup invalidation (migration 0014): the cutoff, then the device
+            // minutes of readings older than it (live readings: none).
+            let cutoff: DateTime<Utc> = sqlx::query_scalar("SELECT fleet_rollup_1m_cutoff()")
+                .fetch_one(&mut *tx)
                 .await?;
+            if lo < cutoff {
+                sqlx::query("SELECT fleet_rollup_1m_invalidate($1, $2)")
+                    .bind(lo)
+                    .bind(hi)
+                    .execute(&mut *tx)
+                    .await?;
+            }
             tx.commit().await?;
             written2.fetch_add(batch as u64, Ordering::Relaxed);
         }

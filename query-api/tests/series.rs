@@ -222,7 +222,7 @@ async fn rollup_refresh_equals_hand_computed_aggregates() {
         .unwrap();
         refresh(&fx.owner).await;
         let rows: Vec<RollupRow> = sqlx::query_as(
-            "SELECT metric, bucket, n, sum, min, max, last_time, last FROM telemetry_1m \
+            "SELECT metric, bucket, n, sum::float8, min, max, last_time, last FROM telemetry_1m \
                  WHERE tenant_id = $1 AND device_id = 'd1' ORDER BY metric, bucket",
         )
         .bind(OWN)
@@ -349,8 +349,8 @@ fn answer(body: &Value, metric: &str) -> Vec<(DateTime<Utc>, f64)> {
         .collect()
 }
 
-/// Equal, except that an average may differ in the last bits: the rollup adds per-minute sums,
-/// the raw path adds readings one by one.
+/// Equal, except that an average may differ from the reference in the last bits: the
+/// reference adds doubles one by one, the API divides the exact sum of the stored decimals.
 fn assert_same(got: &[(DateTime<Utc>, f64)], want: &[(DateTime<Utc>, f64)], agg: &str, what: &str) {
     assert_eq!(got.len(), want.len(), "{what}: {got:?} vs {want:?}");
     for ((gt, gv), (wt, wv)) in got.iter().zip(want) {
@@ -516,6 +516,189 @@ async fn a_late_reading_is_reflected_after_the_next_refresh() {
             .await
             .unwrap();
         assert!(!live);
+    }
+}
+
+/// Readings near the limit of double precision (devices send f64::MAX for "sensor absent"):
+/// the average of a minute is the readings' average, from raw readings and from rollups alike,
+/// where adding them as doubles overflowed (a 500 from the raw path, a refresh that failed
+/// for every tenant from the rollup).
+#[tokio::test]
+async fn averages_of_readings_near_the_double_precision_limit_are_exact() {
+    for layout in plumbing::testing::available_layouts().await.unwrap() {
+        let fx = Fixture::with(layout, Limits::default()).await.unwrap();
+        load(&fx.owner).await;
+        for (s, v) in [
+            (61, "1.5e308"),
+            (62, "1.5e308"),
+            (63, "1.7976931348623157e308"),
+        ] {
+            sqlx::query(
+                "INSERT INTO telemetry (time, tenant_id, device_id, seq, metrics) \
+                 VALUES ($1, $2, 'd1', $3, jsonb_build_object('big', $4::numeric))",
+            )
+            .bind(base() + Duration::seconds(s))
+            .bind(OWN)
+            .bind(200 + s)
+            .bind(v)
+            .execute(&fx.owner)
+            .await
+            .unwrap();
+        }
+        // (3e308 + 1.7976931348623157e308) / 3, rounded once; read back as the answer is.
+        let exact: f64 = "1.599231044954105233333333e308".parse().unwrap();
+        let want: f64 = serde_json::from_str(&serde_json::to_string(&exact).unwrap()).unwrap();
+        let uri = series_uri("metrics=big,temp&bucket=1m&agg=avg");
+        let (status, body, text) = fx.get(&uri, &fx.viewer).await;
+        assert_eq!(status, StatusCode::OK, "{layout:?} raw: {text}");
+        assert_eq!(points(&body, "big"), vec![(60, want)], "{layout:?} raw");
+        let raw = body.clone();
+        refresh(&fx.owner).await;
+        let (status, body, text) = fx.get(&uri, &fx.viewer).await;
+        assert_eq!(status, StatusCode::OK, "{layout:?} rollups: {text}");
+        assert_eq!(
+            body["series"], raw["series"],
+            "{layout:?}: rollups equal raw"
+        );
+        assert_eq!(
+            points(&body, "temp"),
+            vec![(0, 20.0), (60, 6.0), (120, 1.5)],
+            "{layout:?}: the other metrics of the minute are rolled up too"
+        );
+    }
+}
+
+/// A device minute the refresh cannot aggregate (a jsonb number beyond double precision,
+/// written outside the sink) is isolated: recorded with PostgreSQL's error, every other
+/// device minute of the step is written and the watermark moves on. Once its readings are
+/// fixed and the minute invalidated, it is aggregated and no longer listed.
+#[tokio::test]
+async fn a_device_minute_that_cannot_be_aggregated_is_isolated_and_recorded() {
+    for layout in plumbing::testing::available_layouts().await.unwrap() {
+        let fx = Fixture::with(layout, Limits::default()).await.unwrap();
+        load(&fx.owner).await;
+        sqlx::query(
+            "INSERT INTO telemetry (time, tenant_id, device_id, seq, metrics) \
+             VALUES ($1, $2, 'd2', 500, '{\"temp\": 1e400}')",
+        )
+        .bind(base() + Duration::seconds(65))
+        .bind(OWN)
+        .execute(&fx.owner)
+        .await
+        .unwrap();
+        let (watermark, rejected, more): (DateTime<Utc>, i32, bool) = sqlx::query_as(
+            "SELECT watermark, device_minutes_rejected, more FROM fleet_refresh_rollup_1m(10000000)",
+        )
+        .fetch_one(&fx.owner)
+        .await
+        .unwrap();
+        assert!(!more);
+        assert!(watermark > base() + Duration::seconds(180), "{layout:?}");
+        assert_eq!(rejected, 1, "{layout:?}");
+        let recorded: Vec<(String, String, DateTime<Utc>, String)> = sqlx::query_as(
+            "SELECT tenant_id, device_id, bucket, sqlstate FROM telemetry_1m_rejected",
+        )
+        .fetch_all(&fx.owner)
+        .await
+        .unwrap();
+        assert_eq!(
+            recorded,
+            vec![(
+                OWN.to_owned(),
+                "d2".to_owned(),
+                base() + Duration::seconds(60),
+                "22003".to_owned()
+            )],
+            "{layout:?}"
+        );
+        // Every other device minute, ours and the other tenant's, is rolled up.
+        assert_eq!(rollup_rows(&fx.owner, OWN, "d1").await, 7, "{layout:?}");
+        assert_eq!(rollup_rows(&fx.owner, OTHER, "d1").await, 6, "{layout:?}");
+        let d2_minutes: Vec<DateTime<Utc>> = sqlx::query_scalar(
+            "SELECT DISTINCT bucket FROM telemetry_1m WHERE tenant_id = $1 AND device_id = 'd2' ORDER BY 1",
+        )
+        .bind(OWN)
+        .fetch_all(&fx.owner)
+        .await
+        .unwrap();
+        assert_eq!(
+            d2_minutes,
+            vec![base(), base() + Duration::seconds(120)],
+            "{layout:?}: d2's other minutes are rolled up"
+        );
+        // The series says which minute its buckets leave out, to the device's tenant only.
+        let (status, body, text) = fx
+            .get(
+                &series_uri("metrics=temp&bucket=1m&agg=max").replace("/d1/", "/d2/"),
+                &fx.viewer,
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{layout:?}: {text}");
+        assert_eq!(
+            body["unaggregated_minutes"],
+            json!([
+                (base() + Duration::seconds(60)).to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+            ]),
+            "{layout:?}"
+        );
+        let (_, body, _) = fx
+            .get(&series_uri("metrics=temp&bucket=1m&agg=max"), &fx.viewer)
+            .await;
+        assert_eq!(
+            body["unaggregated_minutes"],
+            json!([]),
+            "{layout:?}: d1 has none"
+        );
+        // Another tenant does not see it through the API role's view.
+        let api = fx.db.role_pool("fleet_api", 1).await.unwrap();
+        let mut tx = api.begin().await.unwrap();
+        sqlx::query("SELECT set_config('app.tenant_id', $1, true)")
+            .bind(OTHER)
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        let seen: i64 = sqlx::query_scalar("SELECT count(*) FROM telemetry_1m_rejected_view")
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+        assert_eq!(seen, 0, "another tenant does not see it");
+        tx.rollback().await.unwrap();
+
+        // Fixed, and invalidated as a writer does: aggregated, no longer listed.
+        sqlx::query(
+            "UPDATE telemetry SET metrics = '{\"temp\": 4}' WHERE device_id = 'd2' AND seq = 500",
+        )
+        .execute(&fx.owner)
+        .await
+        .unwrap();
+        sqlx::query("SELECT fleet_rollup_1m_invalidate_minutes(ARRAY[$1], ARRAY['d2'], ARRAY[$2::timestamptz])")
+            .bind(OWN)
+            .bind(base() + Duration::seconds(65))
+            .execute(&fx.owner)
+            .await
+            .unwrap();
+        let (recomputed, rejected): (i32, i32) = sqlx::query_as(
+            "SELECT device_minutes_recomputed, device_minutes_rejected FROM fleet_refresh_rollup_1m()",
+        )
+        .fetch_one(&fx.owner)
+        .await
+        .unwrap();
+        assert_eq!((recomputed, rejected), (1, 0), "{layout:?}");
+        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM telemetry_1m_rejected")
+            .fetch_one(&fx.owner)
+            .await
+            .unwrap();
+        assert_eq!(left, 0, "{layout:?}");
+        let (n, max): (i64, f64) = sqlx::query_as(
+            "SELECT n, max FROM telemetry_1m WHERE tenant_id = $1 AND device_id = 'd2' \
+             AND metric = 'temp' AND bucket = $2",
+        )
+        .bind(OWN)
+        .bind(base() + Duration::seconds(60))
+        .fetch_one(&fx.owner)
+        .await
+        .unwrap();
+        assert_eq!((n, max), (7, 999.0), "{layout:?}");
     }
 }
 

@@ -334,10 +334,13 @@ const PRIVILEGES: &[Privilege] = &[
         privilege: "INSERT",
     },
     Privilege::Execute {
-        function: "fleet_rollup_1m_invalidate(timestamptz, timestamptz)",
+        function: "fleet_rollup_1m_cutoff()",
     },
     Privilege::Execute {
-        function: "fleet_refresh_rollup_1m(integer)",
+        function: "fleet_rollup_1m_invalidate_minutes(text[], text[], timestamptz[])",
+    },
+    Privilege::Execute {
+        function: "fleet_refresh_rollup_1m(integer, integer)",
     },
     Privilege::Execute {
         function: "fleet_maintain_partitions(integer)",

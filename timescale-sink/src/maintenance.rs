@@ -33,15 +33,26 @@ const MAX_CALLS_PER_TICK: usize = 1_000;
 /// further behind. Steps repeat while work is left.
 const STEP_MINUTES: i32 = 2;
 
+/// Device minutes one rollup step recomputes at most (late readings' minutes, migration
+/// 0014): a device minute is one primary-key range scan of a few readings, so this bounds a
+/// step that follows a backfill to a few seconds; the rest waits for the next steps.
+const STEP_DEVICE_MINUTES: i32 = 20_000;
+
 /// What one `fleet_refresh_rollup_1m()` call did.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, sqlx::FromRow)]
 pub struct Refresh {
     /// End of the rolled-up range (`None` before the first refresh).
     pub watermark: Option<DateTime<Utc>>,
     /// Rollup rows written (new minutes and recomputed ones).
     pub rows_written: i64,
-    /// Minutes recomputed because late readings arrived in them.
+    /// Minutes (of every device) recomputed because a writer invalidated a whole range.
     pub minutes_recomputed: i32,
+    /// Device minutes recomputed because late readings arrived in them.
+    pub device_minutes_recomputed: i32,
+    /// Device minutes that could not be aggregated (data errors; `telemetry_1m_rejected`).
+    pub device_minutes_rejected: i32,
+    /// Invalidated device minutes left for later steps.
+    pub device_minutes_pending: i64,
     /// Whether more work is left (call again).
     pub more: bool,
 }
@@ -52,23 +63,47 @@ pub async fn refresh_rollup(pool: &PgPool) -> Result<Refresh, sqlx::Error> {
 }
 
 async fn refresh_rollup_on(conn: &mut PgConnection) -> Result<Refresh, sqlx::Error> {
-    let (watermark, rows_written, minutes_recomputed, more): (
-        Option<DateTime<Utc>>,
-        i64,
-        i32,
-        bool,
-    ) = sqlx::query_as(
-        "SELECT watermark, rows_written, minutes_recomputed, more FROM fleet_refresh_rollup_1m($1)",
+    sqlx::query_as(
+        "SELECT watermark, rows_written, minutes_recomputed, device_minutes_recomputed, \
+                device_minutes_rejected, device_minutes_pending, more \
+         FROM fleet_refresh_rollup_1m($1, $2)",
     )
     .bind(STEP_MINUTES)
+    .bind(STEP_DEVICE_MINUTES)
     .fetch_one(&mut *conn)
-    .await?;
-    Ok(Refresh {
-        watermark,
-        rows_written,
-        minutes_recomputed,
-        more,
-    })
+    .await
+}
+
+/// A row of `telemetry_1m_rejected`: tenant, device, minute, SQLSTATE, error.
+type Rejected = (String, String, DateTime<Utc>, String, String);
+
+/// Logs the device minutes the last step rejected (the newest `count` rows of
+/// `telemetry_1m_rejected`), with the tenant, device, minute and PostgreSQL's error.
+async fn log_rejected(pool: &PgPool, count: i32) {
+    let rows: Result<Vec<Rejected>, sqlx::Error> = sqlx::query_as(
+        "SELECT tenant_id, device_id, bucket, sqlstate, left(error, 300) \
+             FROM telemetry_1m_rejected ORDER BY recorded_at DESC LIMIT $1",
+    )
+    .bind(i64::from(count))
+    .fetch_all(pool)
+    .await;
+    match rows {
+        Ok(rows) => {
+            for (tenant, device, minute, sqlstate, error) in rows {
+                warn!(
+                    tenant = %tenant,
+                    device = %device,
+                    minute = %minute,
+                    sqlstate = %sqlstate,
+                    error = %error,
+                    "rollup: device minute not aggregated (data error); other devices' rollups go on"
+                );
+            }
+        }
+        Err(err) => {
+            warn!(error = %err, rejected = count, "rollup: could not read the rejected device minutes")
+        }
+    }
 }
 
 /// One rollup step that gives way to `shutdown`: when it fires mid-step, the step's
@@ -146,6 +181,16 @@ pub async fn refresh_rollup_until_done(
             metrics::counter!(m::ROLLUP_ROWS_WRITTEN).increment(refresh.rows_written.max(0) as u64);
             metrics::counter!(m::ROLLUP_MINUTES_RECOMPUTED)
                 .increment(refresh.minutes_recomputed.max(0) as u64);
+            metrics::counter!(m::ROLLUP_DEVICE_MINUTES_RECOMPUTED)
+                .increment(refresh.device_minutes_recomputed.max(0) as u64);
+            metrics::gauge!(m::ROLLUP_DEVICE_MINUTES_PENDING)
+                .set(refresh.device_minutes_pending as f64);
+            stats.set_rollup_device_minutes_pending(refresh.device_minutes_pending);
+            if refresh.device_minutes_rejected > 0 {
+                metrics::counter!(m::ROLLUP_DEVICE_MINUTES_REJECTED)
+                    .increment(refresh.device_minutes_rejected as u64);
+                log_rejected(pool, refresh.device_minutes_rejected).await;
+            }
             if let Some(watermark) = refresh.watermark {
                 stats.set_rollup_watermark(watermark);
                 metrics::gauge!(m::ROLLUP_LAG).set(stats.rollup_lag());
@@ -154,6 +199,8 @@ pub async fn refresh_rollup_until_done(
                 watermark = ?refresh.watermark,
                 rows_written = refresh.rows_written,
                 minutes_recomputed = refresh.minutes_recomputed,
+                device_minutes_recomputed = refresh.device_minutes_recomputed,
+                device_minutes_pending = refresh.device_minutes_pending,
                 more = refresh.more,
                 "rollup refreshed"
             );

@@ -21,6 +21,12 @@ pub const ROLLUP_REFRESH_DURATION: &str = "fleetstream_sink_rollup_refresh_durat
 pub const ROLLUP_ROWS_WRITTEN: &str = "fleetstream_sink_rollup_rows_written_total";
 pub const ROLLUP_MINUTES_RECOMPUTED: &str = "fleetstream_sink_rollup_minutes_recomputed_total";
 pub const ROLLUP_LAG: &str = "fleetstream_sink_rollup_lag_seconds";
+pub const ROLLUP_DEVICE_MINUTES_RECOMPUTED: &str =
+    "fleetstream_sink_rollup_device_minutes_recomputed_total";
+pub const ROLLUP_DEVICE_MINUTES_PENDING: &str = "fleetstream_sink_rollup_device_minutes_pending";
+pub const ROLLUP_DEVICE_MINUTES_REJECTED: &str =
+    "fleetstream_sink_rollup_device_minutes_rejected_total";
+pub const LATE_DEVICE_MINUTES: &str = "fleetstream_sink_late_device_minutes_total";
 
 /// Registers help text for every metric of the sink.
 pub fn describe() {
@@ -112,6 +118,26 @@ pub fn describe() {
         ROLLUP_MINUTES_RECOMPUTED,
         Unit::Count,
         "Rolled-up minutes recomputed because late readings arrived in them."
+    );
+    describe_counter!(
+        ROLLUP_DEVICE_MINUTES_RECOMPUTED,
+        Unit::Count,
+        "Device minutes of the 1-minute rollup recomputed because late readings arrived in them."
+    );
+    describe_gauge!(
+        ROLLUP_DEVICE_MINUTES_PENDING,
+        Unit::Count,
+        "Device minutes invalidated by late readings and not yet recomputed (after the last refresh step)."
+    );
+    describe_counter!(
+        ROLLUP_DEVICE_MINUTES_REJECTED,
+        Unit::Count,
+        "Device minutes the rollup refresh could not aggregate (a data error; recorded in telemetry_1m_rejected)."
+    );
+    describe_counter!(
+        LATE_DEVICE_MINUTES,
+        Unit::Count,
+        "Device minutes this sink marked for the rollup to recompute (readings older than the database clock minus rollup_settle)."
     );
     describe_gauge!(
         ROLLUP_LAG,

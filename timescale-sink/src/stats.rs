@@ -19,6 +19,8 @@ pub struct Stats {
     lag: AtomicU64,
     /// The rollup watermark after the last completed refresh step, epoch µs (0: none yet).
     rollup_watermark_us: AtomicI64,
+    /// Invalidated device minutes left after the last completed refresh step.
+    rollup_device_minutes_pending: AtomicI64,
     /// Ingest→commit latency of committed rows.
     pub latency: LatencyWindow,
 }
@@ -47,6 +49,15 @@ impl Stats {
     /// Rollup lag now: seconds from the watermark to the present (0 before the first
     /// refresh). Computed when read, so it keeps growing while a refresh step runs long,
     /// instead of showing the lag the last step ended with.
+    pub fn set_rollup_device_minutes_pending(&self, pending: i64) {
+        self.rollup_device_minutes_pending
+            .store(pending, Ordering::Relaxed);
+    }
+
+    pub fn rollup_device_minutes_pending(&self) -> i64 {
+        self.rollup_device_minutes_pending.load(Ordering::Relaxed)
+    }
+
     pub fn rollup_lag(&self) -> f64 {
         match self.rollup_watermark_us.load(Ordering::Relaxed) {
             0 => 0.0,
@@ -101,6 +112,10 @@ pub fn spawn_reporter(
                     stats.lag.load(Ordering::Relaxed) as f64,
                 ),
                 ("sink_rollup_lag_seconds", rollup_lag),
+                (
+                    "sink_rollup_device_minutes_pending",
+                    stats.rollup_device_minutes_pending() as f64,
+                ),
                 ("sink_ingest_to_commit_avg_seconds", avg),
                 ("sink_ingest_to_commit_max_seconds", max),
                 ("sink_duplicate_rows_total", stats.duplicates() as f64),

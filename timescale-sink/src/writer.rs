@@ -19,8 +19,10 @@
 //!      bad one is isolated; its readings go to the DLQ (acknowledged before commit), good
 //!      points are stored;
 //! 3. upsert of `device_latest`: per device and metric, the newest value and its time;
-//! 4. `fleet_rollup_1m_invalidate(min time, max time)`: late readings mark their minutes for
-//!    the 1-minute rollup to recompute (usually a no-op);
+//! 4. the database's rollup cutoff (`fleet_rollup_1m_cutoff()`), and for the readings older
+//!    than it (usually none) `fleet_rollup_1m_invalidate_minutes(tenants, devices, times)`:
+//!    each late reading's device minute is marked for the 1-minute rollup to recompute, so
+//!    a late reading costs the refresh its own device's minute, not every device's;
 //! 5. commit.
 //!
 //! Transient errors (connection lost, server restarting, serialization failures) roll the
@@ -456,14 +458,10 @@ impl BatchWriter {
             upsert_latest(&mut tx, &stored).await?;
             stage_done("latest", latest_started);
             // Late readings (older than the database clock minus the rollup settle time) mark
-            // their range for the rollup to recompute; live batches record nothing. Must run in
-            // this transaction: see migration 0009 for why that makes the rollup exact.
-            let times = stored.iter().map(|r| r.time);
-            sqlx::query("SELECT fleet_rollup_1m_invalidate($1, $2)")
-                .bind(times.clone().min())
-                .bind(times.max())
-                .execute(&mut *tx)
-                .await?;
+            // their device minutes for the rollup to recompute; live batches record nothing.
+            // Must run in this transaction: see migrations 0009 and 0014 for why that makes
+            // the rollup exact.
+            invalidate_late_minutes(&mut tx, &stored).await?;
         }
         let commit_started = Instant::now();
         tx.commit().await?;
@@ -476,6 +474,54 @@ impl BatchWriter {
         })
     }
 }
+
+/// Records the (tenant, device, minute) of every reading older than the database's rollup
+/// cutoff (`fleet_rollup_1m_cutoff()`, read here, inside the batch transaction), so the
+/// refresh recomputes exactly the device minutes a late reading changed. Returns how many
+/// device minutes were recorded.
+async fn invalidate_late_minutes(
+    conn: &mut PgConnection,
+    stored: &[&Telemetry],
+) -> Result<usize, sqlx::Error> {
+    let Some(oldest) = stored.iter().map(|r| r.time).min() else {
+        return Ok(0);
+    };
+    let cutoff: chrono::DateTime<chrono::Utc> =
+        sqlx::query_scalar("SELECT fleet_rollup_1m_cutoff()")
+            .fetch_one(&mut *conn)
+            .await?;
+    if oldest >= cutoff {
+        return Ok(0);
+    }
+    // One reading's time per device minute (the function takes the minute of it).
+    let mut late: HashMap<(&str, &str, i64), chrono::DateTime<chrono::Utc>> = HashMap::new();
+    for r in stored.iter().filter(|r| r.time < cutoff) {
+        let micros = r.time.timestamp_micros();
+        let minute = micros - micros.rem_euclid(MINUTE_MICROS);
+        late.entry((r.tenant_id.as_str(), r.device_id.as_str(), minute))
+            .or_insert(r.time);
+    }
+    let mut tenants = Vec::with_capacity(late.len());
+    let mut devices = Vec::with_capacity(late.len());
+    let mut times = Vec::with_capacity(late.len());
+    for ((tenant, device, _), time) in &late {
+        tenants.push(*tenant);
+        devices.push(*device);
+        times.push(*time);
+    }
+    sqlx::query("SELECT fleet_rollup_1m_invalidate_minutes($1, $2, $3)")
+        .bind(&tenants)
+        .bind(&devices)
+        .bind(&times)
+        .execute(&mut *conn)
+        .await?;
+    metrics::counter!(m::LATE_DEVICE_MINUTES).increment(late.len() as u64);
+    Ok(late.len())
+}
+
+/// A minute in microseconds (rollup minutes are aligned to 2000-01-01, itself a whole minute
+/// of the Unix epoch).
+const MINUTE_MICROS: i64 = 60_000_000;
 
 fn stage_done(stage: &'static str, started: Instant) {
     metrics::histogram!(m::STAGE_DURATION, "stage" => stage)

@@ -110,9 +110,11 @@ async fn a_role_without_a_right_ends_the_sink_with_an_error_naming_the_right() -
     let topics = TestTopics::new(1).await?;
     let role = db.writer_login("sink_role").await?;
     // Only in this test's database: grants are per database object.
-    sqlx::query("REVOKE EXECUTE ON FUNCTION fleet_refresh_rollup_1m(integer) FROM fleet_writer")
-        .execute(&db.pool)
-        .await?;
+    sqlx::query(
+        "REVOKE EXECUTE ON FUNCTION fleet_refresh_rollup_1m(integer, integer) FROM fleet_writer",
+    )
+    .execute(&db.pool)
+    .await?;
     let stderr = start_up_error(
         &role.url,
         &topics.args.bootstrap_servers,
@@ -123,7 +125,7 @@ async fn a_role_without_a_right_ends_the_sink_with_an_error_naming_the_right() -
     let role = &role.name;
     assert!(
         stderr.contains(&format!(
-            "database role `{role}` lacks EXECUTE on function fleet_refresh_rollup_1m(integer)"
+            "database role `{role}` lacks EXECUTE on function fleet_refresh_rollup_1m(integer, integer)"
         )),
         "{stderr}"
     );

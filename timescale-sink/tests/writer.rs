@@ -9,6 +9,7 @@ use anyhow::Result;
 use common::reading;
 use plumbing::testing::{TestDb, TestTopics};
 use schemas::LayoutChoice;
+
 use timescale_sink::batch::{Batch, RawMessage};
 use timescale_sink::writer::Outcome;
 use tokio_util::sync::CancellationToken;
@@ -110,12 +111,18 @@ async fn re_sent_readings_are_skipped_and_counted_exactly() -> Result<()> {
     Ok(())
 }
 
-/// Readings of device 1 on partition 0 at `times`, offsets from `first_offset`.
-fn batch_at(first_offset: i64, times: &[chrono::DateTime<chrono::Utc>]) -> Batch {
+/// Readings of `acme`'s devices on partition 0 at (device, time), offsets from
+/// `first_offset`, each with the metrics `edit` leaves.
+fn batch_of(
+    first_offset: i64,
+    readings: &[(usize, chrono::DateTime<chrono::Utc>)],
+    edit: impl Fn(&mut schemas::Telemetry),
+) -> Batch {
     let codec = schemas::telemetry_codec().unwrap();
-    let mut batch = Batch::with_capacity(times.len());
-    for (i, time) in times.iter().enumerate() {
-        let r = reading("acme", 1, first_offset + i as i64, *time);
+    let mut batch = Batch::with_capacity(readings.len());
+    for (i, (device, time)) in readings.iter().enumerate() {
+        let mut r = reading("acme", *device, first_offset + i as i64, *time);
+        edit(&mut r);
         let payload = codec.encode(&r).unwrap();
         let message = RawMessage {
             partition: 0,
@@ -129,21 +136,49 @@ fn batch_at(first_offset: i64, times: &[chrono::DateTime<chrono::Utc>]) -> Batch
     batch
 }
 
-async fn invalidations(
-    db: &TestDb,
-) -> Result<Vec<(chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>)>> {
-    Ok(
-        sqlx::query_as("SELECT lo, hi FROM telemetry_1m_invalid ORDER BY lo")
-            .fetch_all(&db.pool)
-            .await?,
+/// Device minutes waiting for the rollup to recompute: (device, minute), sorted.
+async fn invalidated_minutes(db: &TestDb) -> Result<Vec<(String, chrono::DateTime<chrono::Utc>)>> {
+    Ok(sqlx::query_as(
+        "SELECT DISTINCT device_id, bucket FROM telemetry_1m_invalid_minutes ORDER BY 1, 2",
     )
+    .fetch_all(&db.pool)
+    .await?)
 }
 
-/// The batch transaction records the late part of its time range for the rollup (readings
-/// older than the database clock minus the settle time), and nothing for live readings; the
-/// maintenance task's refresh then consumes it and rolls the readings up.
+fn minute_of(t: chrono::DateTime<chrono::Utc>) -> chrono::DateTime<chrono::Utc> {
+    let micros = t.timestamp_micros();
+    chrono::DateTime::from_timestamp_micros(micros - micros.rem_euclid(60_000_000)).unwrap()
+}
+
+/// Microseconds, as the database stores them.
+fn now_micros() -> chrono::DateTime<chrono::Utc> {
+    chrono::DateTime::from_timestamp_micros(chrono::Utc::now().timestamp_micros()).unwrap()
+}
+
+fn maintenance(
+    db: &TestDb,
+    stats: std::sync::Arc<timescale_sink::stats::Stats>,
+    shutdown: &CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(timescale_sink::maintenance::run(
+        db.pool.clone(),
+        3,
+        timescale_sink::maintenance::Intervals {
+            partitions: Duration::from_secs(3600),
+            rollup: Duration::from_millis(20),
+        },
+        stats,
+        shutdown.clone(),
+    ))
+}
+
+/// The batch transaction records the device minute of each late reading for the rollup
+/// (readings older than the database clock minus the settle time) and nothing for live
+/// readings: a 2-day-old reading of one device among live readings of another marks that one
+/// device minute, not the ~2,880 minutes between them for every device. The maintenance
+/// task's refresh then recomputes exactly those device minutes.
 #[tokio::test]
-async fn a_late_batch_marks_its_range_for_the_rollup_and_a_live_one_does_not() -> Result<()> {
+async fn a_late_reading_marks_only_its_own_device_minute_for_the_rollup() -> Result<()> {
     let db = TestDb::new(LayoutChoice::Postgres).await?;
     let topics = TestTopics::new(1).await?;
     let (writer, stats) = common::batch_writer(&db, &topics)?;
@@ -151,63 +186,61 @@ async fn a_late_batch_marks_its_range_for_the_rollup_and_a_live_one_does_not() -
     sqlx::query("INSERT INTO tenants (tenant_id, name) VALUES ('acme', 'acme')")
         .execute(&db.pool)
         .await?;
-    // Microseconds, as the database stores them.
-    let now =
-        chrono::DateTime::from_timestamp_micros(chrono::Utc::now().timestamp_micros()).unwrap();
+    let now = now_micros();
     let live = [
-        now - chrono::Duration::seconds(5),
-        now - chrono::Duration::seconds(2),
+        (1, now - chrono::Duration::seconds(5)),
+        (2, now - chrono::Duration::seconds(2)),
     ];
     assert!(matches!(
-        writer.write(batch_at(0, &live), &never).await,
+        writer.write(batch_of(0, &live, |_| ()), &never).await,
         Outcome::Committed { rows: 2, .. }
     ));
     assert_eq!(
-        invalidations(&db).await?,
+        invalidated_minutes(&db).await?,
         vec![],
         "live readings are not late"
     );
 
+    let two_days_ago = now - chrono::Duration::days(2);
     let late = [
-        now - chrono::Duration::hours(1),
-        now - chrono::Duration::minutes(30),
-        now - chrono::Duration::seconds(1),
+        (1, now - chrono::Duration::seconds(1)),
+        (2, two_days_ago),
+        (2, two_days_ago + chrono::Duration::seconds(1)),
+        (3, now - chrono::Duration::minutes(30)),
+        (1, now),
     ];
     assert!(matches!(
-        writer.write(batch_at(2, &late), &never).await,
-        Outcome::Committed { rows: 3, .. }
+        writer.write(batch_of(2, &late, |_| ()), &never).await,
+        Outcome::Committed { rows: 5, .. }
     ));
-    let marked = invalidations(&db).await?;
-    assert_eq!(marked.len(), 1, "{marked:?}");
-    let (lo, hi) = marked[0];
-    assert_eq!(lo, late[0], "from the oldest reading");
-    // Up to the writer's clock minus the settle time: the newest reading is not late.
-    assert!(
-        hi >= late[1] && hi < late[2],
-        "{hi} between {} and {}",
-        late[1],
-        late[2]
-    );
+    let mut want = vec![
+        ("dev-000002".to_owned(), minute_of(two_days_ago)),
+        (
+            "dev-000003".to_owned(),
+            minute_of(now - chrono::Duration::minutes(30)),
+        ),
+    ];
+    if minute_of(two_days_ago + chrono::Duration::seconds(1)) != minute_of(two_days_ago) {
+        want.insert(
+            1,
+            (
+                "dev-000002".to_owned(),
+                minute_of(two_days_ago + chrono::Duration::seconds(1)),
+            ),
+        );
+    }
+    assert_eq!(invalidated_minutes(&db).await?, want);
 
     let shutdown = CancellationToken::new();
-    let task = tokio::spawn(timescale_sink::maintenance::run(
-        db.pool.clone(),
-        3,
-        timescale_sink::maintenance::Intervals {
-            partitions: Duration::from_secs(3600),
-            rollup: Duration::from_millis(20),
-        },
-        stats.clone(),
-        shutdown.clone(),
-    ));
+    let task = maintenance(&db, stats.clone(), &shutdown);
     // Everything below the watermark, each reading once (one snapshot: a refresh commits
     // the watermark and its rows together).
     let (rolled_up, expected) = plumbing::testing::eventually(
-        "the refresh consumed the invalidation and rolled the readings up",
+        "the refresh consumed the invalidations and rolled the readings up",
         Duration::from_secs(30),
         || async {
             let (pending, rolled_up, expected): (i64, i64, i64) = sqlx::query_as(
-                "SELECT (SELECT count(*) FROM telemetry_1m_invalid), \
+                "SELECT (SELECT count(*) FROM telemetry_1m_invalid_minutes), \
                         (SELECT COALESCE(sum(n), 0)::int8 FROM telemetry_1m WHERE metric = 'battery'), \
                         (SELECT count(*) FROM telemetry WHERE time < s.watermark) \
                  FROM telemetry_1m_state s",
@@ -215,7 +248,7 @@ async fn a_late_batch_marks_its_range_for_the_rollup_and_a_live_one_does_not() -
             .fetch_one(&db.pool)
             .await
             .map_err(|e| e.to_string())?;
-            if pending == 0 && expected >= 2 {
+            if pending == 0 && expected >= 3 {
                 Ok((rolled_up, expected))
             } else {
                 Err(format!("pending {pending}, rolled up {rolled_up} of {expected}"))
@@ -224,8 +257,85 @@ async fn a_late_batch_marks_its_range_for_the_rollup_and_a_live_one_does_not() -
     )
     .await?;
     assert_eq!(rolled_up, expected);
+    assert_eq!(stats.rollup_device_minutes_pending(), 0);
     shutdown.cancel();
     task.await?;
+    Ok(())
+}
+
+/// Readings of f64::MAX-sized values (what devices send for "sensor absent") in one minute
+/// overflowed the rollup's double-precision sum and stopped the refresh for every tenant. Now
+/// the refresh goes on, the sum is exact, and the minute's average is the readings' average.
+#[tokio::test]
+async fn readings_near_the_double_precision_limit_do_not_stop_the_rollups() -> Result<()> {
+    for layout in plumbing::testing::available_layouts().await? {
+        let db = TestDb::new(layout).await?;
+        let topics = TestTopics::new(1).await?;
+        let (writer, stats) = common::batch_writer(&db, &topics)?;
+        let never = CancellationToken::new();
+        sqlx::query("INSERT INTO tenants (tenant_id, name) VALUES ('acme', 'acme')")
+            .execute(&db.pool)
+            .await?;
+        // Three minutes ago, two readings of device 1 with 1.5e308, one of device 2 with 20.
+        let minute = minute_of(now_micros() - chrono::Duration::minutes(3));
+        let readings = [
+            (1, minute + chrono::Duration::seconds(1)),
+            (1, minute + chrono::Duration::seconds(2)),
+            (2, minute + chrono::Duration::seconds(3)),
+        ];
+        let batch = batch_of(0, &readings, |r| {
+            let v = if r.device_id == "dev-000001" {
+                1.5e308
+            } else {
+                20.0
+            };
+            r.metrics
+                .insert("temperature".to_owned(), schemas::MetricValue::Double(v));
+        });
+        assert!(matches!(
+            writer.write(batch, &never).await,
+            Outcome::Committed { rows: 3, .. }
+        ));
+        let shutdown = CancellationToken::new();
+        let task = maintenance(&db, stats.clone(), &shutdown);
+        plumbing::testing::eventually(
+            "the watermark passed the minute",
+            Duration::from_secs(30),
+            || async {
+                let passed: bool = sqlx::query_scalar(
+                    "SELECT COALESCE(watermark > $1, false) FROM telemetry_1m_state",
+                )
+                .bind(minute)
+                .fetch_one(&db.pool)
+                .await
+                .map_err(|e| e.to_string())?;
+                passed.then_some(()).ok_or_else(|| "not yet".to_owned())
+            },
+        )
+        .await?;
+        shutdown.cancel();
+        task.await?;
+        let rows: Vec<(String, i64, String, f64, f64)> = sqlx::query_as(
+            "SELECT device_id, n, sum::text, fleet_float8(sum / n), max FROM telemetry_1m \
+             WHERE metric = 'temperature' AND bucket = $1 ORDER BY device_id",
+        )
+        .bind(minute)
+        .fetch_all(&db.pool)
+        .await?;
+        let big = format!("3{}", "0".repeat(308));
+        assert_eq!(
+            rows,
+            vec![
+                ("dev-000001".to_owned(), 2, big, 1.5e308, 1.5e308),
+                ("dev-000002".to_owned(), 1, "20.0".to_owned(), 20.0, 20.0),
+            ],
+            "{layout:?}"
+        );
+        assert!(
+            stats.rollup_lag() < 180.0,
+            "{layout:?}: the rollup lag stays bounded"
+        );
+    }
     Ok(())
 }
 

@@ -12,9 +12,10 @@
 //! partial minutes at the edges of the range, and everything at or after the watermark), and
 //! combine both in one statement (one snapshot, so the watermark and the rollups agree): a day
 //! of one device is ~1,440 narrow rows instead of every jsonb reading. Counts, minima, maxima
-//! and last values are exactly those of the raw path; averages are the same sums added in
-//! another order (equal up to the last bits of a float). Raw readings and buckets that are
-//! not whole minutes read raw readings only.
+//! and last values are exactly those of the raw path; averages are exact `numeric` sums of
+//! the stored decimal values divided by the count and rounded once to a double (so both
+//! paths give the same bits, and no finite readings overflow them). Raw readings and buckets
+//! that are not whole minutes read raw readings only.
 //!
 //! Limits (both 400s naming the limit): the range may not exceed `MAX_QUERY_RANGE`, and the
 //! answer may not exceed `MAX_POINTS` points (buckets × metrics, or readings × metrics).
@@ -98,7 +99,17 @@ pub struct SeriesResponse {
     pub agg: Option<Agg>,
     /// One entry per requested metric, in request order (empty `points` when none).
     pub series: Vec<Series>,
+    /// Minutes of this device in the range that the 1-minute rollup could not aggregate (a
+    /// data error, e.g. a number beyond double precision written outside the pipeline; see
+    /// `telemetry_1m_rejected`): buckets served from rollups leave their readings out. Only
+    /// for buckets of whole minutes; empty otherwise.
+    pub unaggregated_minutes: Vec<DateTime<Utc>>,
 }
+
+/// The device's rejected rollup minutes in `[from, to)` (migration 0014).
+const UNAGGREGATED_SQL: &str = "SELECT bucket FROM telemetry_1m_rejected_view \
+     WHERE tenant_id = $1 AND device_id = $2 AND bucket > $3 - interval '1 minute' AND bucket < $4 \
+     ORDER BY bucket";
 
 /// The numeric value of `metrics -> k` (booleans as 0/1), NULL otherwise; `j` is extracted
 /// once per row and metric, and NULLs are left to the aggregates (which skip them) instead of
@@ -108,6 +119,18 @@ macro_rules! metric_value {
         "CASE jsonb_typeof(x.j) \
            WHEN 'number' THEN x.j::float8 \
            WHEN 'boolean' THEN CASE WHEN x.j::boolean THEN 1.0 ELSE 0.0 END \
+         END"
+    };
+}
+
+/// The same value as an exact `numeric` (a jsonb number is a decimal): averages add these, so
+/// no finite readings overflow them (two readings of 1.5e308 have the average 1.5e308), and
+/// round once at the end (`fleet_float8`, migration 0014).
+macro_rules! metric_numeric {
+    () => {
+        "CASE jsonb_typeof(x.j) \
+           WHEN 'number' THEN x.j::numeric \
+           WHEN 'boolean' THEN CASE WHEN x.j::boolean THEN 1::numeric ELSE 0::numeric END \
          END"
     };
 }
@@ -124,7 +147,9 @@ macro_rules! bucketed_sql {
              FROM telemetry_view t \
              CROSS JOIN LATERAL (SELECT x.k, ",
             metric_value!(),
-            " AS v FROM (SELECT k, t.metrics -> k AS j FROM unnest($4::text[]) AS k) x) m \
+            " AS v, ",
+            metric_numeric!(),
+            " AS nv FROM (SELECT k, t.metrics -> k AS j FROM unnest($4::text[]) AS k) x) m \
              WHERE t.tenant_id = $1 AND t.device_id = $2 AND t.time >= $5 AND t.time < $6 \
              GROUP BY 1, 2 ORDER BY 2, 1"
         )
@@ -134,7 +159,7 @@ macro_rules! bucketed_sql {
 macro_rules! bucketed_for_layout {
     ($bucket_fn:literal, $agg:expr) => {
         match $agg {
-            Agg::Avg => bucketed_sql!($bucket_fn, "avg(m.v)"),
+            Agg::Avg => bucketed_sql!($bucket_fn, "fleet_float8(avg(m.nv))"),
             Agg::Min => bucketed_sql!($bucket_fn, "min(m.v)"),
             Agg::Max => bucketed_sql!($bucket_fn, "max(m.v)"),
             Agg::Count => bucketed_sql!($bucket_fn, "count(m.v)::float8"),
@@ -159,11 +184,13 @@ fn bucketed_statement(layout: Layout, agg: Agg) -> &'static str {
 macro_rules! raw_partials {
     ($lo:literal, $hi:literal) => {
         concat!(
-            "SELECT t.time, m.k, 1, m.v, m.v, m.v, t.time, m.v \
+            "SELECT t.time, m.k, 1::bigint, m.nv, m.v, m.v, t.time, m.v \
              FROM telemetry_view t \
              CROSS JOIN LATERAL (SELECT x.k, ",
             metric_value!(),
-            " AS v FROM (SELECT k, t.metrics -> k AS j FROM unnest($4::text[]) AS k) x) m \
+            " AS v, ",
+            metric_numeric!(),
+            " AS nv FROM (SELECT k, t.metrics -> k AS j FROM unnest($4::text[]) AS k) x) m \
              WHERE t.tenant_id = $1 AND t.device_id = $2 AND t.time >= ",
             $lo,
             " AND t.time < ",
@@ -192,7 +219,7 @@ macro_rules! rollup_sql {
                               ELSE date_bin('1 minute', $5, '2000-01-01 00:00:00+00') + interval '1 minute' \
                               END AS lo) e), \
              parts (time, metric, n, sum, min, max, last_time, last) AS ( \
-                 SELECT r.bucket, r.metric, r.n::float8, r.sum, r.min, r.max, r.last_time, r.last \
+                 SELECT r.bucket, r.metric, r.n, r.sum, r.min, r.max, r.last_time, r.last \
                  FROM unnest($4::text[]) AS mk (metric) \
                  CROSS JOIN LATERAL (SELECT * FROM telemetry_1m_view v \
                      WHERE v.tenant_id = $1 AND v.device_id = $2 AND v.metric = mk.metric \
@@ -214,10 +241,10 @@ macro_rules! rollup_sql {
 macro_rules! rollup_for_layout {
     ($bucket_fn:literal, $agg:expr) => {
         match $agg {
-            Agg::Avg => rollup_sql!($bucket_fn, "sum(p.sum) / sum(p.n)"),
+            Agg::Avg => rollup_sql!($bucket_fn, "fleet_float8(sum(p.sum) / sum(p.n))"),
             Agg::Min => rollup_sql!($bucket_fn, "min(p.min)"),
             Agg::Max => rollup_sql!($bucket_fn, "max(p.max)"),
-            Agg::Count => rollup_sql!($bucket_fn, "sum(p.n)"),
+            Agg::Count => rollup_sql!($bucket_fn, "sum(p.n)::float8"),
             Agg::Last => rollup_sql!(
                 $bucket_fn,
                 "(array_agg(p.last ORDER BY p.last_time DESC))[1]"
@@ -321,6 +348,7 @@ pub async fn series(
     }
 
     let mut by_metric: BTreeMap<String, Vec<Point>> = BTreeMap::new();
+    let mut unaggregated_minutes = Vec::new();
     match (bucket, agg) {
         (Some(bucket_s), Some(agg)) => {
             let buckets = (range_ms as u64).div_ceil(bucket_s * 1000) + 1;
@@ -349,6 +377,15 @@ pub async fn series(
                     .bind(to)
                     .fetch_all(&mut *s.tx)
                     .await?;
+            if bucket_s % 60 == 0 {
+                unaggregated_minutes = sqlx::query_scalar(UNAGGREGATED_SQL)
+                    .bind(&tenant)
+                    .bind(&device_id)
+                    .bind(from)
+                    .bind(to)
+                    .fetch_all(&mut *s.tx)
+                    .await?;
+            }
             for (time, metric, value) in rows {
                 if let Some(value) = value {
                     by_metric
@@ -411,6 +448,7 @@ pub async fn series(
         bucket_seconds: bucket,
         agg,
         series,
+        unaggregated_minutes,
     }))
 }
 
