@@ -734,6 +734,10 @@ impl Engine {
             return;
         }
         let old = std::mem::replace(&mut self.rules, rules.clone());
+        // Transitions of deleted rules: the database deleted their alerts with the rule (and
+        // would refuse a new one), so they have nothing left to change.
+        self.pending
+            .retain(|t| rules.by_id.contains_key(&t.rule.rule_id));
         let rewarm: std::collections::HashSet<&str> = old
             .tenants()
             .chain(rules.tenants())

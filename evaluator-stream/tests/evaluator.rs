@@ -684,3 +684,74 @@ async fn a_device_with_a_fast_clock_does_not_silence_another_tenant_on_its_parti
     task.await?;
     Ok(())
 }
+
+/// Issue 14 audit: a transition of a rule deleted after it was evaluated (before the rules
+/// reload) would violate `alerts`' foreign key on every retry, and block every tenant's
+/// alerts and offsets behind it. The commit leaves it out and stores the rest.
+#[tokio::test]
+async fn a_transition_of_a_rule_deleted_before_its_commit_does_not_block_the_others() -> Result<()>
+{
+    use evaluator_stream::engine::{CommitUnit, PartitionProgress, Status, Transition};
+    use evaluator_stream::rules::{Condition, Op, Rule};
+    use std::sync::Arc;
+
+    let db = TestDb::new(LayoutChoice::Postgres).await?;
+    provision(&db.pool, &[A, B], &[(A, "d1"), (B, "d2")]).await?;
+    let hot = "kind='threshold'; metric='temp'; op='>'; threshold=30";
+    let doomed = rule(&db.pool, A, "doomed", hot).await?;
+    let kept = rule(&db.pool, B, "kept", hot).await?;
+    sqlx::query("DELETE FROM alert_rules WHERE rule_id = $1")
+        .bind(doomed)
+        .execute(&db.pool)
+        .await?;
+    let t = Utc::now().timestamp_micros();
+    let firing = |rule_id: i64, tenant: &str, device: &str| Transition {
+        rule: Arc::new(Rule {
+            rule_id,
+            tenant_id: tenant.to_owned(),
+            name: "hot".to_owned(),
+            site_id: None,
+            device_id: None,
+            condition: Condition::Threshold {
+                metric: "temp".to_owned(),
+                op: Op::Gt,
+                threshold: 30.0,
+            },
+            for_us: 0,
+            resolve_threshold: None,
+            severity: "warning".to_owned(),
+            enabled: true,
+        }),
+        partition: 0,
+        tenant_id: tenant.to_owned(),
+        device_id: device.to_owned(),
+        site_id: None,
+        from: None,
+        to: Status::Firing,
+        started_at: t,
+        time: t,
+        value: Some(50.0),
+        received_at: Some(t),
+    };
+    let mut unit = CommitUnit {
+        transitions: vec![firing(doomed, A, "d1"), firing(kept, B, "d2")],
+        progress: vec![PartitionProgress {
+            partition: 0,
+            expected: None,
+            next: 2,
+            clock: Some(t),
+        }],
+    };
+    let done = evaluator_stream::store::commit(&db.pool, "g", "telemetry", &mut unit).await?;
+    assert_eq!((done.written, done.deleted_rules), (1, 1));
+    assert_eq!(unit.transitions.len(), 1);
+    let rows = alerts(&db.pool).await?;
+    assert_eq!(
+        rows.iter()
+            .map(|r| (r.0, r.1.as_str(), r.2.as_str()))
+            .collect::<Vec<_>>(),
+        vec![(kept, "d2", "firing")]
+    );
+    assert_eq!(stored_total(&db.pool, "g").await?, 2);
+    Ok(())
+}
