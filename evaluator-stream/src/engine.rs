@@ -2,17 +2,44 @@
 //!
 //! State is kept per assigned partition: every device seen on it, each device's sliding
 //! windows, its open alerts (pending or firing) and its no-data deadlines, plus the
-//! partition's event-time clock (the highest message time seen) and a timer queue.
+//! partition's clock and a timer queue.
 //!
 //! Given the same messages in the same order (and the same warm-start data), the engine makes
 //! the same transitions with the same event times, so a replay after a crash reproduces the
 //! transitions the crashed run made, and their event ids (see [`Transition::event_id`]).
-//! Timers fire from the event-time clock as it advances with each message; only a partition
+//! Timers fire from the partition clock as it advances with each message; only a partition
 //! that has been silent for `idle_timeout` is advanced by the wall clock.
 //!
-//! Lateness: a message older than `clock - allowed_lateness` is dropped (counted); one older
-//! than its device's newest reading but within the lateness joins the device's windows
-//! (counted) and does not move threshold state, which already reflects a newer reading.
+//! # Two times per reading
+//!
+//! A reading carries `time` (the device's clock) and `received_at` (ingest's clock). Its
+//! *event time* is `time`: the device's windows, thresholds, `for` durations and the alert
+//! times are all measured in it, so a device is judged by its own readings whatever its
+//! clock says. Its *contribution to the partition clock* is `min(time, received_at)`: the
+//! partition clock (the highest contribution seen) can never run ahead of ingest's clock,
+//! whatever one device's clock says. Ingest accepts readings up to `MAX_CLOCK_SKEW` in the
+//! future; if such a reading moved the shared clock, every other device on the partition —
+//! other tenants' included — would be "late" for that long and dropped. Bounded by
+//! `received_at`, a fast device moves the clock no further than the moment ingest received
+//! it, which every honest device's readings reach as well. Both times come from the message,
+//! so a replay computes the same clock (the wall clock at processing time never enters it,
+//! except through the idle-partition fallback above).
+//!
+//! Timers are kept in the partition clock's frame and stamped in the device's: a pending
+//! alert of a reading with contribution `c` and event time `t` is due when the partition
+//! clock reaches `c + for` and fires with event time `t + for` (the same for a no-data
+//! deadline, from the device's last reading). For a device whose clock is right (`time ≤
+//! received_at`) the two frames are one and nothing changes; a device whose clock runs
+//! ahead gets its `for` and no-data deadlines on time rather than its skew late. A device's
+//! own reading at or past a pending deadline (in its own time) fires it too, so a pending
+//! alert restored after a restart (whose deadline is known only in event time) fires at the
+//! same reading it did in the uninterrupted run when the device's skew is steady.
+//!
+//! Lateness: a reading whose contribution is older than `clock - allowed_lateness` is dropped
+//! (counted). Since the clock is bounded by ingest time, a reading is dropped only for its
+//! own delay or its own slow clock, never because of another device. One older than its
+//! device's newest reading but within the lateness joins the device's windows (counted) and
+//! does not move threshold state, which already reflects a newer reading.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
@@ -109,8 +136,40 @@ struct OpenAlert {
     status: Status,
     started_at: Micros,
     /// When a pending alert fires if its condition still holds.
-    due: Option<Micros>,
+    due: Option<Deadline>,
     value: Option<f64>,
+}
+
+/// A timer's deadline in both frames (see the module doc): `at` on the partition clock (the
+/// timer queue's key), `time` in the device's event time (the transition's time).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Deadline {
+    at: Micros,
+    time: Micros,
+}
+
+impl Deadline {
+    /// `span` after a reading with contribution `at` and event time `time`.
+    fn after(at: Micros, time: Micros, span: Micros) -> Self {
+        Self {
+            at: at.saturating_add(span),
+            time: time.saturating_add(span),
+        }
+    }
+
+    /// A deadline known only in event time (warm start): both frames alike.
+    fn at_event_time(time: Micros) -> Self {
+        Self { at: time, time }
+    }
+}
+
+/// A reading's contribution to its partition's clock: its device time, bounded by the time
+/// ingest received it, so no device can move the shared clock past ingest's.
+pub fn clock_contribution(message: &Telemetry) -> Micros {
+    message
+        .time
+        .timestamp_micros()
+        .min(message.received_at.timestamp_micros())
 }
 
 #[derive(Debug)]
@@ -120,13 +179,15 @@ struct DeviceState {
     site_id: Option<String>,
     /// Event time of the newest in-order reading.
     last_time: Option<Micros>,
+    /// That reading's contribution to the partition clock.
+    last_at: Option<Micros>,
     /// Whether the windows hold what the database had before this device's first message.
     windows_warm: bool,
     /// Per metric: (time, value), ascending by time.
     windows: HashMap<String, VecDeque<(Micros, f64)>>,
     open: HashMap<i64, OpenAlert>,
     /// No-data rules: when the silence reaches the rule's length.
-    silence_due: HashMap<i64, Micros>,
+    silence_due: HashMap<i64, Deadline>,
 }
 
 impl DeviceState {
@@ -136,6 +197,7 @@ impl DeviceState {
             device_id: device_id.to_owned(),
             site_id: site_id.map(str::to_owned),
             last_time: None,
+            last_at: None,
             windows_warm: false,
             windows: HashMap::default(),
             open: HashMap::default(),
@@ -144,11 +206,13 @@ impl DeviceState {
     }
 }
 
-/// Timer queue entry: (due, rule, device key). Ordered, so timers fire deterministically.
+/// Timer queue entry: (due on the partition clock, rule, device key). Ordered, so timers fire
+/// deterministically.
 type Timer = (Micros, i64, String);
 
 #[derive(Debug)]
 struct PartitionState {
+    /// The highest clock contribution seen (see the module doc), or the idle fallback's move.
     clock: Option<Micros>,
     devices: HashMap<String, DeviceState>,
     timers: BTreeSet<Timer>,
@@ -316,9 +380,12 @@ impl Engine {
         match rules.by_id.get(&rule_id) {
             Some(rule) if rule.enabled => {
                 if status == Status::Pending {
-                    let due = started_at.saturating_add(rule.for_us);
+                    // Known in event time only: `received_at` of the reading that opened it
+                    // is not stored. The device's own readings fire it on time (see
+                    // `fire_own_pending`); the partition clock only once it reaches it.
+                    let due = Deadline::at_event_time(started_at.saturating_add(rule.for_us));
                     open.due = Some(due);
-                    ps.timers.insert((due, rule_id, key));
+                    ps.timers.insert((due.at, rule_id, key));
                 }
                 dev.open.insert(rule_id, open);
             }
@@ -367,9 +434,9 @@ impl Engine {
         for rule in rules.of_tenant(tenant_id) {
             if let Condition::NoData { silence_us, .. } = rule.condition {
                 if rule.applies_to(device_id, site_id) && !dev.open.contains_key(&rule.rule_id) {
-                    let due = last_seen.saturating_add(silence_us);
+                    let due = Deadline::at_event_time(last_seen.saturating_add(silence_us));
                     dev.silence_due.insert(rule.rule_id, due);
-                    ps.timers.insert((due, rule.rule_id, key.clone()));
+                    ps.timers.insert((due.at, rule.rule_id, key.clone()));
                 }
             }
         }
@@ -446,16 +513,18 @@ impl Engine {
         ps.next_offset = Some(offset + 1);
         self.counters.messages += 1;
         let t = message.time.timestamp_micros();
+        // What this reading may do to the shared clock: never more than ingest's time.
+        let at = clock_contribution(message);
         if ps
             .clock
-            .is_some_and(|clock| t < clock.saturating_sub(lateness))
+            .is_some_and(|clock| at < clock.saturating_sub(lateness))
         {
             self.counters.late_dropped += 1;
             return;
         }
-        if ps.clock.is_none_or(|clock| t > clock) {
-            ps.clock = Some(t);
-            fire_timers(&rules, partition, ps, t, &mut self.pending);
+        if ps.clock.is_none_or(|clock| at > clock) {
+            ps.clock = Some(at);
+            fire_timers(&rules, partition, ps, at, &mut self.pending);
         }
         let tenant_rules = rules.of_tenant(&message.tenant_id);
         if tenant_rules.is_empty() {
@@ -469,6 +538,17 @@ impl Engine {
                 message.site_id.as_deref(),
             )
         });
+        // Lateness per device, in its own time: as behind the partition clock, a reading
+        // further behind its device's newest one is dropped. For a device whose clock is right
+        // this never adds a drop (its newest reading is at or before the partition clock); for
+        // one whose clock runs ahead it keeps the rule the shared clock used to enforce.
+        if dev
+            .last_time
+            .is_some_and(|last| t < last.saturating_sub(lateness))
+        {
+            self.counters.late_dropped += 1;
+            return;
+        }
         if dev.site_id != message.site_id {
             dev.site_id.clone_from(&message.site_id);
         }
@@ -500,7 +580,19 @@ impl Engine {
         if !in_order {
             return;
         }
+        if !dev.open.is_empty() {
+            fire_own_pending(
+                &rules,
+                partition,
+                &key,
+                dev,
+                &mut ps.timers,
+                t,
+                &mut self.pending,
+            );
+        }
         dev.last_time = Some(t);
+        dev.last_at = Some(at);
         let received = Some(message.received_at.timestamp_micros());
         for rule in tenant_rules {
             if !rule.applies_to(&message.device_id, message.site_id.as_deref()) {
@@ -522,7 +614,7 @@ impl Engine {
                             &key,
                             dev,
                             &mut ps.timers,
-                            t,
+                            (at, t),
                             holds,
                             clears,
                             v,
@@ -559,7 +651,7 @@ impl Engine {
                             &key,
                             dev,
                             &mut ps.timers,
-                            t,
+                            (at, t),
                             holds,
                             clears,
                             v,
@@ -588,15 +680,15 @@ impl Engine {
                             received,
                         ));
                     }
-                    let due = t.saturating_add(*silence_us);
+                    let due = Deadline::after(at, t, *silence_us);
                     // Move the deadline rather than leave the old one to expire: a busy device
                     // would otherwise pile up stale timers.
                     if let Some(old) = dev.silence_due.insert(rule.rule_id, due) {
-                        if old != due {
-                            ps.timers.remove(&(old, rule.rule_id, key.clone()));
+                        if old.at != due.at {
+                            ps.timers.remove(&(old.at, rule.rule_id, key.clone()));
                         }
                     }
-                    ps.timers.insert((due, rule.rule_id, key.clone()));
+                    ps.timers.insert((due.at, rule.rule_id, key.clone()));
                 }
             }
         }
@@ -642,6 +734,10 @@ impl Engine {
             return;
         }
         let old = std::mem::replace(&mut self.rules, rules.clone());
+        // Transitions of deleted rules: the database deleted their alerts with the rule (and
+        // would refuse a new one), so they have nothing left to change.
+        self.pending
+            .retain(|t| rules.by_id.contains_key(&t.rule.rule_id));
         let rewarm: std::collections::HashSet<&str> = old
             .tenants()
             .chain(rules.tenants())
@@ -681,7 +777,7 @@ impl Engine {
                 if rewarm.contains(dev.tenant_id.as_str()) {
                     dev.windows_warm = false;
                 }
-                let Some(last) = dev.last_time else {
+                let (Some(last), Some(last_at)) = (dev.last_time, dev.last_at) else {
                     continue;
                 };
                 for rule in rules.of_tenant(&dev.tenant_id) {
@@ -690,9 +786,9 @@ impl Engine {
                             && !dev.open.contains_key(&rule.rule_id)
                             && !dev.silence_due.contains_key(&rule.rule_id)
                         {
-                            let due = last.saturating_add(silence_us);
+                            let due = Deadline::after(last_at, last, silence_us);
                             dev.silence_due.insert(rule.rule_id, due);
-                            ps.timers.insert((due, rule.rule_id, key.clone()));
+                            ps.timers.insert((due.at, rule.rule_id, key.clone()));
                         }
                     }
                 }
@@ -797,7 +893,7 @@ fn step(
     key: &str,
     dev: &mut DeviceState,
     timers: &mut BTreeSet<Timer>,
-    t: Micros,
+    (at, t): (Micros, Micros),
     holds: bool,
     clears: bool,
     value: f64,
@@ -809,8 +905,8 @@ fn step(
             let (status, due) = if rule.for_us == 0 {
                 (Status::Firing, None)
             } else {
-                let due = t.saturating_add(rule.for_us);
-                timers.insert((due, rule.rule_id, key.to_owned()));
+                let due = Deadline::after(at, t, rule.for_us);
+                timers.insert((due.at, rule.rule_id, key.to_owned()));
                 (Status::Pending, Some(due))
             };
             dev.open.insert(
@@ -861,7 +957,57 @@ fn step(
     }
 }
 
-/// Fires every timer of `ps` due at or before `upto`, in (due, rule, device) order.
+/// Fires `dev`'s pending alerts whose deadline (in the device's event time) is at or before
+/// `t`, the time of its in-order reading about to be evaluated, in rule order. For a device
+/// whose clock is right the partition clock has fired them already (the frames coincide);
+/// this matters for a deadline restored in event time only (warm start) of a device whose
+/// clock runs ahead, which would otherwise wait for the partition clock to catch up.
+fn fire_own_pending(
+    rules: &RuleSet,
+    partition: i32,
+    key: &str,
+    dev: &mut DeviceState,
+    timers: &mut BTreeSet<Timer>,
+    t: Micros,
+    out: &mut Vec<Transition>,
+) {
+    let mut due: Vec<(i64, Deadline)> = dev
+        .open
+        .iter()
+        .filter(|(_, open)| open.status == Status::Pending)
+        .filter_map(|(&rule_id, open)| open.due.filter(|d| d.time <= t).map(|d| (rule_id, d)))
+        .collect();
+    if due.is_empty() {
+        return;
+    }
+    due.sort_unstable_by_key(|&(rule_id, _)| rule_id);
+    for (rule_id, deadline) in due {
+        timers.remove(&(deadline.at, rule_id, key.to_owned()));
+        let Some(rule) = rules.by_id.get(&rule_id).filter(|r| r.enabled) else {
+            continue;
+        };
+        let Some(open) = dev.open.get_mut(&rule_id) else {
+            continue;
+        };
+        open.status = Status::Firing;
+        open.due = None;
+        let (started_at, value) = (open.started_at, open.value);
+        out.push(transition(
+            rule,
+            partition,
+            dev,
+            Some(Status::Pending),
+            Status::Firing,
+            started_at,
+            deadline.time,
+            value,
+            None,
+        ));
+    }
+}
+
+/// Fires every timer of `ps` due at or before `upto` on the partition clock, in (due, rule,
+/// device) order.
 fn fire_timers(
     rules: &RuleSet,
     partition: i32,
@@ -869,8 +1015,8 @@ fn fire_timers(
     upto: Micros,
     out: &mut Vec<Transition>,
 ) {
-    while ps.timers.first().is_some_and(|(due, _, _)| *due <= upto) {
-        let Some((due, rule_id, key)) = ps.timers.pop_first() else {
+    while ps.timers.first().is_some_and(|(at, _, _)| *at <= upto) {
+        let Some((at, rule_id, key)) = ps.timers.pop_first() else {
             break;
         };
         let Some(rule) = rules.by_id.get(&rule_id).filter(|r| r.enabled) else {
@@ -881,7 +1027,8 @@ fn fire_timers(
         };
         if let Some(open) = dev.open.get_mut(&rule_id) {
             // A pending alert whose condition held until its deadline fires.
-            if open.status == Status::Pending && open.due == Some(due) {
+            let due = open.due.filter(|d| d.at == at);
+            if let (Status::Pending, Some(due)) = (open.status, due) {
                 open.status = Status::Firing;
                 open.due = None;
                 let (started_at, value) = (open.started_at, open.value);
@@ -892,7 +1039,7 @@ fn fire_timers(
                     Some(Status::Pending),
                     Status::Firing,
                     started_at,
-                    due,
+                    due.time,
                     value,
                     None,
                 ));
@@ -900,29 +1047,38 @@ fn fire_timers(
             continue;
         }
         // A no-data deadline reached without a reading.
-        if dev.silence_due.get(&rule_id) == Some(&due) {
-            dev.silence_due.remove(&rule_id);
-            let (status, next) = if rule.for_us == 0 {
-                (Status::Firing, None)
-            } else {
-                (Status::Pending, Some(due.saturating_add(rule.for_us)))
-            };
-            if let Some(next) = next {
-                ps.timers.insert((next, rule_id, key.clone()));
-            }
-            dev.open.insert(
-                rule_id,
-                OpenAlert {
-                    status,
-                    started_at: due,
-                    due: next,
-                    value: None,
-                },
-            );
-            out.push(transition(
-                rule, partition, dev, None, status, due, due, None, None,
-            ));
+        let Some(due) = dev
+            .silence_due
+            .get(&rule_id)
+            .copied()
+            .filter(|d| d.at == at)
+        else {
+            continue;
+        };
+        dev.silence_due.remove(&rule_id);
+        let (status, next) = if rule.for_us == 0 {
+            (Status::Firing, None)
+        } else {
+            (
+                Status::Pending,
+                Some(Deadline::after(due.at, due.time, rule.for_us)),
+            )
+        };
+        if let Some(next) = next {
+            ps.timers.insert((next.at, rule_id, key.clone()));
         }
+        dev.open.insert(
+            rule_id,
+            OpenAlert {
+                status,
+                started_at: due.time,
+                due: next,
+                value: None,
+            },
+        );
+        out.push(transition(
+            rule, partition, dev, None, status, due.time, due.time, None, None,
+        ));
     }
 }
 
@@ -988,6 +1144,28 @@ mod tests {
                 .map(|(k, v)| ((*k).to_owned(), MetricValue::Double(*v)))
                 .collect(),
         }
+    }
+
+    /// A reading whose device clock says `at`, received by ingest at `received`.
+    fn reading_received(
+        tenant: &str,
+        device: &str,
+        at: Micros,
+        received: Micros,
+        metrics: &[(&str, f64)],
+    ) -> Telemetry {
+        let mut r = reading(tenant, device, at, metrics);
+        r.received_at = DateTime::<Utc>::from_timestamp_micros(received).unwrap();
+        r
+    }
+
+    /// (device, from, to, seconds after T0) of each step.
+    fn steps_by_device(e: &mut Engine) -> Vec<(String, Option<Status>, Status, Micros)> {
+        e.take_commit()
+            .transitions
+            .iter()
+            .map(|t| (t.device_id.clone(), t.from, t.to, (t.time - T0) / S))
+            .collect()
     }
 
     /// Feeds `temp` readings of device d1, one per second from T0; returns the steps.
@@ -1243,6 +1421,179 @@ mod tests {
                 format!("1:t1/d1:{T0}:firing")
             )]
         );
+    }
+
+    #[test]
+    fn a_fast_clock_moves_the_partition_clock_no_further_than_ingest_time() {
+        let mut e = engine(vec![]);
+        e.process(0, 0, &reading_received("t1", "fast", T0 + 120 * S, T0, &[]));
+        assert_eq!(e.clock(0), Some(T0));
+        // A device whose clock is right: its own time (at or before ingest's) counts.
+        e.process(0, 1, &reading_received("t2", "b", T0 + S, T0 + 2 * S, &[]));
+        assert_eq!(e.clock(0), Some(T0 + S));
+        // The stored clock is the bounded one, so a restart resumes with it.
+        assert_eq!(e.take_commit().progress[0].clock, Some(T0 + S));
+    }
+
+    #[test]
+    fn a_device_with_a_fast_clock_does_not_make_another_tenants_readings_late() {
+        let mut b_rule = temp_above(2, 30.0, 0);
+        b_rule.tenant_id = "t2".into();
+        let mut e = engine(vec![temp_above(1, 30.0, 0), b_rule]);
+        // Device "fast" of t1 is 120 s ahead; "b" of t2 on the same partition is on time.
+        e.process(
+            0,
+            0,
+            &reading_received("t1", "fast", T0 + 120 * S, T0, &[("temp", 99.0)]),
+        );
+        e.process(
+            0,
+            1,
+            &reading_received("t2", "b", T0 + S, T0 + S, &[("temp", 20.0)]),
+        );
+        e.process(
+            0,
+            2,
+            &reading_received("t2", "b", T0 + 2 * S, T0 + 2 * S, &[("temp", 50.0)]),
+        );
+        e.process(
+            0,
+            3,
+            &reading_received("t1", "fast", T0 + 123 * S, T0 + 3 * S, &[("temp", 10.0)]),
+        );
+        assert_eq!(e.counters().late_dropped, 0);
+        assert_eq!(
+            steps_by_device(&mut e),
+            vec![
+                // The fast device is evaluated too, in its own time.
+                ("fast".to_owned(), None, Status::Firing, 120),
+                ("b".to_owned(), None, Status::Firing, 2),
+                (
+                    "fast".to_owned(),
+                    Some(Status::Firing),
+                    Status::Resolved,
+                    123
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_fast_devices_deadlines_run_on_ingest_time_and_carry_its_own_time() {
+        let mut e = engine(vec![
+            temp_above(1, 30.0, 5),
+            rule(
+                2,
+                Condition::NoData {
+                    metric: None,
+                    silence_us: 10 * S,
+                },
+                0,
+            ),
+        ]);
+        // 120 s ahead, hot for 3 s of ingest time, then silent; another device keeps the
+        // partition clock going.
+        for i in 0..3 {
+            let at = T0 + i * S;
+            e.process(
+                0,
+                i,
+                &reading_received("t1", "fast", at + 120 * S, at, &[("temp", 50.0)]),
+            );
+        }
+        for i in 3..=12 {
+            let at = T0 + i * S;
+            e.process(0, i, &reading_received("t1", "b", at, at, &[("temp", 1.0)]));
+        }
+        assert_eq!(e.counters().late_dropped, 0);
+        assert_eq!(
+            steps_by_device(&mut e),
+            vec![
+                ("fast".to_owned(), None, Status::Pending, 120),
+                // Due 5 s of ingest time after it opened, stamped 5 s after in its own time.
+                (
+                    "fast".to_owned(),
+                    Some(Status::Pending),
+                    Status::Firing,
+                    125
+                ),
+                // Silent for 10 s since its last reading (ingest T0 + 2 s, its own T0 + 122 s).
+                ("fast".to_owned(), None, Status::Firing, 132),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_reading_further_behind_its_own_devices_newest_than_the_lateness_is_dropped() {
+        let mut e = engine(vec![temp_above(1, 30.0, 0)]);
+        e.process(
+            0,
+            0,
+            &reading_received("t1", "fast", T0 + 120 * S, T0, &[("temp", 20.0)]),
+        );
+        // The device's clock was corrected: 118 s behind its newest reading, though not behind
+        // the partition clock.
+        e.process(
+            0,
+            1,
+            &reading_received("t1", "fast", T0 + 2 * S, T0 + 2 * S, &[("temp", 99.0)]),
+        );
+        // 3 s behind its newest: within the lateness, windows only.
+        e.process(
+            0,
+            2,
+            &reading_received("t1", "fast", T0 + 117 * S, T0 + 3 * S, &[("temp", 99.0)]),
+        );
+        let c = e.counters();
+        assert_eq!((c.late_dropped, c.late_accepted), (1, 1));
+        assert!(e.take_commit().transitions.is_empty());
+    }
+
+    #[test]
+    fn a_restored_pending_alert_of_a_fast_device_fires_at_its_own_reading_past_the_deadline() {
+        let mut e = engine(vec![temp_above(1, 30.0, 5)]);
+        e.assign(0, Some(10), Some(T0));
+        // Opened at its own T0 + 120 s; the reading that opened it is not replayed.
+        e.restore_open_alert(
+            0,
+            "t1",
+            "fast",
+            None,
+            1,
+            Status::Pending,
+            T0 + 120 * S,
+            Some(50.0),
+        );
+        e.process(
+            0,
+            10,
+            &reading_received("t1", "fast", T0 + 124 * S, T0 + 4 * S, &[("temp", 50.0)]),
+        );
+        assert!(!e.has_transitions());
+        // Its own clock passes the deadline (the partition clock is 115 s short of it).
+        e.process(
+            0,
+            11,
+            &reading_received("t1", "fast", T0 + 126 * S, T0 + 6 * S, &[("temp", 20.0)]),
+        );
+        assert_eq!(
+            steps_by_device(&mut e),
+            vec![
+                (
+                    "fast".to_owned(),
+                    Some(Status::Pending),
+                    Status::Firing,
+                    125
+                ),
+                (
+                    "fast".to_owned(),
+                    Some(Status::Firing),
+                    Status::Resolved,
+                    126
+                ),
+            ]
+        );
+        assert_eq!(e.timers(), 0);
     }
 
     #[test]

@@ -970,7 +970,7 @@ async fn commit_until_done(
     group: String,
     topic: String,
     give_up: Shutdown,
-    unit: CommitUnit,
+    mut unit: CommitUnit,
     traces: Vec<String>,
 ) -> CommitOutcome {
     let mut backoff = Duration::from_millis(100);
@@ -984,7 +984,7 @@ async fn commit_until_done(
         for traceparent in &traces {
             plumbing::observability::link_traceparent(&span, traceparent);
         }
-        let result = store::commit(&pool, &group, &topic, &unit)
+        let result = store::commit(&pool, &group, &topic, &mut unit)
             .instrument(span)
             .await;
         match result {

@@ -23,6 +23,15 @@ pub enum StoreError {
     Fenced(Vec<i32>),
 }
 
+impl StoreError {
+    /// A foreign key violation: the only one `alerts` can raise is a transition of a rule
+    /// deleted since it was evaluated.
+    fn is_foreign_key_violation(&self) -> bool {
+        matches!(self, StoreError::Database(sqlx::Error::Database(db))
+            if db.code().as_deref() == Some("23503"))
+    }
+}
+
 fn to_time(micros: Micros) -> DateTime<Utc> {
     DateTime::<Utc>::from_timestamp_micros(micros).unwrap_or_default()
 }
@@ -217,12 +226,57 @@ pub struct Committed {
     pub written: usize,
     /// Transitions the table already reflected (a replay), written nowhere.
     pub skipped: usize,
+    /// Transitions of rules deleted since they were evaluated, taken out of the unit.
+    pub deleted_rules: usize,
 }
 
 /// Stores `unit` in one transaction: fenced offsets (and clocks), each transition's `alerts`
 /// change, and an outbox row per change. A partition whose stored offset moved makes the
 /// whole transaction roll back with [`StoreError::Fenced`] naming it.
+///
+/// A transition of a rule deleted after it was evaluated (its `alerts` row would violate the
+/// foreign key) is taken out of `unit` and the rest committed: left in, it would fail every
+/// retry, and with it every tenant's alerts and offsets on this instance. A replay evaluates
+/// with the rule gone, so it would not make that transition either.
 pub async fn commit(
+    pool: &PgPool,
+    group: &str,
+    topic: &str,
+    unit: &mut CommitUnit,
+) -> Result<Committed, StoreError> {
+    match commit_once(pool, group, topic, unit).await {
+        Err(err) if err.is_foreign_key_violation() => {
+            let before = unit.transitions.len();
+            let rules: Vec<i64> = unit.transitions.iter().map(|t| t.rule.rule_id).collect();
+            let existing: std::collections::HashSet<i64> = sqlx::query_scalar::<_, i64>(
+                "SELECT rule_id FROM alert_rules WHERE rule_id = ANY($1)",
+            )
+            .bind(&rules)
+            .fetch_all(pool)
+            .await?
+            .into_iter()
+            .collect();
+            unit.transitions
+                .retain(|t| existing.contains(&t.rule.rule_id));
+            let deleted_rules = before - unit.transitions.len();
+            if deleted_rules == 0 {
+                return Err(err);
+            }
+            tracing::warn!(
+                transitions = deleted_rules,
+                "transitions of deleted rules left out of the commit"
+            );
+            let done = commit_once(pool, group, topic, unit).await?;
+            Ok(Committed {
+                deleted_rules,
+                ..done
+            })
+        }
+        other => other,
+    }
+}
+
+async fn commit_once(
     pool: &PgPool,
     group: &str,
     topic: &str,

@@ -567,3 +567,191 @@ async fn kafka_committed_offsets_follow_the_offsets_stored_in_postgresql() -> Re
     task.await?;
     Ok(())
 }
+
+/// Issue 14: a device whose clock runs 120 s ahead (ingest accepts up to `MAX_CLOCK_SKEW`)
+/// shares a partition with another tenant's device. Its readings must not make the other
+/// device's readings "late": the other device's threshold fires within the normal latency,
+/// and the fast device is evaluated too, in its own time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_with_a_fast_clock_does_not_silence_another_tenant_on_its_partition() -> Result<()>
+{
+    let db = TestDb::new(LayoutChoice::Postgres).await?;
+    let topics = TestTopics::new(1).await?;
+    provision(&db.pool, &[A, B], &[(A, "fast"), (B, "honest")]).await?;
+    let hot = "kind='threshold'; metric='temp'; op='>'; threshold=30";
+    let fast_rule = rule(&db.pool, A, "hot", hot).await?;
+    let honest_rule = rule(&db.pool, B, "hot", hot).await?;
+    let group = format!("eval-{}", db.name);
+    let (shutdown, task) = start(config(&db, &topics, &group, &[])?).await;
+    let producer = producer(&topics)?;
+    let topic = &topics.args.telemetry_topic;
+    // Microseconds, as Avro carries them.
+    let now = || DateTime::<Utc>::from_timestamp_micros(Utc::now().timestamp_micros()).unwrap();
+    let ahead = chrono::Duration::seconds(120);
+    let alert_of = |rule_id: i64| {
+        let pool = db.pool.clone();
+        move || {
+            let pool = pool.clone();
+            async move {
+                let rows = alerts(&pool).await.map_err(|e| e.to_string())?;
+                match rows.iter().find(|r| r.0 == rule_id) {
+                    Some(row) => Ok(row.clone()),
+                    None => Err(format!("{rows:?}")),
+                }
+            }
+        }
+    };
+
+    // Device A (tenant A), 120 s ahead, crosses its threshold: evaluated in its own time.
+    let fast_hot = now() + ahead;
+    produce(
+        &producer,
+        topic,
+        &[reading(A, "fast", fast_hot, &[("temp", 50.0)])],
+    )
+    .await?;
+    let (_, _, status, started, ..) = eventually(
+        "the fast device's alert firing",
+        Duration::from_secs(30),
+        alert_of(fast_rule),
+    )
+    .await?;
+    assert_eq!((status.as_str(), started), ("firing", Some(fast_hot)));
+
+    // Device B (tenant B), on time, same partition: its readings are ~120 s behind A's.
+    let honest = [
+        reading(B, "honest", now(), &[("temp", 20.0)]),
+        reading(B, "honest", now(), &[("temp", 45.0)]),
+    ];
+    produce(&producer, topic, &honest).await?;
+    let (_, _, status, started, ..) = eventually(
+        "the on-time device's alert firing",
+        Duration::from_secs(30),
+        alert_of(honest_rule),
+    )
+    .await?;
+    assert_eq!((status.as_str(), started), ("firing", Some(honest[1].time)));
+    // Within the normal latency: from ingest to the committed transition.
+    let latency: f64 = sqlx::query_scalar(
+        "SELECT extract(epoch FROM created_at - source_received_at)::float8 FROM alert_outbox \
+         WHERE device_id = 'honest'",
+    )
+    .fetch_one(&db.pool)
+    .await?;
+    assert!(latency < 5.0, "alert latency {latency} s");
+
+    // A is still evaluated: its next reading resolves its alert at its own time.
+    let fast_cool = now() + ahead;
+    produce(
+        &producer,
+        topic,
+        &[reading(A, "fast", fast_cool, &[("temp", 20.0)])],
+    )
+    .await?;
+    eventually(
+        "the fast device's alert resolved",
+        Duration::from_secs(30),
+        || async {
+            let row = alert_of(fast_rule)().await?;
+            match row {
+                (_, _, status, _, _, Some(resolved)) if status == "resolved" => Ok(resolved),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await
+    .map(|resolved| assert_eq!(resolved, fast_cool))?;
+    // None of the four readings was dropped as late (figures of one flush share a time).
+    let dropped = eventually(
+        "system_metrics covering all four readings",
+        Duration::from_secs(30),
+        || async {
+            let dropped: Option<f64> = sqlx::query_scalar(
+                "SELECT d.value FROM system_metrics m JOIN system_metrics d \
+                   ON d.time = m.time AND d.metric_name = 'evaluator_late_dropped_total' \
+                 WHERE m.metric_name = 'evaluator_messages_total' AND m.value >= 4 \
+                 ORDER BY m.time DESC LIMIT 1",
+            )
+            .fetch_optional(&db.pool)
+            .await
+            .map_err(|e| e.to_string())?;
+            dropped.ok_or_else(|| "not yet".to_owned())
+        },
+    )
+    .await?;
+    assert_eq!(dropped, 0.0);
+    shutdown.cancel();
+    task.await?;
+    Ok(())
+}
+
+/// Issue 14 audit: a transition of a rule deleted after it was evaluated (before the rules
+/// reload) would violate `alerts`' foreign key on every retry, and block every tenant's
+/// alerts and offsets behind it. The commit leaves it out and stores the rest.
+#[tokio::test]
+async fn a_transition_of_a_rule_deleted_before_its_commit_does_not_block_the_others() -> Result<()>
+{
+    use evaluator_stream::engine::{CommitUnit, PartitionProgress, Status, Transition};
+    use evaluator_stream::rules::{Condition, Op, Rule};
+    use std::sync::Arc;
+
+    let db = TestDb::new(LayoutChoice::Postgres).await?;
+    provision(&db.pool, &[A, B], &[(A, "d1"), (B, "d2")]).await?;
+    let hot = "kind='threshold'; metric='temp'; op='>'; threshold=30";
+    let doomed = rule(&db.pool, A, "doomed", hot).await?;
+    let kept = rule(&db.pool, B, "kept", hot).await?;
+    sqlx::query("DELETE FROM alert_rules WHERE rule_id = $1")
+        .bind(doomed)
+        .execute(&db.pool)
+        .await?;
+    let t = Utc::now().timestamp_micros();
+    let firing = |rule_id: i64, tenant: &str, device: &str| Transition {
+        rule: Arc::new(Rule {
+            rule_id,
+            tenant_id: tenant.to_owned(),
+            name: "hot".to_owned(),
+            site_id: None,
+            device_id: None,
+            condition: Condition::Threshold {
+                metric: "temp".to_owned(),
+                op: Op::Gt,
+                threshold: 30.0,
+            },
+            for_us: 0,
+            resolve_threshold: None,
+            severity: "warning".to_owned(),
+            enabled: true,
+        }),
+        partition: 0,
+        tenant_id: tenant.to_owned(),
+        device_id: device.to_owned(),
+        site_id: None,
+        from: None,
+        to: Status::Firing,
+        started_at: t,
+        time: t,
+        value: Some(50.0),
+        received_at: Some(t),
+    };
+    let mut unit = CommitUnit {
+        transitions: vec![firing(doomed, A, "d1"), firing(kept, B, "d2")],
+        progress: vec![PartitionProgress {
+            partition: 0,
+            expected: None,
+            next: 2,
+            clock: Some(t),
+        }],
+    };
+    let done = evaluator_stream::store::commit(&db.pool, "g", "telemetry", &mut unit).await?;
+    assert_eq!((done.written, done.deleted_rules), (1, 1));
+    assert_eq!(unit.transitions.len(), 1);
+    let rows = alerts(&db.pool).await?;
+    assert_eq!(
+        rows.iter()
+            .map(|r| (r.0, r.1.as_str(), r.2.as_str()))
+            .collect::<Vec<_>>(),
+        vec![(kept, "d2", "firing")]
+    );
+    assert_eq!(stored_total(&db.pool, "g").await?, 2);
+    Ok(())
+}
