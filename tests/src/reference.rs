@@ -38,6 +38,10 @@
 //!
 //! # Not modelled (so a comparison should avoid them)
 //!
+//! * Device clocks ahead of ingest's: the evaluator moves a partition's clock by at most
+//!   `min(time, received_at)` and runs a fast device's deadlines on that clock (issue 14,
+//!   ARCHITECTURE.md). The reference moves it by `time`, which is the same for every reading
+//!   with `time <= received_at` — every reading the simulator sends.
 //! * The wall-clock move of an idle partition (`EVALUATOR_IDLE_TIMEOUT`): an evaluator run
 //!   with a short idle timeout may fire pending episodes at the end that the reference still
 //!   holds pending. Run it with a long one, or call [`Reference::advance_clock`] with the clock

@@ -88,12 +88,12 @@ async fn refresh_until_done(conn: &mut PgConnection, pid: i32) -> Result<Work> {
 
 fn print_work(label: &str, w: &Work) {
     println!(
-        "{label:<16} {:>6} calls  {:>9} device minutes  {:>6} whole minutes  {:>9} rows  {:>8.2} s wall  {:>8.2} s CPU",
+        "{label:<16} {:>6} calls  {:>9} device minutes  {:>6} whole minutes  {:>9} rows  {:>10.1} ms wall  {:>8.2} s CPU",
         w.calls,
         w.device_minutes_recomputed,
         w.minutes_recomputed,
         w.rows_written,
-        w.wall.as_secs_f64(),
+        w.wall.as_secs_f64() * 1e3,
         w.cpu
     );
 }
@@ -197,9 +197,11 @@ async fn main() -> Result<()> {
     late_batch(&db, "dev-10", true).await?;
     let per_device = refresh_until_done(&mut conn, pid).await?;
     print_work("device minutes", &per_device);
+    // /proc counts CPU in 10 ms ticks: below one tick, the wall time bounds it instead.
+    let per_device_cost = per_device.cpu.max(per_device.wall.as_secs_f64()).max(1e-6);
     println!(
-        "one late reading: {:.0}× less refresh CPU, {:.0}× fewer rows written, {:.0}× fewer calls with per-device-minute invalidation",
-        range.cpu / per_device.cpu.max(0.01),
+        "one late reading: ≥ {:.0}× less refresh time, {:.0}× fewer rows written, {:.0}× fewer calls with per-device-minute invalidation",
+        range.cpu / per_device_cost,
         range.rows_written as f64 / per_device.rows_written.max(1) as f64,
         range.calls as f64 / per_device.calls.max(1) as f64
     );
