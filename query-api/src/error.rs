@@ -59,6 +59,9 @@ pub enum ApiError {
     Timeout,
     #[error("the database is unavailable, retry later")]
     Unavailable,
+    /// 429 with `Retry-After` (seconds).
+    #[error("{reason}")]
+    TooManyRequests { reason: String, retry_after_s: u64 },
     #[error("the service is misconfigured: its database role bypasses row-level security, so it refuses to serve tenant data (connect as fleet_api)")]
     BypassesIsolation,
     #[error("internal error")]
@@ -86,6 +89,7 @@ impl ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
             ApiError::Conflict { .. } => StatusCode::CONFLICT,
+            ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Timeout | ApiError::Unavailable | ApiError::BypassesIsolation => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -174,6 +178,10 @@ impl IntoResponse for ApiError {
             ApiError::Internal(cause) => (None, Some(cause.clone())),
             _ => (None, None),
         };
+        let retry_after = match &self {
+            ApiError::TooManyRequests { retry_after_s, .. } => Some(*retry_after_s),
+            _ => None,
+        };
         let body = ErrorBody {
             error: self.to_string(),
             field,
@@ -181,6 +189,12 @@ impl IntoResponse for ApiError {
         let mut response = (status, Json(body)).into_response();
         if let Some(cause) = cause {
             response.extensions_mut().insert(InternalCause(cause));
+        }
+        if let Some(seconds) = retry_after {
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from(seconds),
+            );
         }
         response
     }

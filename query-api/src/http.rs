@@ -32,6 +32,8 @@ pub struct Limits {
     pub max_range: Duration,
     /// Most points in one series answer.
     pub max_points: u64,
+    /// Most requests of one tenant in progress at a time (see [`crate::tenant_gate`]).
+    pub tenant_concurrency: usize,
 }
 
 impl Default for Limits {
@@ -40,6 +42,7 @@ impl Default for Limits {
             statement_timeout: Duration::from_secs(5),
             max_range: Duration::from_secs(31 * 86_400),
             max_points: 10_000,
+            tenant_concurrency: 4,
         }
     }
 }
@@ -56,12 +59,17 @@ pub struct AppState {
     /// Whether the pool's role is subject to row-level security, checked once.
     isolated: Arc<OnceCell<bool>>,
     stats: Arc<Stats>,
+    /// Per-tenant request budgets.
+    pub gate: Arc<crate::tenant_gate::TenantGate>,
 }
 
 impl AppState {
     pub fn new(pool: PgPool, limits: Limits, stats: Arc<Stats>) -> Self {
         Self {
             pool,
+            gate: Arc::new(crate::tenant_gate::TenantGate::new(
+                limits.tenant_concurrency,
+            )),
             limits: Arc::new(limits),
             layout: Arc::new(OnceCell::new()),
             isolated: Arc::new(OnceCell::new()),

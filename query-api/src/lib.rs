@@ -25,6 +25,7 @@ pub mod metrics;
 pub mod page;
 pub mod session;
 pub mod stats;
+pub mod tenant_gate;
 pub mod validate;
 pub mod web;
 
@@ -81,6 +82,11 @@ pub struct ApiArgs {
     /// Most points in one series answer (10,000 is ~1 week at 1-minute buckets for one metric).
     #[arg(long, env = "MAX_POINTS", default_value_t = 10_000)]
     pub max_points: u64,
+    /// Most requests of one tenant in progress at a time (operator keys share one budget);
+    /// more wait up to a second, then get a 429 with `Retry-After`. Keep it below
+    /// `DATABASE_MAX_CONNECTIONS`, so one tenant never holds every connection.
+    #[arg(long, env = "TENANT_MAX_CONCURRENT_REQUESTS", default_value_t = 4)]
+    pub tenant_max_concurrent_requests: usize,
     /// How often key figures are written to `system_metrics`.
     #[arg(long, env = "SYSTEM_METRICS_INTERVAL", default_value = "10s", value_parser = parse_duration)]
     pub system_metrics_interval: Duration,
@@ -92,6 +98,7 @@ impl ApiArgs {
             statement_timeout: self.statement_timeout,
             max_range: self.max_query_range,
             max_points: self.max_points,
+            tenant_concurrency: self.tenant_max_concurrent_requests,
         }
     }
 }

@@ -14,6 +14,7 @@ use axum::extract::FromRequestParts;
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
 use sqlx::{Postgres, Transaction};
+use tokio::sync::OwnedSemaphorePermit;
 
 use crate::auth::{bearer, hash_secret, Principal, Role};
 use crate::error::ApiError;
@@ -36,6 +37,9 @@ type AuthenticatedRow = (i64, Option<String>, String, String, String, String);
 pub struct Session {
     pub tx: Transaction<'static, Postgres>,
     pub principal: Principal,
+    /// The tenant's request permit (see [`crate::tenant_gate`]), released with the session
+    /// after its transaction ended. Declared after `tx`, so it is dropped after it.
+    _permit: OwnedSemaphorePermit,
 }
 
 impl FromRequestParts<AppState> for Session {
@@ -49,9 +53,16 @@ impl FromRequestParts<AppState> for Session {
             .and_then(bearer)
             .ok_or(ApiError::Unauthorized)?;
         state.require_isolation().await?;
+        let key_hash = hash_secret(token);
+        // A key seen before waits for its tenant's permit before it takes a connection.
+        let known = state.gate.scope_of(key_hash.as_bytes());
+        let early = match &known {
+            Some(scope) => Some(state.gate.wait(scope).await?),
+            None => None,
+        };
         let mut tx = state.pool.begin().await?;
         let row: Option<AuthenticatedRow> = sqlx::query_as(AUTHENTICATE_SQL)
-            .bind(hash_secret(token))
+            .bind(&key_hash)
             .bind(state.limits.statement_timeout.as_millis().to_string())
             .fetch_optional(&mut *tx)
             .await?;
@@ -59,7 +70,18 @@ impl FromRequestParts<AppState> for Session {
             return Err(ApiError::Unauthorized);
         };
         let role: Role = role.parse().map_err(ApiError::Internal)?;
+        let scope = tenant_id
+            .as_deref()
+            .unwrap_or(crate::tenant_gate::OPERATORS);
+        let permit = match early {
+            Some(permit) if known.as_deref() == Some(scope) => permit,
+            _ => {
+                state.gate.remember(key_hash.as_bytes(), scope);
+                state.gate.try_take(scope)?
+            }
+        };
         Ok(Session {
+            _permit: permit,
             tx,
             principal: Principal {
                 key_id,

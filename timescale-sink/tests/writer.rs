@@ -207,6 +207,8 @@ async fn late_reading_in(layout: LayoutChoice) -> Result<()> {
         vec![],
         "live readings are not late"
     );
+    // The rollup is running: its watermark starts at the live readings' minute.
+    timescale_sink::maintenance::refresh_rollup(&db.pool).await?;
 
     let two_days_ago = now - chrono::Duration::days(2);
     let late = [
