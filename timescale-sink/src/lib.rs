@@ -337,6 +337,9 @@ const PRIVILEGES: &[Privilege] = &[
         function: "fleet_rollup_1m_cutoff()",
     },
     Privilege::Execute {
+        function: "fleet_rollup_1m_invalidate(timestamptz, timestamptz)",
+    },
+    Privilege::Execute {
         function: "fleet_rollup_1m_invalidate_minutes(text[], text[], timestamptz[])",
     },
     Privilege::Execute {

@@ -27,6 +27,7 @@ pub const ROLLUP_DEVICE_MINUTES_PENDING: &str = "fleetstream_sink_rollup_device_
 pub const ROLLUP_DEVICE_MINUTES_REJECTED: &str =
     "fleetstream_sink_rollup_device_minutes_rejected_total";
 pub const LATE_DEVICE_MINUTES: &str = "fleetstream_sink_late_device_minutes_total";
+pub const LATE_RANGES: &str = "fleetstream_sink_late_ranges_total";
 
 /// Registers help text for every metric of the sink.
 pub fn describe() {
@@ -138,6 +139,11 @@ pub fn describe() {
         LATE_DEVICE_MINUTES,
         Unit::Count,
         "Device minutes this sink marked for the rollup to recompute (readings older than the database clock minus rollup_settle)."
+    );
+    describe_counter!(
+        LATE_RANGES,
+        Unit::Count,
+        "Batches whose many recent late readings (a sink catching up) were recorded as one range of whole minutes for the rollup."
     );
     describe_gauge!(
         ROLLUP_LAG,

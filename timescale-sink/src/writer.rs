@@ -22,7 +22,8 @@
 //! 4. the database's rollup cutoff (`fleet_rollup_1m_cutoff()`), and for the readings older
 //!    than it (usually none) `fleet_rollup_1m_invalidate_minutes(tenants, devices, times)`:
 //!    each late reading's device minute is marked for the 1-minute rollup to recompute, so
-//!    a late reading costs the refresh its own device's minute, not every device's;
+//!    a late reading costs the refresh its own device's minute, not every device's (many
+//!    recent late readings, a sink catching up, are one range: see [`classify_late`]);
 //! 5. commit.
 //!
 //! Transient errors (connection lost, server restarting, serialization failures) roll the
@@ -475,48 +476,112 @@ impl BatchWriter {
     }
 }
 
-/// Records the (tenant, device, minute) of every reading older than the database's rollup
-/// cutoff (`fleet_rollup_1m_cutoff()`, read here, inside the batch transaction), so the
-/// refresh recomputes exactly the device minutes a late reading changed. Returns how many
-/// device minutes were recorded.
+/// Late readings between `cutoff - RECENT` and the cutoff are those of a sink catching up
+/// (or of devices a few minutes behind); older ones are stragglers and backfill.
+const RECENT: chrono::TimeDelta = chrono::TimeDelta::minutes(10);
+
+/// Above this many device minutes, a batch's recent late readings are recorded as one range
+/// of whole minutes instead: a sink more than the settle time behind makes every reading of
+/// every batch late, and recomputing its few recent minutes for every device in one pass (as
+/// the refresh aggregates new minutes) costs far less than ~one device minute per reading
+/// recorded, merged and recomputed by primary-key range scans.
+const RECENT_DEVICE_MINUTES: usize = 1_000;
+
+/// How a batch's late readings are recorded for the rollup.
+#[derive(Debug, Default, PartialEq)]
+pub struct LateReadings<'a> {
+    /// Device minutes to recompute: tenant, device, and one reading time in the minute.
+    pub minutes: Vec<(&'a str, &'a str, chrono::DateTime<chrono::Utc>)>,
+    /// Oldest and newest time of the recent late readings, when recorded as a range.
+    pub recent_range: Option<(chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>)>,
+}
+
+/// Sorts a batch's readings older than `cutoff` into device minutes and (for many recent
+/// ones) a range: readings older than `cutoff - RECENT` always by device minute, so one
+/// 2-day-old reading costs its own device minute, not 2,880 minutes of every device.
+pub fn classify_late<'a>(
+    stored: &[&'a Telemetry],
+    cutoff: chrono::DateTime<chrono::Utc>,
+) -> LateReadings<'a> {
+    let recent_from = cutoff - RECENT;
+    // One reading's time per device minute (the database takes the minute of it).
+    let mut old: HashMap<(&str, &str, i64), chrono::DateTime<chrono::Utc>> = HashMap::new();
+    let mut recent: HashMap<(&str, &str, i64), chrono::DateTime<chrono::Utc>> = HashMap::new();
+    let mut range: Option<(chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>)> = None;
+    for r in stored.iter().filter(|r| r.time < cutoff) {
+        let micros = r.time.timestamp_micros();
+        let key = (
+            r.tenant_id.as_str(),
+            r.device_id.as_str(),
+            micros - micros.rem_euclid(MINUTE_MICROS),
+        );
+        if r.time < recent_from {
+            old.entry(key).or_insert(r.time);
+        } else {
+            recent.entry(key).or_insert(r.time);
+            range = Some(range.map_or((r.time, r.time), |(lo, hi)| {
+                (lo.min(r.time), hi.max(r.time))
+            }));
+        }
+    }
+    let recent_range = if recent.len() > RECENT_DEVICE_MINUTES {
+        recent.clear();
+        range
+    } else {
+        None
+    };
+    let mut minutes: Vec<_> = old
+        .into_iter()
+        .chain(recent)
+        .map(|((tenant, device, _), time)| (tenant, device, time))
+        .collect();
+    minutes.sort_unstable();
+    LateReadings {
+        minutes,
+        recent_range,
+    }
+}
+
+/// Records the batch's readings older than the database's rollup cutoff
+/// (`fleet_rollup_1m_cutoff()`, read here, inside the batch transaction) for the refresh to
+/// recompute: by device minute (`fleet_rollup_1m_invalidate_minutes`), or, for many recent
+/// ones, as one range (`fleet_rollup_1m_invalidate`); see [`classify_late`].
 async fn invalidate_late_minutes(
     conn: &mut PgConnection,
     stored: &[&Telemetry],
-) -> Result<usize, sqlx::Error> {
+) -> Result<(), sqlx::Error> {
     let Some(oldest) = stored.iter().map(|r| r.time).min() else {
-        return Ok(0);
+        return Ok(());
     };
     let cutoff: chrono::DateTime<chrono::Utc> =
         sqlx::query_scalar("SELECT fleet_rollup_1m_cutoff()")
             .fetch_one(&mut *conn)
             .await?;
     if oldest >= cutoff {
-        return Ok(0);
+        return Ok(());
     }
-    // One reading's time per device minute (the function takes the minute of it).
-    let mut late: HashMap<(&str, &str, i64), chrono::DateTime<chrono::Utc>> = HashMap::new();
-    for r in stored.iter().filter(|r| r.time < cutoff) {
-        let micros = r.time.timestamp_micros();
-        let minute = micros - micros.rem_euclid(MINUTE_MICROS);
-        late.entry((r.tenant_id.as_str(), r.device_id.as_str(), minute))
-            .or_insert(r.time);
+    let late = classify_late(stored, cutoff);
+    if !late.minutes.is_empty() {
+        let tenants: Vec<&str> = late.minutes.iter().map(|m| m.0).collect();
+        let devices: Vec<&str> = late.minutes.iter().map(|m| m.1).collect();
+        let times: Vec<chrono::DateTime<chrono::Utc>> = late.minutes.iter().map(|m| m.2).collect();
+        sqlx::query("SELECT fleet_rollup_1m_invalidate_minutes($1, $2, $3)")
+            .bind(&tenants)
+            .bind(&devices)
+            .bind(&times)
+            .execute(&mut *conn)
+            .await?;
+        metrics::counter!(m::LATE_DEVICE_MINUTES).increment(late.minutes.len() as u64);
     }
-    let mut tenants = Vec::with_capacity(late.len());
-    let mut devices = Vec::with_capacity(late.len());
-    let mut times = Vec::with_capacity(late.len());
-    for ((tenant, device, _), time) in &late {
-        tenants.push(*tenant);
-        devices.push(*device);
-        times.push(*time);
+    if let Some((lo, hi)) = late.recent_range {
+        sqlx::query("SELECT fleet_rollup_1m_invalidate($1, $2)")
+            .bind(lo)
+            .bind(hi)
+            .execute(&mut *conn)
+            .await?;
+        metrics::counter!(m::LATE_RANGES).increment(1);
     }
-    sqlx::query("SELECT fleet_rollup_1m_invalidate_minutes($1, $2, $3)")
-        .bind(&tenants)
-        .bind(&devices)
-        .bind(&times)
-        .execute(&mut *conn)
-        .await?;
-    metrics::counter!(m::LATE_DEVICE_MINUTES).increment(late.len() as u64);
-    Ok(late.len())
+    Ok(())
 }
 
 /// A minute in microseconds (rollup minutes are aligned to 2000-01-01, itself a whole minute
@@ -656,4 +721,71 @@ async fn upsert_latest(conn: &mut PgConnection, rows: &[&Telemetry]) -> Result<(
         sqlx::query(LATEST_MERGE).execute(&mut *conn).await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reading(device: usize, time: chrono::DateTime<chrono::Utc>) -> Telemetry {
+        Telemetry {
+            tenant_id: "acme".to_owned(),
+            device_id: format!("d{device:05}"),
+            site_id: None,
+            msg_type: "telemetry".to_owned(),
+            seq: 0,
+            time,
+            received_at: time,
+            metrics: Default::default(),
+        }
+    }
+
+    #[test]
+    fn an_old_straggler_is_its_device_minute_and_live_readings_are_nothing() {
+        let cutoff = chrono::Utc::now();
+        let old = cutoff - chrono::TimeDelta::days(2);
+        let batch = [
+            reading(1, old),
+            reading(1, old + chrono::TimeDelta::microseconds(1)),
+            reading(2, cutoff),
+            reading(3, cutoff + chrono::TimeDelta::seconds(5)),
+        ];
+        let stored: Vec<&Telemetry> = batch.iter().collect();
+        let late = classify_late(&stored, cutoff);
+        assert_eq!(late.recent_range, None);
+        assert_eq!(
+            late.minutes.len(),
+            1 + usize::from(
+                (old + chrono::TimeDelta::microseconds(1)).timestamp_micros() % MINUTE_MICROS == 0
+            )
+        );
+        assert_eq!((late.minutes[0].0, late.minutes[0].1), ("acme", "d00001"));
+    }
+
+    #[test]
+    fn a_batch_of_a_sink_catching_up_is_one_range_and_its_stragglers_stay_device_minutes() {
+        let cutoff = chrono::Utc::now();
+        let behind = cutoff - chrono::TimeDelta::minutes(3);
+        let mut batch: Vec<Telemetry> = (0..=RECENT_DEVICE_MINUTES)
+            .map(|d| reading(d, behind + chrono::TimeDelta::milliseconds(d as i64)))
+            .collect();
+        batch.push(reading(99_999, cutoff - chrono::TimeDelta::days(2)));
+        let stored: Vec<&Telemetry> = batch.iter().collect();
+        let late = classify_late(&stored, cutoff);
+        assert_eq!(
+            late.recent_range,
+            Some((
+                behind,
+                behind + chrono::TimeDelta::milliseconds(RECENT_DEVICE_MINUTES as i64)
+            ))
+        );
+        assert_eq!(late.minutes.len(), 1);
+        assert_eq!(late.minutes[0].1, "d99999");
+
+        // A few recent late device minutes stay device minutes.
+        let few: Vec<&Telemetry> = batch[..10].iter().collect();
+        let late = classify_late(&few, cutoff);
+        assert_eq!(late.recent_range, None);
+        assert_eq!(late.minutes.len(), 10);
+    }
 }
