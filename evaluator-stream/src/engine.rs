@@ -986,24 +986,35 @@ fn fire_own_pending(
         let Some(rule) = rules.by_id.get(&rule_id).filter(|r| r.enabled) else {
             continue;
         };
-        let Some(open) = dev.open.get_mut(&rule_id) else {
-            continue;
-        };
-        open.status = Status::Firing;
-        open.due = None;
-        let (started_at, value) = (open.started_at, open.value);
-        out.push(transition(
-            rule,
-            partition,
-            dev,
-            Some(Status::Pending),
-            Status::Firing,
-            started_at,
-            deadline.time,
-            value,
-            None,
-        ));
+        fire_pending(rule, partition, dev, deadline.time, out);
     }
+}
+
+/// Moves `dev`'s pending alert of `rule` to firing at event time `time` (its deadline).
+fn fire_pending(
+    rule: &Arc<Rule>,
+    partition: i32,
+    dev: &mut DeviceState,
+    time: Micros,
+    out: &mut Vec<Transition>,
+) {
+    let Some(open) = dev.open.get_mut(&rule.rule_id) else {
+        return;
+    };
+    open.status = Status::Firing;
+    open.due = None;
+    let (started_at, value) = (open.started_at, open.value);
+    out.push(transition(
+        rule,
+        partition,
+        dev,
+        Some(Status::Pending),
+        Status::Firing,
+        started_at,
+        time,
+        value,
+        None,
+    ));
 }
 
 /// Fires every timer of `ps` due at or before `upto` on the partition clock, in (due, rule,
@@ -1029,20 +1040,7 @@ fn fire_timers(
             // A pending alert whose condition held until its deadline fires.
             let due = open.due.filter(|d| d.at == at);
             if let (Status::Pending, Some(due)) = (open.status, due) {
-                open.status = Status::Firing;
-                open.due = None;
-                let (started_at, value) = (open.started_at, open.value);
-                out.push(transition(
-                    rule,
-                    partition,
-                    dev,
-                    Some(Status::Pending),
-                    Status::Firing,
-                    started_at,
-                    due.time,
-                    value,
-                    None,
-                ));
+                fire_pending(rule, partition, dev, due.time, out);
             }
             continue;
         }

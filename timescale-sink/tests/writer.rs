@@ -136,6 +136,24 @@ fn batch_of(
     batch
 }
 
+/// A fresh database of `layout` with tenant `acme`, and a batch writer on it.
+async fn acme_writer(
+    layout: LayoutChoice,
+) -> Result<(
+    TestDb,
+    TestTopics,
+    timescale_sink::writer::BatchWriter,
+    std::sync::Arc<timescale_sink::stats::Stats>,
+)> {
+    let db = TestDb::new(layout).await?;
+    let topics = TestTopics::new(1).await?;
+    let (writer, stats) = common::batch_writer(&db, &topics)?;
+    sqlx::query("INSERT INTO tenants (tenant_id, name) VALUES ('acme', 'acme')")
+        .execute(&db.pool)
+        .await?;
+    Ok((db, topics, writer, stats))
+}
+
 /// Device minutes waiting for the rollup to recompute: (device, minute), sorted.
 async fn invalidated_minutes(db: &TestDb) -> Result<Vec<(String, chrono::DateTime<chrono::Utc>)>> {
     Ok(sqlx::query_as(
@@ -186,13 +204,8 @@ async fn a_late_reading_marks_only_its_own_device_minute_for_the_rollup() -> Res
 }
 
 async fn late_reading_in(layout: LayoutChoice) -> Result<()> {
-    let db = TestDb::new(layout).await?;
-    let topics = TestTopics::new(1).await?;
-    let (writer, stats) = common::batch_writer(&db, &topics)?;
+    let (db, _topics, writer, stats) = acme_writer(layout).await?;
     let never = CancellationToken::new();
-    sqlx::query("INSERT INTO tenants (tenant_id, name) VALUES ('acme', 'acme')")
-        .execute(&db.pool)
-        .await?;
     let now = now_micros();
     let live = [
         (1, now - chrono::Duration::seconds(5)),
@@ -283,13 +296,8 @@ async fn late_reading_in(layout: LayoutChoice) -> Result<()> {
 #[tokio::test]
 async fn readings_near_the_double_precision_limit_do_not_stop_the_rollups() -> Result<()> {
     for layout in plumbing::testing::available_layouts().await? {
-        let db = TestDb::new(layout).await?;
-        let topics = TestTopics::new(1).await?;
-        let (writer, stats) = common::batch_writer(&db, &topics)?;
+        let (db, _topics, writer, stats) = acme_writer(layout).await?;
         let never = CancellationToken::new();
-        sqlx::query("INSERT INTO tenants (tenant_id, name) VALUES ('acme', 'acme')")
-            .execute(&db.pool)
-            .await?;
         // Three minutes ago, two readings of device 1 with 1.5e308, one of device 2 with 20.
         let minute = minute_of(now_micros() - chrono::Duration::minutes(3));
         let readings = [
