@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
+use chrono::{DateTime, Utc};
 use schemas::{DecodeError, Telemetry};
 
 use crate::copy_writer::{CopyEncodeError, CopyEncoder};
@@ -47,6 +48,10 @@ pub struct PartitionRange {
     pub expected: Option<i64>,
     /// Offset after the batch's last message of this partition.
     pub next: i64,
+    /// The newest ingest time (`received_at`) of the partition's rows in the batch (`None`:
+    /// dead letters only). Stored with the offset, so the rollup refresh never aggregates
+    /// minutes this sink has not written yet (migration 0015).
+    pub stored_through: Option<DateTime<Utc>>,
 }
 
 /// Rows on their way to one transaction.
@@ -102,6 +107,7 @@ impl Batch {
             .or_insert(PartitionRange {
                 expected,
                 next: message.offset + 1,
+                stored_through: None,
             });
         range.next = message.offset + 1;
         if self.traceparent.is_none() {
@@ -112,12 +118,15 @@ impl Batch {
             .and_then(|row| validate(&row).map(|()| row));
         match checked {
             Ok(row) => match self.encoder.push_telemetry(&row) {
-                Ok(()) => self.rows.push(SourcedRow {
-                    row,
-                    partition: message.partition,
-                    offset: message.offset,
-                    payload: message.payload,
-                }),
+                Ok(()) => {
+                    range.stored_through = range.stored_through.max(Some(row.received_at));
+                    self.rows.push(SourcedRow {
+                        row,
+                        partition: message.partition,
+                        offset: message.offset,
+                        payload: message.payload,
+                    });
+                }
                 Err(err) => self.dead_letters.push(dead_letter(message, &err, "decode")),
             },
             Err(error) => self.dead_letters.push(DeadLetter {

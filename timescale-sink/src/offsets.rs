@@ -8,6 +8,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 
 use crate::batch::PartitionRange;
@@ -31,7 +32,8 @@ pub async fn load(
     Ok(rows.into_iter().collect())
 }
 
-/// Moves each partition's stored offset from `expected` to `next`. Returns how many
+/// Moves each partition's stored offset from `expected` to `next`, and its `stored_through`
+/// (the newest ingest time stored, never backwards) on. Returns how many
 /// partitions matched their expectation; fewer than `ranges.len()` means the batch is fenced.
 pub async fn store_fenced(
     conn: &mut PgConnection,
@@ -42,18 +44,24 @@ pub async fn store_fenced(
     let partitions: Vec<i32> = ranges.keys().copied().collect();
     let expected: Vec<Option<i64>> = ranges.values().map(|r| r.expected).collect();
     let next: Vec<i64> = ranges.values().map(|r| r.next).collect();
+    let stored_through: Vec<Option<DateTime<Utc>>> =
+        ranges.values().map(|r| r.stored_through).collect();
     let matched: i64 = sqlx::query_scalar(
         "WITH input AS ( \
-             SELECT * FROM unnest($3::int[], $4::int8[], $5::int8[]) AS u(partition, expected, next_offset) \
+             SELECT * FROM unnest($3::int[], $4::int8[], $5::int8[], $6::timestamptz[]) \
+                 AS u(partition, expected, next_offset, stored_through) \
          ), moved AS ( \
-             UPDATE consumer_offsets c SET next_offset = i.next_offset, updated_at = now() \
+             UPDATE consumer_offsets c SET next_offset = i.next_offset, updated_at = now(), \
+                 stored_through = greatest(c.stored_through, i.stored_through) \
              FROM input i \
              WHERE c.consumer_group = $1 AND c.topic = $2 AND c.partition = i.partition \
                AND i.expected IS NOT NULL AND c.next_offset = i.expected \
              RETURNING c.partition \
          ), created AS ( \
-             INSERT INTO consumer_offsets (consumer_group, topic, partition, next_offset) \
-             SELECT $1, $2, i.partition, i.next_offset FROM input i WHERE i.expected IS NULL \
+             INSERT INTO consumer_offsets (consumer_group, topic, partition, next_offset, \
+                 stored_through) \
+             SELECT $1, $2, i.partition, i.next_offset, i.stored_through \
+             FROM input i WHERE i.expected IS NULL \
              ON CONFLICT DO NOTHING \
              RETURNING partition \
          ) \
@@ -64,6 +72,7 @@ pub async fn store_fenced(
     .bind(&partitions)
     .bind(&expected)
     .bind(&next)
+    .bind(&stored_through)
     .fetch_one(conn)
     .await?;
     Ok(usize::try_from(matched).unwrap_or(0))

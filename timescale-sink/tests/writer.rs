@@ -432,3 +432,103 @@ async fn shutdown_cancels_a_rollup_step_in_progress_and_starts_none() -> Result<
     assert_eq!(watermark, None, "the cancelled step rolled back");
     Ok(())
 }
+
+/// A sink that has fallen behind holds the rollups back (migration 0015): the refresh does
+/// not aggregate the minutes the sink is still writing, so the readings it writes while it
+/// catches up are rolled up once and nothing is recomputed. (With the horizon at the clock
+/// minus the settle time, the first refresh would roll up the 4-minute-old readings, and
+/// the catching-up batch's readings would land in aggregated minutes and be recomputed.)
+#[tokio::test]
+async fn a_sink_behind_holds_the_rollups_back_so_nothing_is_recomputed() -> Result<()> {
+    for layout in plumbing::testing::available_layouts().await? {
+        sink_behind_in(layout).await?;
+    }
+    Ok(())
+}
+
+async fn sink_behind_in(layout: LayoutChoice) -> Result<()> {
+    let (db, _topics, writer, _stats) = acme_writer(layout).await?;
+    let never = CancellationToken::new();
+    let now = now_micros();
+    let ago = |s: i64| now - chrono::Duration::seconds(s);
+    // Readings received when they were taken: the sink stores them `lag` after.
+    let received_when_taken = |r: &mut schemas::Telemetry| r.received_at = r.time;
+
+    let behind = [(1, ago(240)), (2, ago(239))];
+    assert!(matches!(
+        writer
+            .write(batch_of(0, &behind, received_when_taken), &never)
+            .await,
+        Outcome::Committed { rows: 2, .. }
+    ));
+    let stored_through: Option<chrono::DateTime<chrono::Utc>> =
+        sqlx::query_scalar("SELECT stored_through FROM consumer_offsets WHERE partition = 0")
+            .fetch_one(&db.pool)
+            .await?;
+    assert_eq!(stored_through, Some(ago(239)), "{layout:?}");
+
+    let first = timescale_sink::maintenance::refresh_rollup(&db.pool).await?;
+    let watermark = first.watermark.expect("a watermark");
+    assert!(
+        watermark <= ago(240),
+        "{layout:?}: the horizon stays behind what the sink stored ({watermark} > {})",
+        ago(240)
+    );
+    assert_eq!(first.rows_written, 0, "{layout:?}: nothing rolled up yet");
+
+    // The sink catches up: readings of 3 to 2 minutes ago, then live ones.
+    let catching_up: Vec<(usize, chrono::DateTime<chrono::Utc>)> = (0..13)
+        .map(|i| (1 + i % 3, ago(180 - 5 * i as i64)))
+        .collect();
+    assert!(matches!(
+        writer
+            .write(batch_of(2, &catching_up, received_when_taken), &never)
+            .await,
+        Outcome::Committed { rows: 13, .. }
+    ));
+    let live = [(1, ago(2)), (2, ago(1))];
+    assert!(matches!(
+        writer
+            .write(batch_of(15, &live, received_when_taken), &never)
+            .await,
+        Outcome::Committed { rows: 2, .. }
+    ));
+
+    let (mut recomputed, mut device_minutes_recomputed) = (0, 0);
+    let mut last = first;
+    for _ in 0..100 {
+        last = timescale_sink::maintenance::refresh_rollup(&db.pool).await?;
+        recomputed += last.minutes_recomputed;
+        device_minutes_recomputed += last.device_minutes_recomputed;
+        if !last.more {
+            break;
+        }
+    }
+    assert!(!last.more, "{layout:?}: the refresh finished");
+    let watermark = last.watermark.expect("a watermark");
+    assert!(
+        watermark > ago(120),
+        "{layout:?}: once the sink caught up, the rollups caught up ({watermark})"
+    );
+    assert_eq!(
+        (recomputed, device_minutes_recomputed),
+        (0, 0),
+        "{layout:?}: nothing aggregated twice"
+    );
+    let (rolled_up, expected): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT COALESCE(sum(n), 0)::int8 FROM telemetry_1m WHERE metric = 'battery'), \
+                (SELECT count(*) FROM telemetry WHERE time < $1)",
+    )
+    .bind(watermark)
+    .fetch_one(&db.pool)
+    .await?;
+    assert_eq!(
+        rolled_up, expected,
+        "{layout:?}: every reading rolled up once"
+    );
+    assert!(
+        expected >= 15,
+        "{layout:?}: {expected} readings below the watermark"
+    );
+    Ok(())
+}
