@@ -47,6 +47,10 @@ TELEMETRY_PARTITIONS=${TELEMETRY_PARTITIONS:-12}
 ALERTS_PARTITIONS=${ALERTS_PARTITIONS:-12}
 DLQ_PARTITIONS=${DLQ_PARTITIONS:-3}
 
+FASTAVRO_VERSION=1.13.1
+CONFLUENT_KAFKA_VERSION=2.16.1
+PYTHON_CLIENTS="$CACHE/python-clients"
+
 DATABASE_URL_OUT="postgres://fleet:fleet@${PG_HOST}:${PG_PORT}/fleetstream"
 KAFKA_BOOTSTRAP_OUT="${KAFKA_HOST}:${KAFKA_PORT}"
 
@@ -69,6 +73,8 @@ print_env() {
     # Tests that need a broker of their own (plumbing::testing::PrivateKafka) start it from
     # the same jars.
     printf 'export FLEETSTREAM_KAFKA_LIBS=%s\n' "$KAFKA_LIBS"
+    # Interoperability tests run independent clients with this Python (fastavro, confluent-kafka).
+    printf 'export FLEETSTREAM_PYTHON=%s\n' "$PYTHON_CLIENTS/bin/python"
 }
 
 need_root() {
@@ -596,6 +602,20 @@ kafka_stop() {
 # Serialise concurrent invocations (parallel CI steps, two terminals): re-run
 # this script under flock(1). -o closes the lock's descriptor before running us,
 # so the daemons started below (postgres, the broker) do not inherit and hold it.
+# Independent Avro/Kafka clients for interoperability tests (fastavro, confluent-kafka from
+# PyPI), in a virtualenv under the cache; reinstalled only when the pinned versions change.
+python_clients_up() {
+    local want="fastavro==$FASTAVRO_VERSION confluent-kafka==$CONFLUENT_KAFKA_VERSION"
+    [[ -x $PYTHON_CLIENTS/bin/python && $(cat "$PYTHON_CLIENTS/.pinned" 2>/dev/null) == "$want" ]] && return 0
+    command -v python3 >/dev/null 2>&1 || apt_install python3 python3-venv
+    log "installing Python clients into $PYTHON_CLIENTS: $want"
+    python3 -m venv "$PYTHON_CLIENTS" >&2 || { apt_install python3-venv && python3 -m venv "$PYTHON_CLIENTS" >&2; }
+    # shellcheck disable=SC2086 # $want is two requirement words
+    "$PYTHON_CLIENTS/bin/pip" install -q --disable-pip-version-check $want >&2 \
+        || die "pip install $want failed"
+    printf '%s' "$want" >"$PYTHON_CLIENTS/.pinned"
+}
+
 # Headless Chromium for query-api's dashboard test (Debian's package; skipped when present).
 browser_up() {
     command -v chromium >/dev/null 2>&1 && return 0
@@ -615,6 +635,7 @@ cmd_up() {
     local t0=$SECONDS
     pg_up
     kafka_up
+    python_clients_up
     browser_up
     log "all up in $((SECONDS - t0))s. Logs: $(pg_logfile), $KAFKA_LOG. Use:"
     print_env | sed 's/^/[deps]   /' >&2

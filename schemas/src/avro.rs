@@ -3,8 +3,15 @@
 //! Two framings share one decoder, chosen by the first byte:
 //!
 //! * **single-object encoding** (no schema registry): `C3 01`, the 8-byte little-endian
-//!   CRC-64-AVRO (Rabin) fingerprint of the writer schema's canonical form, then the body.
-//!   The writer schema is looked up by fingerprint among every version shipped in `schemas/avro`.
+//!   CRC-64-AVRO (Rabin) fingerprint of the writer schema's Parsing Canonical Form (as the
+//!   specification defines it: [`crate::canonical`]), then the body. The writer schema is
+//!   looked up by fingerprint among every version shipped in `schemas/avro`.
+//!
+//!   Until 2026-11-30 fleetstream wrote the `apache-avro` crate's fingerprint instead, which
+//!   keeps `logicalType` in the canonical form ([`legacy_fingerprint`]); those fingerprints
+//!   of the shipped versions are still accepted, so messages already on topics decode. They
+//!   may stop being accepted once every topic's retention has passed over messages written
+//!   before that date (see ARCHITECTURE.md).
 //! * **Confluent wire format** (with a registry): `00`, a 4-byte big-endian schema id, then the
 //!   body. Ids are mapped to shipped schema versions with [`Codec::register_confluent_id`].
 //!
@@ -76,8 +83,12 @@ struct Version {
 pub struct Codec<T> {
     current_name: String,
     current_fingerprint: u64,
+    current_legacy_fingerprint: u64,
     writer: GenericDatumWriter<'static>,
+    /// By the specification's fingerprint.
     versions: HashMap<u64, Version>,
+    /// Legacy fingerprint -> the specification's, for every known version.
+    legacy: HashMap<u64, u64>,
     confluent_ids: HashMap<u32, u64>,
     _record: PhantomData<fn() -> T>,
 }
@@ -98,12 +109,22 @@ impl<T> fmt::Debug for Codec<T> {
     }
 }
 
-/// CRC-64-AVRO fingerprint of a schema's parsing canonical form, as a number.
-pub fn fingerprint(schema: &Schema) -> u64 {
+/// The fingerprint fleetstream wrote before 2026-11-30: CRC-64-AVRO of the `apache-avro`
+/// crate's canonical form, which keeps `logicalType` (AVRO-4004), so no other Avro SDK
+/// computes it for schemas with logical types. Accepted when reading, never written.
+pub fn legacy_fingerprint(schema: &Schema) -> u64 {
     let bytes = schema.fingerprint::<Rabin>().bytes;
     let mut le = [0u8; 8];
     le.copy_from_slice(&bytes[..8]);
     u64::from_le_bytes(le)
+}
+
+/// The specification's fingerprint of a schema source.
+fn spec_fingerprint(source: &SchemaSource<'_>) -> Result<u64, SchemaError> {
+    crate::canonical::fingerprint_of(source.json).map_err(|err| SchemaError::Parse {
+        name: source.name.to_owned(),
+        reason: format!("no Parsing Canonical Form: {err}"),
+    })
 }
 
 fn parse(source: &SchemaSource<'_>, expected: &str) -> Result<&'static Schema, SchemaError> {
@@ -129,7 +150,9 @@ impl<T: AvroRecord> Codec<T> {
     pub fn new(current: SchemaSource<'_>, older: &[SchemaSource<'_>]) -> Result<Self, SchemaError> {
         let _ = apache_avro::util::max_allocation_bytes(MAX_ALLOCATION_BYTES);
         let reader_schema = parse(&current, T::FULL_NAME)?;
-        let current_fingerprint = fingerprint(reader_schema);
+        let current_fingerprint = spec_fingerprint(&current)?;
+        let current_legacy_fingerprint = legacy_fingerprint(reader_schema);
+        let mut legacy = HashMap::from([(current_legacy_fingerprint, current_fingerprint)]);
         let build_err = |name: &str, err: apache_avro::Error| SchemaError::Parse {
             name: name.to_owned(),
             reason: err.to_string(),
@@ -162,8 +185,10 @@ impl<T: AvroRecord> Codec<T> {
                 .reader_schema(reader_schema)
                 .build()
                 .map_err(|err| build_err(source.name, err))?;
+            let spec = spec_fingerprint(source)?;
+            legacy.insert(legacy_fingerprint(writer_schema), spec);
             versions.insert(
-                fingerprint(writer_schema),
+                spec,
                 Version {
                     name: source.name.to_owned(),
                     schema: writer_schema,
@@ -174,17 +199,29 @@ impl<T: AvroRecord> Codec<T> {
         Ok(Self {
             current_name: current.name.to_owned(),
             current_fingerprint,
+            current_legacy_fingerprint,
             writer,
             versions,
+            legacy,
             confluent_ids: HashMap::new(),
             _record: PhantomData,
         })
     }
 
+    /// The specification's fingerprint of the known version `fingerprint` names (a
+    /// specification or a legacy fingerprint), if any.
+    fn known(&self, fingerprint: u64) -> Option<u64> {
+        if self.versions.contains_key(&fingerprint) {
+            Some(fingerprint)
+        } else {
+            self.legacy.get(&fingerprint).copied()
+        }
+    }
+
     /// Maps a schema-registry id to a known schema version, by fingerprint.
     /// Returns `false` if no known version has that fingerprint.
     pub fn register_confluent_id(&mut self, schema_id: u32, fingerprint: u64) -> bool {
-        if self.versions.contains_key(&fingerprint) {
+        if let Some(fingerprint) = self.known(fingerprint) {
             self.confluent_ids.insert(schema_id, fingerprint);
             true
         } else {
@@ -192,9 +229,14 @@ impl<T: AvroRecord> Codec<T> {
         }
     }
 
-    /// Fingerprint of the schema this codec writes.
+    /// Fingerprint of the schema this codec writes (the specification's).
     pub fn current_fingerprint(&self) -> u64 {
         self.current_fingerprint
+    }
+
+    /// The legacy fingerprint of the schema this codec writes, accepted when reading.
+    pub fn current_legacy_fingerprint(&self) -> u64 {
+        self.current_legacy_fingerprint
     }
 
     /// The schema this codec writes (and resolves every known version to).
@@ -294,8 +336,8 @@ impl<T: AvroRecord> Codec<T> {
             ),
         };
         let version = self
-            .versions
-            .get(&fingerprint)
+            .known(fingerprint)
+            .and_then(|spec| self.versions.get(&spec))
             .ok_or(DecodeError::UnknownFingerprint(fingerprint))?;
         let value = version
             .reader

@@ -4,6 +4,7 @@
 //!
 //! * [`avro`]: framing (single-object encoding and the Confluent wire format), schema lookup by
 //!   fingerprint or registry id, resolution of older versions to the newest.
+//! * [`canonical`]: the specification's Parsing Canonical Form and CRC-64-AVRO fingerprints.
 //! * [`telemetry`] and [`alert`]: the `Telemetry` and `AlertEvent` records and their codecs over
 //!   every shipped `.avsc` version under `schemas/avro`.
 //! * [`storage`]: the embedded SQL migrations (`schemas/migrations`), the two storage layouts
@@ -14,6 +15,7 @@
 
 pub mod alert;
 pub mod avro;
+pub mod canonical;
 pub mod error;
 pub mod storage;
 pub mod telemetry;

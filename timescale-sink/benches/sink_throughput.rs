@@ -446,6 +446,9 @@ async fn main() -> Result<()> {
 
     // Live phase: a steady rate while the sink keeps up.
     let before = latency_buckets()?;
+    let live_backends_before = backend_cpu(&sink_db).await?;
+    let live_sink_cpu_before = proc_cpu(&self_pid);
+    let live_batches_before = sum_count("fleetstream_sink_copy_duration_seconds", "")?.1;
     let codec = telemetry_codec()?;
     let live_total = live_rate * live_seconds;
     let tick = Duration::from_millis(10);
@@ -489,6 +492,11 @@ async fn main() -> Result<()> {
     })
     .await?;
     let after = latency_buckets()?;
+    // Backends that lived through the phase (a backend that ended is missed, as in step 3).
+    let live_pg_cpu = cpu_delta(&live_backends_before, &backend_cpu(&sink_db).await?);
+    let live_sink_cpu = proc_cpu(&self_pid) - live_sink_cpu_before;
+    let live_batches =
+        sum_count("fleetstream_sink_copy_duration_seconds", "")?.1 - live_batches_before;
     shutdown.cancel();
     sink.await??;
 
@@ -534,6 +542,13 @@ async fn main() -> Result<()> {
         "live {live_rate} msg/s for {live_seconds} s: ingest→commit p50 ≤ {:.3} s, p99 ≤ {:.3} s (histogram bucket bounds)",
         quantile(&before, &after, 0.5),
         quantile(&before, &after, 0.99)
+    );
+    println!(
+        "live CPU µs per row: PostgreSQL backends {:.1}, sink process {:.1} (includes this \
+         program's producer); {live_batches:.0} batches, mean {:.0} rows",
+        live_pg_cpu / live_total as f64 * 1e6,
+        live_sink_cpu / live_total as f64 * 1e6,
+        live_total as f64 / live_batches.max(1.0)
     );
     if shared_percent > 0 {
         let shared = rows_sharing(n, devices, shared_percent);

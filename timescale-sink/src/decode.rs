@@ -35,9 +35,10 @@ pub const MAX_FAST_STRING: usize = 1 << 20;
 #[derive(Clone, Copy)]
 pub struct TelemetryDecoder {
     codec: &'static Codec<Telemetry>,
-    /// Fingerprint of `telemetry.v1` when it is the codec's current (reader) schema; `None`
-    /// once a newer version is current, because then v1 bodies need schema resolution.
-    fast_fingerprint: Option<[u8; 8]>,
+    /// Fingerprints of `telemetry.v1` (the specification's, and the legacy one written before
+    /// 2026-11-30) when it is the codec's current (reader) schema; `None` once a newer version
+    /// is current, because then v1 bodies need schema resolution.
+    fast_fingerprint: Option<[[u8; 8]; 2]>,
 }
 
 impl std::fmt::Debug for TelemetryDecoder {
@@ -51,8 +52,12 @@ impl std::fmt::Debug for TelemetryDecoder {
 impl TelemetryDecoder {
     /// A decoder over `codec`; the fast path is on only while `telemetry.v1` is current.
     pub fn new(codec: &'static Codec<Telemetry>) -> Self {
-        let fast_fingerprint = (codec.current_name() == FAST_SCHEMA)
-            .then(|| codec.current_fingerprint().to_le_bytes());
+        let fast_fingerprint = (codec.current_name() == FAST_SCHEMA).then(|| {
+            [
+                codec.current_fingerprint().to_le_bytes(),
+                codec.current_legacy_fingerprint().to_le_bytes(),
+            ]
+        });
         Self {
             codec,
             fast_fingerprint,
@@ -75,9 +80,9 @@ impl TelemetryDecoder {
     /// The fast path alone: `None` when the message is not a plain current-schema
     /// single-object message the fast path fully understands.
     pub fn fast(&self, bytes: &[u8]) -> Option<Telemetry> {
-        let fingerprint = self.fast_fingerprint?;
+        let [spec, legacy] = self.fast_fingerprint?;
         let header = bytes.get(..SINGLE_OBJECT_HEADER)?;
-        if header[..2] != SINGLE_OBJECT_MAGIC || header[2..] != fingerprint {
+        if header[..2] != SINGLE_OBJECT_MAGIC || (header[2..] != spec && header[2..] != legacy) {
             return None;
         }
         decode_v1_body(&bytes[SINGLE_OBJECT_HEADER..])
@@ -349,6 +354,22 @@ mod tests {
             accepted > 1_000 && refused > 1_000,
             "{accepted} / {refused}"
         );
+    }
+
+    /// Messages written before 2026-11-30 carry the legacy fingerprint: same body, same row.
+    #[test]
+    fn legacy_fingerprint_messages_take_the_fast_path_too() {
+        let decoder = decoder();
+        let codec = schemas::telemetry_codec().expect("shipped schema");
+        let reading = random_reading(&mut rand::rngs::StdRng::seed_from_u64(5));
+        let mut legacy = codec.encode(&reading).expect("encodable");
+        legacy[2..SINGLE_OBJECT_HEADER]
+            .copy_from_slice(&codec.current_legacy_fingerprint().to_le_bytes());
+        let fast = decoder.fast(&legacy).expect("the fast path takes it");
+        assert!(same(
+            &fast,
+            &codec.decode(&legacy).expect("the codec reads it")
+        ));
     }
 
     #[test]
