@@ -70,7 +70,8 @@ pub struct EvalContext {
     /// Offsets stored in PostgreSQL (set by commits and on assignment): the lag report
     /// counts from them.
     pub stored: plumbing::kafka::StoredOffsets,
-    codec: &'static Codec<Telemetry>,
+    /// The fast path for current-schema messages, the generic codec for the rest.
+    codec: schemas::TelemetryDecoder,
     pending: Mutex<VecDeque<Input>>,
 }
 
@@ -99,7 +100,7 @@ impl EvalContext {
         stored: plumbing::kafka::StoredOffsets,
     ) -> Self {
         Self {
-            codec,
+            codec: schemas::TelemetryDecoder::new(codec),
             stored,
             input,
             pool,

@@ -5,6 +5,8 @@
 //! * [`avro`]: framing (single-object encoding and the Confluent wire format), schema lookup by
 //!   fingerprint or registry id, resolution of older versions to the newest.
 //! * [`canonical`]: the specification's Parsing Canonical Form and CRC-64-AVRO fingerprints.
+//! * [`fast_decode`]: `telemetry.v1` single-object bodies read straight into a `Telemetry`,
+//!   equivalent to the generic decoder (the sink's and the evaluator's hot path).
 //! * [`telemetry`] and [`alert`]: the `Telemetry` and `AlertEvent` records and their codecs over
 //!   every shipped `.avsc` version under `schemas/avro`.
 //! * [`storage`]: the embedded SQL migrations (`schemas/migrations`), the two storage layouts
@@ -17,6 +19,7 @@ pub mod alert;
 pub mod avro;
 pub mod canonical;
 pub mod error;
+pub mod fast_decode;
 pub mod storage;
 pub mod telemetry;
 pub mod topics;
@@ -24,5 +27,6 @@ pub mod topics;
 pub use alert::{alert_codec, AlertEvent};
 pub use avro::{AvroRecord, Codec, Framing, SchemaSource};
 pub use error::{DecodeError, EncodeError, SchemaError, StorageError};
+pub use fast_decode::TelemetryDecoder;
 pub use storage::{migrate, Layout, LayoutChoice, StorageOptions};
 pub use telemetry::{message_key, telemetry_codec, MetricValue, Telemetry};

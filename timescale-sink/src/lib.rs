@@ -12,7 +12,6 @@
 //!
 //! * [`consumer`]: the group member, its rebalance callbacks and backpressure;
 //! * [`pipeline`]: per-writer batcher (decode, close on size/age) and committer;
-//! * [`decode`]: the fast path for current-schema messages (falls back to the generic codec);
 //! * [`batch`]: a batch's rows, dead letters and per-partition offset ranges;
 //! * [`writer`]: one batch, one transaction (fence, COPY, merge, bisect, latest);
 //! * [`merge`]: one point per (tenant, device, time): grouping, merging, accounting;
@@ -37,7 +36,6 @@ use tracing::info;
 pub mod batch;
 pub mod consumer;
 pub mod copy_writer;
-pub mod decode;
 pub mod dlq;
 pub mod maintenance;
 pub mod merge;

@@ -117,7 +117,7 @@ async fn batcher(
     limits: BatchLimits,
 ) {
     let codec = match schemas::telemetry_codec() {
-        Ok(codec) => crate::decode::TelemetryDecoder::new(codec),
+        Ok(codec) => schemas::TelemetryDecoder::new(codec),
         Err(err) => {
             tracing::error!(error = %err, "no telemetry codec; writer stops");
             return;

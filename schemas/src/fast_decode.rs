@@ -1,6 +1,6 @@
-//! Decoding `telemetry.v1` messages on the sink's hot path.
+//! Decoding `telemetry.v1` messages on the hot paths of the sink and the evaluator.
 //!
-//! The generic decoder ([`schemas::Codec::decode`]) builds an `apache_avro` `Value` tree (a
+//! The generic decoder ([`crate::Codec::decode`]) builds an `apache_avro` `Value` tree (a
 //! `Vec` of named fields, a `HashMap` of boxed unions) and converts it into a [`Telemetry`]:
 //! about half of the sink's own CPU per message in the throughput benchmark. Almost every
 //! message is written with the current schema in single-object framing, for which the body
@@ -16,8 +16,8 @@
 
 use std::collections::BTreeMap;
 
+use crate::{Codec, DecodeError, MetricValue, Telemetry};
 use chrono::{DateTime, Utc};
-use schemas::{Codec, DecodeError, MetricValue, Telemetry};
 
 /// Name of the schema whose body layout the fast path knows.
 const FAST_SCHEMA: &str = "telemetry.v1";
@@ -218,7 +218,7 @@ mod tests {
     use super::*;
 
     fn decoder() -> TelemetryDecoder {
-        TelemetryDecoder::new(schemas::telemetry_codec().expect("shipped schema"))
+        TelemetryDecoder::new(crate::telemetry_codec().expect("shipped schema"))
     }
 
     fn random_string(rng: &mut impl Rng, max: usize) -> String {
@@ -288,7 +288,7 @@ mod tests {
     #[test]
     fn fast_path_decodes_what_the_generic_decoder_decodes() {
         let decoder = decoder();
-        let codec = schemas::telemetry_codec().expect("shipped schema");
+        let codec = crate::telemetry_codec().expect("shipped schema");
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
         for _ in 0..5_000 {
             let reading = random_reading(&mut rng);
@@ -307,7 +307,7 @@ mod tests {
     #[test]
     fn fast_path_never_accepts_what_the_generic_decoder_decodes_differently() {
         let decoder = decoder();
-        let codec = schemas::telemetry_codec().expect("shipped schema");
+        let codec = crate::telemetry_codec().expect("shipped schema");
         let mut rng = rand::rngs::StdRng::seed_from_u64(11);
         let (mut accepted, mut refused) = (0, 0);
         for _ in 0..60_000 {
@@ -360,7 +360,7 @@ mod tests {
     #[test]
     fn legacy_fingerprint_messages_take_the_fast_path_too() {
         let decoder = decoder();
-        let codec = schemas::telemetry_codec().expect("shipped schema");
+        let codec = crate::telemetry_codec().expect("shipped schema");
         let reading = random_reading(&mut rand::rngs::StdRng::seed_from_u64(5));
         let mut legacy = codec.encode(&reading).expect("encodable");
         legacy[2..SINGLE_OBJECT_HEADER]
@@ -375,7 +375,7 @@ mod tests {
     #[test]
     fn other_framings_and_garbage_get_the_generic_answer() {
         let decoder = decoder();
-        let codec = schemas::telemetry_codec().expect("shipped schema");
+        let codec = crate::telemetry_codec().expect("shipped schema");
         let mut rng = rand::rngs::StdRng::seed_from_u64(3);
         let reading = random_reading(&mut rng);
         let mut wrong_fingerprint = codec.encode(&reading).expect("encodable");
