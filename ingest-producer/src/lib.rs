@@ -28,13 +28,19 @@
 //! * [`stats`]: key figures written to `system_metrics` for the dashboard.
 //! * [`simulate`]: the `simulate` subcommand, N virtual devices for demos and load tests.
 //! * [`manifest`]: the simulator's record of every reading sent and whether it was accepted.
+//! * [`import`], [`compare`], [`export`]: the `import` and `compare` subcommands (InfluxDB
+//!   history through Kafka exactly once; the export compared with the database) and their
+//!   chunked reading of export files.
 //!
 //! The library runs in-process from tests through [`run`] or [`http::router`].
 
+pub mod compare;
 pub mod credentials;
 pub mod encoding;
 pub mod error;
+pub mod export;
 pub mod http;
+pub mod import;
 pub mod influx;
 mod json;
 pub mod lineproto;

@@ -129,14 +129,19 @@ pub struct Line {
 
 /// Parses every non-empty, non-comment line of `body`.
 pub fn parse(body: &[u8], precision: Precision) -> Vec<Line> {
-    parse_from(body, 1, precision)
+    parse_from(body, 1, precision, false)
 }
 
-/// [`parse`] of a part of a file whose first line is number `first_line`.
-pub fn parse_from(body: &[u8], first_line: usize, precision: Precision) -> Vec<Line> {
+/// [`parse`] of a part of an export file whose first line is number `first_line`; the DDL
+/// lines of 1.x exports (`CREATE DATABASE …`, `CREATE RETENTION POLICY …`) are skipped.
+pub fn parse_export(body: &[u8], first_line: usize, precision: Precision) -> Vec<Line> {
+    parse_from(body, first_line, precision, true)
+}
+
+fn parse_from(body: &[u8], first_line: usize, precision: Precision, skip_ddl: bool) -> Vec<Line> {
     let mut lines = Vec::new();
     match std::str::from_utf8(body) {
-        Ok(text) => parse_text(text, first_line, precision, &mut lines),
+        Ok(text) => parse_text(text, first_line, precision, skip_ddl, &mut lines),
         Err(_) => {
             // Refuse only the physical lines that are not UTF-8; the rest keeps its numbers.
             let mut clean = String::with_capacity(body.len());
@@ -152,14 +157,20 @@ pub fn parse_from(body: &[u8], first_line: usize, precision: Precision) -> Vec<L
                     }),
                 }
             }
-            parse_text(&clean, first_line, precision, &mut lines);
+            parse_text(&clean, first_line, precision, skip_ddl, &mut lines);
             lines.sort_by_key(|line| line.number);
         }
     }
     lines
 }
 
-fn parse_text(text: &str, first_line: usize, precision: Precision, out: &mut Vec<Line>) {
+fn parse_text(
+    text: &str,
+    first_line: usize,
+    precision: Precision,
+    skip_ddl: bool,
+    out: &mut Vec<Line>,
+) {
     let base = text.as_ptr() as usize;
     let mut newlines_before = 0;
     let mut scanned = 0;
@@ -172,6 +183,12 @@ fn parse_text(text: &str, first_line: usize, precision: Precision, out: &mut Vec
         // Leading blanks of a physical line are skipped; so are comment lines.
         let trimmed = line.trim_start_matches([' ', '\t']);
         if trimmed.is_empty() || trimmed.starts_with('#') {
+            continue;
+        }
+        if skip_ddl
+            && (trimmed.starts_with("CREATE DATABASE ")
+                || trimmed.starts_with("CREATE RETENTION POLICY "))
+        {
             continue;
         }
         let skipped = count_newlines(&line.as_bytes()[..line.len() - trimmed.len()]);
