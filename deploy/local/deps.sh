@@ -25,7 +25,7 @@
 #   KAFKA_HEAP            broker heap (-Xms/-Xmx)                  [1g]
 #   KAFKA_START_TIMEOUT   seconds to wait for the broker           [60]
 #   TELEGRAF_VERSION      Telegraf built from Go modules for the line-protocol
-#                         tests (exec, mem, influxdb, influxdb_v2 plugins only) [v1.37.2]
+#                         tests (exec, mem, influxdb, influxdb_v2, influx parser) [v1.37.2]
 set -euo pipefail
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -50,6 +50,7 @@ ALERTS_PARTITIONS=${ALERTS_PARTITIONS:-12}
 DLQ_PARTITIONS=${DLQ_PARTITIONS:-3}
 
 TELEGRAF_VERSION=${TELEGRAF_VERSION:-v1.37.2}
+TELEGRAF_TAGS=custom,inputs.exec,inputs.mem,outputs.influxdb_v2,outputs.influxdb,parsers.influx
 TELEGRAF_BIN="$CACHE/telegraf-$TELEGRAF_VERSION/bin/telegraf"
 
 DATABASE_URL_OUT="postgres://fleet:fleet@${PG_HOST}:${PG_PORT}/fleetstream"
@@ -612,20 +613,22 @@ browser_up() {
 # Telegraf with only the plugins the line-protocol tests use, built once from the Go module
 # proxy into the cache (a few minutes on 2 cores; the module cache is kept beside it).
 telegraf_up() {
-    [[ -x $TELEGRAF_BIN ]] && return 0
-    command -v go >/dev/null 2>&1 || die "go is needed to build Telegraf $TELEGRAF_VERSION"
-    local dir tmp
+    local dir stamp tmp
     dir=$(dirname "$TELEGRAF_BIN")
+    stamp="$dir/build-tags"
+    [[ -x $TELEGRAF_BIN && $(cat "$stamp" 2>/dev/null) == "$TELEGRAF_TAGS" ]] && return 0
+    command -v go >/dev/null 2>&1 || die "go is needed to build Telegraf $TELEGRAF_VERSION"
     tmp="$dir.tmp.$$"
     log "building Telegraf $TELEGRAF_VERSION (once; log $CACHE/telegraf-$TELEGRAF_VERSION.log)"
     mkdir -p "$tmp"
     if ! GOBIN="$tmp" GOMODCACHE="$CACHE/gomod" GOFLAGS=-buildvcs=false \
-        go install -tags custom,inputs.exec,inputs.mem,outputs.influxdb_v2,outputs.influxdb \
+        go install -tags "$TELEGRAF_TAGS" \
         "github.com/influxdata/telegraf/cmd/telegraf@$TELEGRAF_VERSION" \
         >"$CACHE/telegraf-$TELEGRAF_VERSION.log" 2>&1; then
         rm -rf "$tmp"
         die "building Telegraf failed: $(tail -5 "$CACHE/telegraf-$TELEGRAF_VERSION.log")"
     fi
+    printf '%s\n' "$TELEGRAF_TAGS" >"$tmp/build-tags"
     mkdir -p "$(dirname "$dir")"
     rm -rf "$dir"
     mv "$tmp" "$dir"

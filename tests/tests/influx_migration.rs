@@ -264,27 +264,32 @@ async fn telegraf_through_both_outputs_stores_exactly_what_it_sent() -> Result<(
     command.arg("--config").arg(&config);
     let mut process = ServiceProcess::spawn(command, "telegraf")?;
 
-    // A few intervals: at least three lines of each exec input stored.
-    let result = eventually(
-        "three intervals stored",
-        Duration::from_secs(90),
-        || async {
-            let all = pipeline.metrics("tg1").await.map_err(|e| e.to_string())?;
-            let count = |prefix: &str| {
-                with_prefix(&all, prefix)
-                    .keys()
-                    .map(|(t, _)| *t)
-                    .collect::<std::collections::BTreeSet<_>>()
-                    .len()
-            };
-            if count("exec_v1.") >= 3 && count("exec_v2.") >= 3 {
-                Ok(())
-            } else {
-                Err(format!("{} metrics so far", all.len()))
-            }
-        },
-    )
-    .await;
+    // A few intervals: at least three lines of each exec input stored (polled; a Telegraf
+    // that exits ends the wait at once).
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let result = loop {
+        let all = pipeline.metrics("tg1").await?;
+        let count = |prefix: &str| {
+            with_prefix(&all, prefix)
+                .keys()
+                .map(|(t, _)| *t)
+                .collect::<std::collections::BTreeSet<_>>()
+                .len()
+        };
+        if count("exec_v1.") >= 3 && count("exec_v2.") >= 3 {
+            break Ok(());
+        }
+        if let Some(status) = process.try_wait()? {
+            break Err(anyhow::anyhow!("telegraf exited early: {status:?}"));
+        }
+        if Instant::now() > deadline {
+            break Err(anyhow::anyhow!(
+                "three intervals not stored in 90 s: {} metrics",
+                all.len()
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
     Command::new("kill")
         .arg("-TERM")
         .arg(process.id().to_string())
