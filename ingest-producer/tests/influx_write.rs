@@ -621,3 +621,48 @@ async fn query_answers_create_database_as_influxdb_does() -> Result<()> {
     assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
     Ok(())
 }
+
+#[tokio::test]
+async fn an_unreachable_broker_gets_503_with_retry_after_never_204() -> Result<()> {
+    let db = TestDb::new(LayoutChoice::Postgres).await?;
+    seed(&db).await?;
+    let credentials = Credentials::default();
+    credentials.reload(&db.pool).await?;
+    let mut args = plumbing::testing::kafka_args().await?;
+    // Nothing listens on port 1.
+    args.bootstrap_servers = "127.0.0.1:1".to_owned();
+    let producer = Producer::new(&args, "influx-test", Duration::from_millis(1500))?;
+    let app = App::new(
+        credentials,
+        producer,
+        RateLimits::new(limit(1000, 1000), limit(1000, 1000)),
+        IngestSettings {
+            max_body_bytes: MAX_BODY,
+            time_limits: TimeLimits {
+                max_future: Duration::from_secs(300),
+                retention: Duration::from_secs(90 * 86_400),
+            },
+        },
+    );
+    let response = router(app)
+        .oneshot(
+            Request::post("/write?db=x")
+                .header("authorization", "Token gw-acme")
+                .body(Body::from("m,host=d1 a=1i\nm,host=d2 a=2i\n"))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        response.headers().get("retry-after").unwrap().to_str()?,
+        "5"
+    );
+    let body = axum::body::to_bytes(response.into_body(), usize::MAX).await?;
+    assert_eq!(
+        serde_json::from_slice::<Value>(&body)?,
+        json!({"error": "kafka did not acknowledge the message: 2 of 2 lines not stored, \
+                retry the request"})
+    );
+    Ok(())
+}
