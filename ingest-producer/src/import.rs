@@ -8,7 +8,8 @@
 //! in flight. The HTTP rate limits do not apply: the import is an operator's tool.
 //!
 //! Exactly once: a reading is identified by (tenant, device, time) and a line always maps to
-//! the same reading (`seq` 0, the file's values), so the sink stores each point once however
+//! the same reading (`seq` 0, the file's values and timestamp: a line without one is
+//! refused), so the sink stores each point once however
 //! often it is produced: a re-run of a file after a crash (or of the same file twice) adds no
 //! row and changes no value. The run ends with an error when Kafka did not acknowledge a
 //! reading; running the same command again completes the import.
@@ -231,6 +232,18 @@ pub async fn run(args: ImportArgs, shutdown: Shutdown) -> Result<Summary, Error>
                 break;
             }
         };
+        // A line without a timestamp would get the clock's time, another on every run.
+        let lines = lines
+            .into_iter()
+            .map(|mut line| {
+                if matches!(&line.point, Ok(point) if point.time_ns.is_none()) {
+                    line.point = Err(
+                        "no timestamp (an import would store it at a new time each run)".to_owned(),
+                    );
+                }
+                line
+            })
+            .collect();
         let batch = lineproto::assemble(
             lines,
             &Context {
