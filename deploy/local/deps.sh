@@ -24,6 +24,8 @@
 #   DLQ_PARTITIONS        partitions of telemetry.v1.dlq           [3]
 #   KAFKA_HEAP            broker heap (-Xms/-Xmx)                  [1g]
 #   KAFKA_START_TIMEOUT   seconds to wait for the broker           [60]
+#   TELEGRAF_VERSION      Telegraf built from Go modules for the line-protocol
+#                         tests (exec, mem, influxdb, influxdb_v2, influx parser) [v1.37.2]
 set -euo pipefail
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -50,6 +52,9 @@ DLQ_PARTITIONS=${DLQ_PARTITIONS:-3}
 FASTAVRO_VERSION=1.13.1
 CONFLUENT_KAFKA_VERSION=2.16.1
 PYTHON_CLIENTS="$CACHE/python-clients"
+TELEGRAF_VERSION=${TELEGRAF_VERSION:-v1.37.2}
+TELEGRAF_TAGS=custom,inputs.exec,inputs.mem,outputs.influxdb_v2,outputs.influxdb,parsers.influx
+TELEGRAF_BIN="$CACHE/telegraf-$TELEGRAF_VERSION/bin/telegraf"
 
 DATABASE_URL_OUT="postgres://fleet:fleet@${PG_HOST}:${PG_PORT}/fleetstream"
 KAFKA_BOOTSTRAP_OUT="${KAFKA_HOST}:${KAFKA_PORT}"
@@ -75,6 +80,8 @@ print_env() {
     printf 'export FLEETSTREAM_KAFKA_LIBS=%s\n' "$KAFKA_LIBS"
     # Interoperability tests run independent clients with this Python (fastavro, confluent-kafka).
     printf 'export FLEETSTREAM_PYTHON=%s\n' "$PYTHON_CLIENTS/bin/python"
+    # ingest-producer's InfluxDB-compatibility test runs this Telegraf against the ingest.
+    printf 'export FLEETSTREAM_TELEGRAF=%s\n' "$TELEGRAF_BIN"
 }
 
 need_root() {
@@ -622,6 +629,30 @@ browser_up() {
     apt_install chromium
 }
 
+# Telegraf with only the plugins the line-protocol tests use, built once from the Go module
+# proxy into the cache (a few minutes on 2 cores; the module cache is kept beside it).
+telegraf_up() {
+    local dir stamp tmp
+    dir=$(dirname "$TELEGRAF_BIN")
+    stamp="$dir/build-tags"
+    [[ -x $TELEGRAF_BIN && $(cat "$stamp" 2>/dev/null) == "$TELEGRAF_TAGS" ]] && return 0
+    command -v go >/dev/null 2>&1 || die "go is needed to build Telegraf $TELEGRAF_VERSION"
+    tmp="$dir.tmp.$$"
+    log "building Telegraf $TELEGRAF_VERSION (once; log $CACHE/telegraf-$TELEGRAF_VERSION.log)"
+    mkdir -p "$tmp"
+    if ! GOBIN="$tmp" GOMODCACHE="$CACHE/gomod" GOFLAGS=-buildvcs=false \
+        go install -tags "$TELEGRAF_TAGS" \
+        "github.com/influxdata/telegraf/cmd/telegraf@$TELEGRAF_VERSION" \
+        >"$CACHE/telegraf-$TELEGRAF_VERSION.log" 2>&1; then
+        rm -rf "$tmp"
+        die "building Telegraf failed: $(tail -5 "$CACHE/telegraf-$TELEGRAF_VERSION.log")"
+    fi
+    printf '%s\n' "$TELEGRAF_TAGS" >"$tmp/build-tags"
+    mkdir -p "$(dirname "$dir")"
+    rm -rf "$dir"
+    mv "$tmp" "$dir"
+}
+
 take_lock() {
     if [[ -z ${FLEETSTREAM_DEPS_LOCKED:-} ]]; then
         mkdir -p "$STATE"
@@ -637,6 +668,7 @@ cmd_up() {
     kafka_up
     python_clients_up
     browser_up
+    telegraf_up
     log "all up in $((SECONDS - t0))s. Logs: $(pg_logfile), $KAFKA_LOG. Use:"
     print_env | sed 's/^/[deps]   /' >&2
     print_env

@@ -207,6 +207,13 @@ impl Credentials {
             .map(str::trim)
             .filter(|t| !t.is_empty())
             .ok_or_else(|| Rejection::unauthorized("missing bearer token"))?;
+        self.authenticate_token(token)
+    }
+
+    /// The principal of a token however it was sent (the InfluxDB-compatible endpoints take
+    /// it as `Token …`, HTTP Basic or a query parameter): 401 when unknown or revoked, 403
+    /// when the tenant is suspended.
+    pub fn authenticate_token(&self, token: &str) -> Result<Principal, Rejection> {
         let snapshot = self.snapshot();
         let principal = snapshot
             .tokens

@@ -36,9 +36,10 @@ use schemas::Telemetry;
 use serde::Serialize;
 use tracing::error;
 
-use crate::credentials::Credentials;
+use crate::credentials::{Credentials, Principal};
 use crate::encoding::ContentEncoding;
 use crate::error::{retry_after_header, Rejection};
+use crate::lineproto::Mapping;
 use crate::message::{count_points, read_body, Format, TimeLimits};
 use crate::producer::{Outgoing, Producer};
 use crate::rate_limit::RateLimits;
@@ -65,6 +66,8 @@ struct Inner {
     producer: Producer,
     rate_limits: RateLimits,
     settings: IngestSettings,
+    /// How line-protocol tags become device, site and metric names.
+    mapping: Mapping,
 }
 
 impl App {
@@ -74,14 +77,44 @@ impl App {
         rate_limits: RateLimits,
         settings: IngestSettings,
     ) -> Self {
+        Self::with_mapping(
+            credentials,
+            producer,
+            rate_limits,
+            settings,
+            Mapping::default(),
+        )
+    }
+
+    /// [`App::new`] with the line-protocol tag mapping of `INFLUX_DEVICE_TAGS`.
+    pub fn with_mapping(
+        credentials: Credentials,
+        producer: Producer,
+        rate_limits: RateLimits,
+        settings: IngestSettings,
+        mapping: Mapping,
+    ) -> Self {
         App {
             inner: Arc::new(Inner {
                 credentials,
                 producer,
                 rate_limits,
                 settings,
+                mapping,
             }),
         }
+    }
+
+    pub(crate) fn credentials(&self) -> &Credentials {
+        &self.inner.credentials
+    }
+
+    pub(crate) fn settings(&self) -> &IngestSettings {
+        &self.inner.settings
+    }
+
+    pub(crate) fn mapping(&self) -> &Mapping {
+        &self.inner.mapping
     }
 
     /// The rate-limit buckets (for periodic cleanup).
@@ -95,10 +128,11 @@ impl App {
     }
 }
 
-/// The ingest routes.
+/// The ingest routes: `POST /v1/telemetry` and the InfluxDB-compatible writes.
 pub fn router(app: App) -> Router {
     Router::new()
         .route("/v1/telemetry", post(ingest))
+        .merge(crate::influx::routes())
         .with_state(app)
         .layer(tower_http::trace::TraceLayer::new_for_http())
 }
@@ -130,10 +164,10 @@ struct SingleReply {
     merged: usize,
 }
 
-struct InFlight;
+pub(crate) struct InFlight;
 
 impl InFlight {
-    fn enter() -> Self {
+    pub(crate) fn enter() -> Self {
         crate::metrics::in_flight(1.0);
         InFlight
     }
@@ -204,14 +238,31 @@ async fn handle(
     if atomic && outcomes.iter().any(Result::is_err) {
         return Ok(reply(parsed.batch, outcomes, true));
     }
+    let produced = produce(app, &principal, &mut outcomes, headers, atomic).await?;
+    Ok(reply(parsed.batch, outcomes, !produced))
+}
+
+/// Rate limits, encodes and produces the valid readings of a request, waiting for Kafka's
+/// acknowledgement of each: the one path of `POST /v1/telemetry` and the InfluxDB-compatible
+/// writes. A reading refused on the way (device rate limit, encoding, no acknowledgement)
+/// becomes its outcome's `Err`. `Err` is the tenant's rate limit, which refuses the request.
+/// Returns false when `atomic` held everything back (nothing was produced).
+pub(crate) async fn produce(
+    app: &App,
+    principal: &Principal,
+    outcomes: &mut [Result<Telemetry, Rejection>],
+    headers: &HeaderMap,
+    atomic: bool,
+) -> Result<bool, Rejection> {
+    let inner = &app.inner;
     let valid = outcomes.iter().filter(|o| o.is_ok()).count();
     if let Err(wait) = inner.rate_limits.check_tenant(principal.tenant_id(), valid) {
         crate::metrics::rejected("rate_limited", valid.saturating_sub(1));
         return Err(Rejection::rate_limited("tenant", wait));
     }
-    limit_devices(&inner.rate_limits, &mut outcomes);
+    limit_devices(&inner.rate_limits, outcomes);
     if atomic && outcomes.iter().any(Result::is_err) {
-        return Ok(reply(parsed.batch, outcomes, true));
+        return Ok(false);
     }
 
     let codec = schemas::telemetry_codec().map_err(|err| {
@@ -243,7 +294,7 @@ async fn handle(
             outcomes[position] = Err(rejection.at(position));
         }
     }
-    Ok(reply(parsed.batch, outcomes, false))
+    Ok(true)
 }
 
 /// Takes each device's cells; a device over its limit has all its messages refused.
@@ -392,7 +443,11 @@ fn atomic_mode(uri: &Uri) -> Result<bool, Rejection> {
 ///
 /// This function keeps the order (authenticate, check the type, then read) and the JSON body,
 /// and never holds more than `limit` bytes.
-async fn read_limited(headers: &HeaderMap, body: Body, limit: usize) -> Result<Vec<u8>, Rejection> {
+pub(crate) async fn read_limited(
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+) -> Result<Vec<u8>, Rejection> {
     let declared = headers
         .get(axum::http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())

@@ -9,6 +9,10 @@
 //! # Layout
 //!
 //! * [`http`]: the route, the request flow and the reply shapes.
+//! * [`influx`]: the InfluxDB-compatible writes (`/api/v2/write`, `/write`, `/query`) on the
+//!   same flow, with InfluxDB's answers.
+//! * [`lineproto`]: line protocol: parsing with line numbers, and the mapping of
+//!   measurements, tags and fields onto readings.
 //! * [`encoding`]: `Content-Encoding` (identity, gzip) and decompression within the body limit.
 //! * `json`: JSON as PostgreSQL stores it: the second reading of a body that refuses
 //!   integers outside 64 bits, numbers a double cannot hold, U+0000, lone surrogates and
@@ -24,14 +28,22 @@
 //! * [`stats`]: key figures written to `system_metrics` for the dashboard.
 //! * [`simulate`]: the `simulate` subcommand, N virtual devices for demos and load tests.
 //! * [`manifest`]: the simulator's record of every reading sent and whether it was accepted.
+//! * [`import`], [`compare`], [`export`]: the `import` and `compare` subcommands (InfluxDB
+//!   history through Kafka exactly once; the export compared with the database) and their
+//!   chunked reading of export files.
 //!
 //! The library runs in-process from tests through [`run`] or [`http::router`].
 
+pub mod compare;
 pub mod credentials;
 pub mod encoding;
 pub mod error;
+pub mod export;
 pub mod http;
+pub mod import;
+pub mod influx;
 mod json;
+pub mod lineproto;
 pub mod manifest;
 pub mod message;
 pub mod metrics;
@@ -112,6 +124,15 @@ pub struct IngestArgs {
     /// (`message.timeout.ms`).
     #[arg(long, env = "KAFKA_DELIVERY_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub kafka_delivery_timeout: Duration,
+    /// Line-protocol tags naming the device, the first a line has wins (`/api/v2/write`,
+    /// `/write`, `import`).
+    #[arg(
+        long,
+        env = "INFLUX_DEVICE_TAGS",
+        value_delimiter = ',',
+        default_value = "device_id,device,host"
+    )]
+    pub influx_device_tags: Vec<String>,
 }
 
 const fn nz(value: u32) -> NonZeroU32 {
@@ -130,6 +151,14 @@ impl IngestArgs {
                 max_future: self.max_clock_skew,
                 retention: self.telemetry_retention,
             },
+        }
+    }
+
+    /// How line-protocol tags map onto device and site.
+    pub fn mapping(&self) -> lineproto::Mapping {
+        lineproto::Mapping {
+            device_tags: self.influx_device_tags.clone(),
+            ..lineproto::Mapping::default()
         }
     }
 
@@ -168,11 +197,12 @@ pub async fn run_on(
         &config.observability.instance(),
         config.ingest.kafka_delivery_timeout,
     )?;
-    let app = http::App::new(
+    let app = http::App::with_mapping(
         credentials.clone(),
         producer,
         config.ingest.rate_limits(),
         config.ingest.settings(),
+        config.ingest.mapping(),
     );
 
     let (admin_listener, admin_addr) =

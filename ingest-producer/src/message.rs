@@ -326,7 +326,7 @@ fn parse_time(text: &str) -> Result<DateTime<Utc>, Rejection> {
     Ok(time)
 }
 
-fn check_time(
+pub(crate) fn check_time(
     time: DateTime<Utc>,
     now: DateTime<Utc>,
     limits: TimeLimits,

@@ -6,6 +6,8 @@
 //! * `fleetstream_ingest_produce_duration_seconds` (histogram, enqueue → last ack of a request)
 //! * `fleetstream_ingest_in_flight_requests` (gauge)
 //! * `fleetstream_ingest_credentials_devices` (gauge, devices in the credentials cache)
+//! * `fleetstream_ingest_line_protocol_requests_total{api="v1"|"v2"|"query", status}`
+//! * `fleetstream_ingest_line_protocol_lines_total{api="v1"|"v2"|"import", outcome}`
 
 use std::time::Duration;
 
@@ -19,6 +21,8 @@ const REQUEST_DURATION: &str = "fleetstream_ingest_request_duration_seconds";
 const PRODUCE_DURATION: &str = "fleetstream_ingest_produce_duration_seconds";
 const IN_FLIGHT: &str = "fleetstream_ingest_in_flight_requests";
 const CREDENTIALS: &str = "fleetstream_ingest_credentials_devices";
+const LP_REQUESTS: &str = "fleetstream_ingest_line_protocol_requests_total";
+const LP_LINES: &str = "fleetstream_ingest_line_protocol_lines_total";
 
 /// Registers help texts (call once at start).
 pub fn describe() {
@@ -44,6 +48,25 @@ pub fn describe() {
     );
     describe_gauge!(IN_FLIGHT, Unit::Count, "Ingest requests being handled");
     describe_gauge!(CREDENTIALS, Unit::Count, "Devices in the credentials cache");
+    describe_counter!(
+        LP_REQUESTS,
+        Unit::Count,
+        "InfluxDB-compatible requests (/api/v2/write, /write, /query), by API and status"
+    );
+    describe_counter!(
+        LP_LINES,
+        Unit::Count,
+        "Line-protocol lines read, by API (or import) and outcome (stored, rejected)"
+    );
+}
+
+pub(crate) fn line_protocol_request(api: &'static str, status: u16) {
+    counter!(LP_REQUESTS, "api" => api, "status" => status.to_string()).increment(1);
+}
+
+pub(crate) fn line_protocol_lines(api: &'static str, stored: usize, rejected: usize) {
+    counter!(LP_LINES, "api" => api, "outcome" => "stored").increment(stored as u64);
+    counter!(LP_LINES, "api" => api, "outcome" => "rejected").increment(rejected as u64);
 }
 
 pub(crate) fn accepted(n: usize) {
