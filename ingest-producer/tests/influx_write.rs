@@ -4,112 +4,23 @@
 //! status and body exactly, a partial write stores exactly the valid lines.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::collections::BTreeMap;
-use std::io::Write;
-use std::num::NonZeroU32;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::Result;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
-use axum::Router;
 use chrono::{DateTime, Utc};
-use flate2::write::GzEncoder;
-use flate2::Compression;
-use ingest_producer::credentials::{token_hash, Credentials};
-use ingest_producer::http::{router, App, IngestSettings};
-use ingest_producer::message::TimeLimits;
-use ingest_producer::producer::Producer;
-use ingest_producer::rate_limit::{Limit, RateLimits};
-use plumbing::config::KafkaArgs;
-use plumbing::testing::{TestDb, TestTopics};
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::Message;
-use rdkafka::{Offset, TopicPartitionList};
-use schemas::{LayoutChoice, MetricValue, Telemetry};
+use common::{gzip, limit, slow_limit, Fixture, MAX_BODY};
+use schemas::{MetricValue, Telemetry};
 use serde_json::{json, Value};
 use tower::ServiceExt;
 
 const PARTITIONS: i32 = 2;
-const MAX_BODY: usize = 8192;
-
-struct Fixture {
-    _db: TestDb,
-    topics: TestTopics,
-    router: Router,
-}
-
-async fn seed(db: &TestDb) -> Result<()> {
-    for sql in [
-        "INSERT INTO tenants (tenant_id, name) VALUES ('acme', 'Acme'), ('globex', 'Globex')",
-        "INSERT INTO sites (tenant_id, site_id, name) VALUES ('acme', 'plant-1', 'Plant 1')",
-    ] {
-        sqlx::query(sql).execute(&db.pool).await?;
-    }
-    for (tenant, device, site, token) in [
-        ("acme", "d1", Some("plant-1"), "tok-d1"),
-        ("acme", "d2", None, "tok-d2"),
-        ("globex", "g1", None, "tok-g1"),
-    ] {
-        sqlx::query(
-            "INSERT INTO devices (tenant_id, device_id, site_id, token_hash, status) \
-             VALUES ($1, $2, $3, $4, 'active')",
-        )
-        .bind(tenant)
-        .bind(device)
-        .bind(site)
-        .bind(token_hash(token))
-        .execute(&db.pool)
-        .await?;
-    }
-    sqlx::query(
-        "INSERT INTO gateway_tokens (tenant_id, name, token_hash) VALUES ('acme', 'gw', $1)",
-    )
-    .bind(token_hash("gw-acme"))
-    .execute(&db.pool)
-    .await?;
-    Ok(())
-}
-
-fn limit(per_second: u32, burst: u32) -> Limit {
-    Limit::per_second(
-        NonZeroU32::new(per_second).unwrap(),
-        NonZeroU32::new(burst).unwrap(),
-    )
-}
 
 impl Fixture {
-    async fn new() -> Result<Self> {
-        Self::with_limits(limit(1000, 1000), limit(100_000, 100_000)).await
-    }
-
-    async fn with_limits(device: Limit, tenant: Limit) -> Result<Self> {
-        let db = TestDb::new(LayoutChoice::Postgres).await?;
-        seed(&db).await?;
-        let topics = TestTopics::new(PARTITIONS).await?;
-        let writer = db.role_pool("fleet_writer", 2).await?;
-        let credentials = Credentials::default();
-        credentials.reload(&writer).await?;
-        let producer = Producer::new(&topics.args, "influx-test", Duration::from_secs(10))?;
-        let app = App::new(
-            credentials,
-            producer,
-            RateLimits::new(device, tenant),
-            IngestSettings {
-                max_body_bytes: MAX_BODY,
-                time_limits: TimeLimits {
-                    max_future: Duration::from_secs(300),
-                    retention: Duration::from_secs(90 * 86_400),
-                },
-            },
-        );
-        Ok(Fixture {
-            _db: db,
-            router: router(app),
-            topics,
-        })
-    }
-
     async fn post(&self, uri: &str, headers: &[(&str, &str)], body: impl Into<Body>) -> Reply {
         let mut request = Request::post(uri);
         for (name, value) in headers {
@@ -162,57 +73,13 @@ struct Reply {
     body: Value,
 }
 
-fn gzip(data: &[u8]) -> Vec<u8> {
-    let mut encoder = GzEncoder::new(Vec::new(), Compression::default());
-    encoder.write_all(data).unwrap();
-    encoder.finish().unwrap()
-}
-
-/// Every message on the topic, decoded (polls until the watermark count is read or 30 s).
-async fn consume_all(args: &KafkaArgs) -> Vec<Telemetry> {
-    let args = args.clone();
-    tokio::task::spawn_blocking(move || {
-        let consumer: BaseConsumer = plumbing::kafka::consumer_config(
-            &args,
-            "influx-test-consumer",
-            &plumbing::testing::unique_name("g"),
-        )
-        .create()
-        .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let mut expected = 0;
-        for p in 0..PARTITIONS {
-            let (low, high) = loop {
-                match consumer.fetch_watermarks(&args.telemetry_topic, p, Duration::from_secs(10)) {
-                    Ok(w) => break w,
-                    Err(_) if Instant::now() < deadline => {
-                        std::thread::sleep(Duration::from_millis(100));
-                    }
-                    Err(err) => panic!("watermarks: {err}"),
-                }
-            };
-            expected += high - low;
-        }
-        let mut assignment = TopicPartitionList::new();
-        for p in 0..PARTITIONS {
-            assignment
-                .add_partition_offset(&args.telemetry_topic, p, Offset::Beginning)
-                .unwrap();
-        }
-        consumer.assign(&assignment).unwrap();
-        let codec = schemas::telemetry_codec().unwrap();
-        let mut out = Vec::new();
-        while (out.len() as i64) < expected && Instant::now() < deadline {
-            if let Some(message) = consumer.poll(Duration::from_millis(200)) {
-                let message = message.unwrap();
-                out.push(codec.decode(message.payload().unwrap()).unwrap());
-            }
-        }
-        assert_eq!(out.len() as i64, expected, "messages read back");
-        out
-    })
-    .await
-    .unwrap()
+/// Every message on the topic, decoded.
+async fn consume_all(fx: &Fixture) -> Vec<Telemetry> {
+    fx.consume_all()
+        .await
+        .into_iter()
+        .map(|c| c.telemetry)
+        .collect()
 }
 
 /// A timestamp a minute ago, whole milliseconds, in nanoseconds.
@@ -237,7 +104,7 @@ fn v2_error(code: &str, message: &str) -> Value {
 
 #[tokio::test]
 async fn a_gzip_v2_write_is_204_after_the_merged_points_are_on_the_topic() -> Result<()> {
-    let fx = Fixture::new().await?;
+    let fx = Fixture::new(PARTITIONS).await?;
     let t = recent_ns() + 123_456; // 123.456 µs past a millisecond: truncated to 123 µs.
     let body = format!(
         "cpu,host=d1,cpu=cpu0 usage_idle=99.5,usage_user=0.25 {t}\n\
@@ -257,7 +124,7 @@ async fn a_gzip_v2_write_is_204_after_the_merged_points_are_on_the_topic() -> Re
         .await;
     assert_eq!(reply.status, StatusCode::NO_CONTENT, "{reply:?}");
     assert!(reply.empty);
-    let mut got = consume_all(&fx.topics.args).await;
+    let mut got = consume_all(&fx).await;
     got.sort_by(|a, b| a.device_id.cmp(&b.device_id));
     assert_eq!(got.len(), 2, "{got:?}");
     let time = at_ns(t);
@@ -300,7 +167,7 @@ async fn a_gzip_v2_write_is_204_after_the_merged_points_are_on_the_topic() -> Re
 
 #[tokio::test]
 async fn a_v1_write_takes_basic_or_p_credentials_and_its_precisions() -> Result<()> {
-    let fx = Fixture::new().await?;
+    let fx = Fixture::new(PARTITIONS).await?;
     let s = recent_ns() / 1_000_000_000;
     // Device token, no device tag: the token's device.
     let reply = fx
@@ -320,7 +187,7 @@ async fn a_v1_write_takes_basic_or_p_credentials_and_its_precisions() -> Result<
         )
         .await;
     assert_eq!(reply.status, StatusCode::NO_CONTENT, "{reply:?}");
-    let mut got = consume_all(&fx.topics.args).await;
+    let mut got = consume_all(&fx).await;
     got.sort_by(|a, b| a.device_id.cmp(&b.device_id));
     assert_eq!(got.len(), 2);
     assert_eq!(
@@ -352,7 +219,7 @@ async fn a_v1_write_takes_basic_or_p_credentials_and_its_precisions() -> Result<
 
 #[tokio::test]
 async fn a_partial_write_stores_the_valid_lines_and_lists_each_rejected_one() -> Result<()> {
-    let fx = Fixture::new().await?;
+    let fx = Fixture::new(PARTITIONS).await?;
     let t = recent_ns();
     let old = t - 100 * 86_400 * 1_000_000_000;
     let body = format!(
@@ -390,7 +257,7 @@ async fn a_partial_write_stores_the_valid_lines_and_lists_each_rejected_one() ->
         json!({"error": format!("partial write: {listed}")})
     );
     // Both writes stored lines 1 and 8, the same two points twice.
-    let got = consume_all(&fx.topics.args).await;
+    let got = consume_all(&fx).await;
     let mut seen: Vec<(String, BTreeMap<String, MetricValue>)> =
         got.into_iter().map(|t| (t.device_id, t.metrics)).collect();
     seen.sort_by(|a, b| a.0.cmp(&b.0));
@@ -423,7 +290,7 @@ type Case<'a> = (&'a str, Vec<(&'a str, &'a str)>, Vec<u8>, StatusCode, Value);
 
 #[tokio::test]
 async fn each_request_level_error_has_influxdb_status_and_body() -> Result<()> {
-    let fx = Fixture::new().await?;
+    let fx = Fixture::new(PARTITIONS).await?;
     let line = "m,host=d1 a=1i\n";
     let unauthorized = |message: &str| v2_error("unauthorized", message);
     let cases: Vec<Case> = vec![
@@ -544,17 +411,13 @@ async fn each_request_level_error_has_influxdb_status_and_body() -> Result<()> {
             );
         }
     }
-    assert_eq!(consume_all(&fx.topics.args).await.len(), 0);
+    assert_eq!(consume_all(&fx).await.len(), 0);
     Ok(())
 }
 
 #[tokio::test]
 async fn rate_limits_answer_429_with_retry_after_in_influxdb_shape() -> Result<()> {
-    let slow = Limit {
-        period: Duration::from_secs(3600),
-        burst: NonZeroU32::new(2).unwrap(),
-    };
-    let fx = Fixture::with_limits(slow, limit(100_000, 100_000)).await?;
+    let fx = Fixture::with_limits(PARTITIONS, slow_limit(2), limit(100_000, 100_000)).await?;
     let first_sent = Instant::now();
     let t = recent_ns();
     // Two points of d1 take its burst; its third is refused, d2's point is stored.
@@ -581,7 +444,7 @@ async fn rate_limits_answer_429_with_retry_after_in_influxdb_shape() -> Result<(
             "rate limit exceeded for device: 1 of 2 lines not stored, retry the request"
         )
     );
-    let got = consume_all(&fx.topics.args).await;
+    let got = consume_all(&fx).await;
     let mut devices: Vec<&str> = got.iter().map(|t| t.device_id.as_str()).collect();
     devices.sort_unstable();
     assert_eq!(devices, vec!["d1", "d1", "d2"]);
@@ -590,7 +453,7 @@ async fn rate_limits_answer_429_with_retry_after_in_influxdb_shape() -> Result<(
 
 #[tokio::test]
 async fn query_answers_create_database_as_influxdb_does() -> Result<()> {
-    let fx = Fixture::new().await?;
+    let fx = Fixture::new(PARTITIONS).await?;
     // Telegraf's 1.x output: a form body with q, HTTP Basic.
     let reply = fx
         .post(
@@ -624,27 +487,8 @@ async fn query_answers_create_database_as_influxdb_does() -> Result<()> {
 
 #[tokio::test]
 async fn an_unreachable_broker_gets_503_with_retry_after_never_204() -> Result<()> {
-    let db = TestDb::new(LayoutChoice::Postgres).await?;
-    seed(&db).await?;
-    let credentials = Credentials::default();
-    credentials.reload(&db.pool).await?;
-    let mut args = plumbing::testing::kafka_args().await?;
-    // Nothing listens on port 1.
-    args.bootstrap_servers = "127.0.0.1:1".to_owned();
-    let producer = Producer::new(&args, "influx-test", Duration::from_millis(1500))?;
-    let app = App::new(
-        credentials,
-        producer,
-        RateLimits::new(limit(1000, 1000), limit(1000, 1000)),
-        IngestSettings {
-            max_body_bytes: MAX_BODY,
-            time_limits: TimeLimits {
-                max_future: Duration::from_secs(300),
-                retention: Duration::from_secs(90 * 86_400),
-            },
-        },
-    );
-    let response = router(app)
+    let (_db, router) = common::unreachable_broker_router().await?;
+    let response = router
         .oneshot(
             Request::post("/write?db=x")
                 .header("authorization", "Token gw-acme")

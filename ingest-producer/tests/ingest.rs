@@ -7,9 +7,9 @@
 //! request that produced anything would already show in the end offsets.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::collections::BTreeMap;
-use std::io::Write;
-use std::num::NonZeroU32;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
@@ -17,128 +17,19 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use axum::Router;
 use chrono::{SecondsFormat, Utc};
-use flate2::write::GzEncoder;
-use flate2::Compression;
-use ingest_producer::credentials::{token_hash, Credentials};
-use ingest_producer::http::{router, App, IngestSettings};
-use ingest_producer::message::TimeLimits;
+use common::{gzip, limit, seed, settings, slow_limit, Fixture, MAX_BODY};
+use ingest_producer::credentials::Credentials;
+use ingest_producer::http::{router, App};
 use ingest_producer::producer::Producer;
-use ingest_producer::rate_limit::{Limit, RateLimits};
-use plumbing::config::KafkaArgs;
+use ingest_producer::rate_limit::RateLimits;
 use plumbing::testing::{TestDb, TestTopics};
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Headers, Message};
-use rdkafka::{Offset, TopicPartitionList};
 use schemas::{LayoutChoice, MetricValue, Telemetry};
 use serde_json::{json, Value};
 use tower::ServiceExt;
 
 const PARTITIONS: i32 = 4;
-const MAX_BODY: usize = 8192;
-
-/// A migrated database with two tenants, their devices and tokens; topics; a router.
-struct Fixture {
-    _db: TestDb,
-    topics: TestTopics,
-    router: Router,
-}
-
-async fn seed(db: &TestDb) -> Result<()> {
-    let statements = [
-        "INSERT INTO tenants (tenant_id, name) VALUES ('acme', 'Acme'), ('globex', 'Globex')",
-        "INSERT INTO sites (tenant_id, site_id, name) VALUES ('acme', 'plant-1', 'Plant 1')",
-    ];
-    for sql in statements {
-        sqlx::query(sql).execute(&db.pool).await?;
-    }
-    for (tenant, device, site, token, status) in [
-        ("acme", "d1", Some("plant-1"), "tok-d1", "active"),
-        ("acme", "d2", None, "tok-d2", "active"),
-        ("acme", "off", None, "tok-off", "disabled"),
-        ("globex", "g1", None, "tok-g1", "active"),
-    ] {
-        sqlx::query(
-            "INSERT INTO devices (tenant_id, device_id, site_id, token_hash, status) \
-             VALUES ($1, $2, $3, $4, $5)",
-        )
-        .bind(tenant)
-        .bind(device)
-        .bind(site)
-        .bind(token_hash(token))
-        .bind(status)
-        .execute(&db.pool)
-        .await?;
-    }
-    for (tenant, token, revoked) in [
-        ("acme", "gw-acme", false),
-        ("acme", "gw-revoked", true),
-        ("globex", "gw-globex", false),
-    ] {
-        sqlx::query(
-            "INSERT INTO gateway_tokens (tenant_id, name, token_hash, revoked_at) \
-             VALUES ($1, 'gw', $2, CASE WHEN $3 THEN now() END)",
-        )
-        .bind(tenant)
-        .bind(token_hash(token))
-        .bind(revoked)
-        .execute(&db.pool)
-        .await?;
-    }
-    Ok(())
-}
-
-fn limit(per_second: u32, burst: u32) -> Limit {
-    Limit::per_second(
-        NonZeroU32::new(per_second).unwrap(),
-        NonZeroU32::new(burst).unwrap(),
-    )
-}
-
-/// A bucket that does not refill within a test, however slow the machine.
-fn slow_limit(burst: u32) -> Limit {
-    Limit {
-        period: Duration::from_secs(3600),
-        burst: NonZeroU32::new(burst).unwrap(),
-    }
-}
-
-fn settings() -> IngestSettings {
-    IngestSettings {
-        max_body_bytes: MAX_BODY,
-        time_limits: TimeLimits {
-            max_future: Duration::from_secs(300),
-            retention: Duration::from_secs(90 * 86_400),
-        },
-    }
-}
 
 impl Fixture {
-    async fn new() -> Result<Self> {
-        Self::with_limits(limit(1000, 1000), limit(100_000, 100_000)).await
-    }
-
-    async fn with_limits(device: Limit, tenant: Limit) -> Result<Self> {
-        let db = TestDb::new(LayoutChoice::Postgres).await?;
-        seed(&db).await?;
-        let topics = TestTopics::new(PARTITIONS).await?;
-        // Ingest reads credentials as fleet_writer, as in production.
-        let writer = db.role_pool("fleet_writer", 2).await?;
-        let credentials = Credentials::default();
-        credentials.reload(&writer).await?;
-        let producer = Producer::new(&topics.args, "ingest-test", Duration::from_secs(10))?;
-        let app = App::new(
-            credentials,
-            producer,
-            RateLimits::new(device, tenant),
-            settings(),
-        );
-        Ok(Fixture {
-            _db: db,
-            router: router(app),
-            topics,
-        })
-    }
-
     async fn post(&self, token: Option<&str>, content_type: &str, body: impl Into<Body>) -> Reply {
         self.post_to("/v1/telemetry", token, content_type, body)
             .await
@@ -219,98 +110,8 @@ async fn send_with_headers(
     }
 }
 
-fn gzip(data: &[u8]) -> Vec<u8> {
-    let mut encoder = GzEncoder::new(Vec::new(), Compression::default());
-    encoder.write_all(data).unwrap();
-    encoder.finish().unwrap()
-}
-
 fn error(message: &str, field: Option<&str>, index: Option<usize>) -> Value {
     json!({"error": message, "field": field, "index": index})
-}
-
-/// Messages on the topic (sum of high watermarks; every produced message counts, there are
-/// no transaction markers).
-async fn topic_count(args: &KafkaArgs) -> i64 {
-    let args = args.clone();
-    tokio::task::spawn_blocking(move || {
-        let consumer: BaseConsumer = plumbing::kafka::base_config(&args, "ingest-test-count")
-            .create()
-            .unwrap();
-        // Right after the topic is created (or the broker restarted, as `broker_restart` does)
-        // a partition may briefly have no leader; retry that until a deadline.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        (0..PARTITIONS)
-            .map(|p| loop {
-                match consumer.fetch_watermarks(&args.telemetry_topic, p, Duration::from_secs(10)) {
-                    Ok((low, high)) => break high - low,
-                    Err(_) if Instant::now() < deadline => {
-                        std::thread::sleep(Duration::from_millis(100));
-                    }
-                    Err(err) => panic!("watermarks of partition {p}: {err}"),
-                }
-            })
-            .sum()
-    })
-    .await
-    .unwrap()
-}
-
-/// A message read back from the topic.
-#[derive(Debug)]
-struct Consumed {
-    key: String,
-    partition: i32,
-    traceparent: Option<String>,
-    telemetry: Telemetry,
-}
-
-/// Reads every message of the topic (polling until the watermark count is reached or a
-/// deadline passes).
-async fn consume_all(args: &KafkaArgs) -> Vec<Consumed> {
-    let expected = topic_count(args).await;
-    let args = args.clone();
-    tokio::task::spawn_blocking(move || {
-        let consumer: BaseConsumer = plumbing::kafka::consumer_config(
-            &args,
-            "ingest-test-consumer",
-            &plumbing::testing::unique_name("g"),
-        )
-        .create()
-        .unwrap();
-        let mut assignment = TopicPartitionList::new();
-        for p in 0..PARTITIONS {
-            assignment
-                .add_partition_offset(&args.telemetry_topic, p, Offset::Beginning)
-                .unwrap();
-        }
-        consumer.assign(&assignment).unwrap();
-        let codec = schemas::telemetry_codec().unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let mut out = Vec::new();
-        while (out.len() as i64) < expected && Instant::now() < deadline {
-            let Some(message) = consumer.poll(Duration::from_millis(200)) else {
-                continue;
-            };
-            let message = message.unwrap();
-            let traceparent = message.headers().and_then(|headers| {
-                headers
-                    .iter()
-                    .find(|h| h.key == "traceparent")
-                    .and_then(|h| h.value)
-                    .map(|v| String::from_utf8(v.to_vec()).unwrap())
-            });
-            out.push(Consumed {
-                key: String::from_utf8(message.key().unwrap().to_vec()).unwrap(),
-                partition: message.partition(),
-                traceparent,
-                telemetry: codec.decode(message.payload().unwrap()).unwrap(),
-            });
-        }
-        out
-    })
-    .await
-    .unwrap()
 }
 
 fn expected_partition(key: &str) -> i32 {
@@ -323,7 +124,7 @@ fn reading(device: &str, seq: i64) -> Value {
 
 #[tokio::test]
 async fn accepted_messages_are_on_the_topic_exactly_once_keyed_and_decodable() -> Result<()> {
-    let fx = Fixture::new().await?;
+    let fx = Fixture::new(PARTITIONS).await?;
     let before = Utc::now();
     let batch: Vec<Value> = (0..20)
         .map(|seq| reading(if seq % 2 == 0 { "d1" } else { "d2" }, seq))
@@ -335,9 +136,9 @@ async fn accepted_messages_are_on_the_topic_exactly_once_keyed_and_decodable() -
         // Readings without `time` share the request's ingest time: one point per device.
         json!({"accepted": 20, "points": 2, "merged": 18, "rejected": 0, "errors": []})
     );
-    let consumed = consume_all(&fx.topics.args).await;
+    let consumed = fx.consume_all().await;
     assert_eq!(consumed.len(), 20);
-    assert_eq!(topic_count(&fx.topics.args).await, 20);
+    assert_eq!(fx.topic_count().await, 20);
     let mut seen = BTreeMap::new();
     for message in &consumed {
         let t = &message.telemetry;
@@ -373,7 +174,7 @@ async fn accepted_messages_are_on_the_topic_exactly_once_keyed_and_decodable() -
 
 #[tokio::test]
 async fn a_device_token_writes_its_own_device_without_naming_it() -> Result<()> {
-    let fx = Fixture::new().await?;
+    let fx = Fixture::new(PARTITIONS).await?;
     let time = Utc::now() - chrono::Duration::seconds(10);
     let sent = time.to_rfc3339_opts(SecondsFormat::Micros, true);
     let reply = fx
@@ -384,7 +185,7 @@ async fn a_device_token_writes_its_own_device_without_naming_it() -> Result<()> 
         .await;
     assert_eq!(reply.status, StatusCode::ACCEPTED);
     assert_eq!(reply.body, json!({"accepted": 1, "points": 1, "merged": 0}));
-    let consumed = consume_all(&fx.topics.args).await;
+    let consumed = fx.consume_all().await;
     assert_eq!(consumed.len(), 1);
     let t = &consumed[0].telemetry;
     assert_eq!((t.tenant_id.as_str(), t.device_id.as_str()), ("acme", "d2"));
@@ -399,7 +200,7 @@ type Case<'a> = (&'a str, Option<&'a str>, &'a str, String, StatusCode, Value);
 
 #[tokio::test]
 async fn each_bad_input_gets_its_status_and_body_and_puts_nothing_on_the_topic() -> Result<()> {
-    let fx = Fixture::new().await?;
+    let fx = Fixture::new(PARTITIONS).await?;
     let json = "application/json";
     let ok = json!({"seq": 1, "metrics": {"t": 1}}).to_string();
     let future =
@@ -682,13 +483,13 @@ async fn each_bad_input_gets_its_status_and_body_and_puts_nothing_on_the_topic()
         .await;
     assert_eq!(reply.status, StatusCode::PAYLOAD_TOO_LARGE);
 
-    assert_eq!(topic_count(&fx.topics.args).await, 0);
+    assert_eq!(fx.topic_count().await, 0);
     Ok(())
 }
 
 #[tokio::test]
 async fn a_mixed_batch_puts_exactly_the_valid_messages() -> Result<()> {
-    let fx = Fixture::new().await?;
+    let fx = Fixture::new(PARTITIONS).await?;
     let batch = json!([
         reading("d1", 1),
         {"device_id": "d1", "metrics": {}},
@@ -705,7 +506,8 @@ async fn a_mixed_batch_puts_exactly_the_valid_messages() -> Result<()> {
             {"error": "unknown device", "field": "device_id", "index": 3, "status": 422},
         ]})
     );
-    let mut seqs: Vec<i64> = consume_all(&fx.topics.args)
+    let mut seqs: Vec<i64> = fx
+        .consume_all()
         .await
         .iter()
         .map(|m| m.telemetry.seq)
@@ -717,7 +519,7 @@ async fn a_mixed_batch_puts_exactly_the_valid_messages() -> Result<()> {
 
 #[tokio::test]
 async fn ndjson_lines_stand_on_their_own() -> Result<()> {
-    let fx = Fixture::new().await?;
+    let fx = Fixture::new(PARTITIONS).await?;
     let body = format!("{}\n{{broken\n\n{}\n", reading("d1", 1), reading("d2", 2));
     let reply = fx.post(Some("gw-acme"), "application/x-ndjson", body).await;
     assert_eq!(reply.status, StatusCode::ACCEPTED);
@@ -727,13 +529,13 @@ async fn ndjson_lines_stand_on_their_own() -> Result<()> {
             {"error": "malformed json: key must be a string at line 1 column 2", "field": null, "index": 1, "status": 400},
         ]})
     );
-    assert_eq!(consume_all(&fx.topics.args).await.len(), 2);
+    assert_eq!(fx.consume_all().await.len(), 2);
     Ok(())
 }
 
 #[tokio::test]
 async fn an_atomic_batch_with_one_bad_message_puts_nothing() -> Result<()> {
-    let fx = Fixture::new().await?;
+    let fx = Fixture::new(PARTITIONS).await?;
     let batch = json!([reading("d1", 1), reading("ghost", 2), reading("d2", 3)]);
     let reply = fx
         .post_to(
@@ -750,7 +552,7 @@ async fn an_atomic_batch_with_one_bad_message_puts_nothing() -> Result<()> {
             {"error": "unknown device", "field": "device_id", "index": 1, "status": 422},
         ]})
     );
-    assert_eq!(topic_count(&fx.topics.args).await, 0);
+    assert_eq!(fx.topic_count().await, 0);
 
     // Without errors the atomic batch goes through whole.
     let batch = json!([reading("d1", 1), reading("d2", 3)]);
@@ -763,13 +565,13 @@ async fn an_atomic_batch_with_one_bad_message_puts_nothing() -> Result<()> {
         )
         .await;
     assert_eq!(reply.status, StatusCode::ACCEPTED);
-    assert_eq!(consume_all(&fx.topics.args).await.len(), 2);
+    assert_eq!(fx.consume_all().await.len(), 2);
     Ok(())
 }
 
 #[tokio::test]
 async fn a_device_over_its_rate_gets_429_with_retry_after() -> Result<()> {
-    let fx = Fixture::with_limits(slow_limit(3), limit(100_000, 100_000)).await?;
+    let fx = Fixture::with_limits(PARTITIONS, slow_limit(3), limit(100_000, 100_000)).await?;
     let first_sent = std::time::Instant::now();
     for seq in 0..3 {
         let reply = fx
@@ -797,13 +599,13 @@ async fn a_device_over_its_rate_gets_429_with_retry_after() -> Result<()> {
         .post_json("tok-d2", json!({"seq": 0, "metrics": {}}))
         .await;
     assert_eq!(reply.status, StatusCode::ACCEPTED);
-    assert_eq!(topic_count(&fx.topics.args).await, 4);
+    assert_eq!(fx.topic_count().await, 4);
     Ok(())
 }
 
 #[tokio::test]
 async fn a_tenant_over_its_rate_gets_429_with_retry_after() -> Result<()> {
-    let fx = Fixture::with_limits(limit(1000, 1000), slow_limit(4)).await?;
+    let fx = Fixture::with_limits(PARTITIONS, limit(1000, 1000), slow_limit(4)).await?;
     let batch = json!([reading("d1", 1), reading("d2", 2), reading("d1", 3)]);
     let reply = fx.post_json("gw-acme", batch.clone()).await;
     assert_eq!(reply.status, StatusCode::ACCEPTED);
@@ -819,27 +621,13 @@ async fn a_tenant_over_its_rate_gets_429_with_retry_after() -> Result<()> {
         .post_json("tok-g1", json!({"seq": 1, "metrics": {}}))
         .await;
     assert_eq!(reply.status, StatusCode::ACCEPTED);
-    assert_eq!(topic_count(&fx.topics.args).await, 4);
+    assert_eq!(fx.topic_count().await, 4);
     Ok(())
 }
 
 #[tokio::test]
 async fn an_unreachable_broker_gets_503_after_a_bounded_wait_never_202() -> Result<()> {
-    let db = TestDb::new(LayoutChoice::Postgres).await?;
-    seed(&db).await?;
-    let credentials = Credentials::default();
-    credentials.reload(&db.pool).await?;
-    let mut args = plumbing::testing::kafka_args().await?;
-    // Nothing listens on port 1.
-    args.bootstrap_servers = "127.0.0.1:1".to_owned();
-    let producer = Producer::new(&args, "ingest-test", Duration::from_millis(1500))?;
-    let app = App::new(
-        credentials,
-        producer,
-        RateLimits::new(limit(1000, 1000), limit(1000, 1000)),
-        settings(),
-    );
-    let router = router(app);
+    let (_db, router) = common::unreachable_broker_router().await?;
     let started = Instant::now();
     let reply = send(
         &router,
@@ -903,7 +691,7 @@ async fn a_full_producer_queue_refuses_the_overflow_with_503_and_retry_after() -
         reply.body,
         json!({"accepted": 1, "points": 1, "merged": 0, "rejected": 3, "errors": [full(1), full(2), full(3)]})
     );
-    assert_eq!(topic_count(&topics.args).await, 1);
+    assert_eq!(common::topic_count(&topics.args, PARTITIONS).await, 1);
     Ok(())
 }
 
@@ -914,7 +702,7 @@ const NUL_STRING: &str = "string contains U+0000, which PostgreSQL cannot store"
 #[tokio::test]
 async fn each_value_postgresql_would_not_store_as_sent_gets_400_naming_message_and_field(
 ) -> Result<()> {
-    let fx = Fixture::new().await?;
+    let fx = Fixture::new(PARTITIONS).await?;
     let json = "application/json";
     let now = Utc::now();
     let micros = now.format("%Y-%m-%dT%H:%M:%S%.6f").to_string();
@@ -1110,13 +898,13 @@ async fn each_value_postgresql_would_not_store_as_sent_gets_400_naming_message_a
         ]})
     );
 
-    assert_eq!(topic_count(&fx.topics.args).await, 0);
+    assert_eq!(fx.topic_count().await, 0);
     Ok(())
 }
 
 #[tokio::test]
 async fn a_batch_of_one_device_without_time_is_one_point_and_the_reply_says_so() -> Result<()> {
-    let fx = Fixture::new().await?;
+    let fx = Fixture::new(PARTITIONS).await?;
     let before = Utc::now();
     // A device reporting its sensors separately, all in one request, without `time`.
     let batch = json!([
@@ -1131,7 +919,7 @@ async fn a_batch_of_one_device_without_time_is_one_point_and_the_reply_says_so()
         json!({"accepted": 3, "points": 1, "merged": 2, "rejected": 0, "errors": []})
     );
     // All three are produced with the same time: the sink merges them into one row.
-    let consumed = consume_all(&fx.topics.args).await;
+    let consumed = fx.consume_all().await;
     assert_eq!(consumed.len(), 3);
     let times: std::collections::BTreeSet<_> = consumed.iter().map(|m| m.telemetry.time).collect();
     assert_eq!(times.len(), 1);
@@ -1158,13 +946,13 @@ async fn a_batch_of_one_device_without_time_is_one_point_and_the_reply_says_so()
             {"error": "unknown device", "field": "device_id", "index": 6, "status": 422},
         ]})
     );
-    assert_eq!(topic_count(&fx.topics.args).await, 10);
+    assert_eq!(fx.topic_count().await, 10);
     Ok(())
 }
 
 #[tokio::test]
 async fn gzip_bodies_are_decompressed_and_their_readings_land_on_the_topic() -> Result<()> {
-    let fx = Fixture::new().await?;
+    let fx = Fixture::new(PARTITIONS).await?;
     let time =
         (Utc::now() - chrono::Duration::seconds(5)).to_rfc3339_opts(SecondsFormat::Micros, true);
     let post =
@@ -1221,7 +1009,7 @@ async fn gzip_bodies_are_decompressed_and_their_readings_land_on_the_topic() -> 
     .await;
     assert_eq!(reply.status, StatusCode::ACCEPTED);
 
-    let consumed = consume_all(&fx.topics.args).await;
+    let consumed = fx.consume_all().await;
     let by_seq: BTreeMap<i64, &Telemetry> = consumed
         .iter()
         .map(|m| (m.telemetry.seq, &m.telemetry))
@@ -1238,7 +1026,7 @@ async fn gzip_bodies_are_decompressed_and_their_readings_land_on_the_topic() -> 
 
 #[tokio::test]
 async fn gzip_bombs_get_413_unknown_encodings_415_and_nothing_lands() -> Result<()> {
-    let fx = Fixture::new().await?;
+    let fx = Fixture::new(PARTITIONS).await?;
     let send = |token: Option<&'static str>, encoding: &'static str, body: Vec<u8>| {
         let router = fx.router.clone();
         async move {
@@ -1324,6 +1112,6 @@ async fn gzip_bombs_get_413_unknown_encodings_415_and_nothing_lands() -> Result<
         error("malformed gzip body: unexpected end of file", None, None)
     );
 
-    assert_eq!(topic_count(&fx.topics.args).await, 0);
+    assert_eq!(fx.topic_count().await, 0);
     Ok(())
 }
