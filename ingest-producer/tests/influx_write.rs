@@ -22,34 +22,13 @@ const PARTITIONS: i32 = 2;
 
 impl Fixture {
     async fn post(&self, uri: &str, headers: &[(&str, &str)], body: impl Into<Body>) -> Reply {
-        let mut request = Request::post(uri);
-        for (name, value) in headers {
-            request = request.header(*name, *value);
-        }
-        let response = self
-            .router
-            .clone()
-            .oneshot(request.body(body.into()).unwrap())
-            .await
-            .unwrap();
-        let status = response.status();
-        let header = |name: &str| {
-            response
-                .headers()
-                .get(name)
-                .map(|v| v.to_str().unwrap().to_owned())
-        };
-        let retry_after = header("retry-after");
-        let platform_code = header("x-platform-error-code");
-        let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
-            .await
-            .unwrap();
+        let answer = common::post(&self.router, uri, headers, body.into()).await;
         Reply {
-            status,
-            retry_after,
-            platform_code,
-            empty: bytes.is_empty(),
-            body: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+            status: answer.status,
+            retry_after: answer.header("retry-after"),
+            platform_code: answer.header("x-platform-error-code"),
+            empty: answer.body.is_empty(),
+            body: serde_json::from_slice(&answer.body).unwrap_or(Value::Null),
         }
     }
 

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use axum::body::Body;
-use axum::http::{Request, StatusCode};
+use axum::http::StatusCode;
 use axum::Router;
 use chrono::{SecondsFormat, Utc};
 use common::{gzip, limit, seed, settings, slow_limit, Fixture, MAX_BODY};
@@ -25,7 +25,6 @@ use ingest_producer::rate_limit::RateLimits;
 use plumbing::testing::{TestDb, TestTopics};
 use schemas::{LayoutChoice, MetricValue, Telemetry};
 use serde_json::{json, Value};
-use tower::ServiceExt;
 
 const PARTITIONS: i32 = 4;
 
@@ -80,33 +79,12 @@ async fn send_with_headers(
     headers: &[(&str, &str)],
     body: Body,
 ) -> Reply {
-    let mut request = Request::post(uri);
-    for (name, value) in headers {
-        request = request.header(*name, *value);
-    }
-    let response = router
-        .clone()
-        .oneshot(request.body(body).unwrap())
-        .await
-        .unwrap();
-    let status = response.status();
-    let header = |name: &str| {
-        response
-            .headers()
-            .get(name)
-            .map(|v| v.to_str().unwrap().to_owned())
-    };
-    let retry_after = header("retry-after");
-    let accept_encoding = header("accept-encoding");
-    let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
-        .await
-        .unwrap();
-    let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    let answer = common::post(router, uri, headers, body).await;
     Reply {
-        status,
-        retry_after,
-        accept_encoding,
-        body,
+        status: answer.status,
+        retry_after: answer.header("retry-after"),
+        accept_encoding: answer.header("accept-encoding"),
+        body: serde_json::from_slice(&answer.body).unwrap_or(Value::Null),
     }
 }
 

@@ -163,6 +163,52 @@ pub async fn unreachable_broker_router() -> Result<(TestDb, Router)> {
     Ok((db, router(app)))
 }
 
+/// An answer of the router: status, the named headers asked for, the body.
+pub struct Answer {
+    pub status: axum::http::StatusCode,
+    pub headers: axum::http::HeaderMap,
+    pub body: Vec<u8>,
+}
+
+impl Answer {
+    /// A header's value as text, if present.
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers
+            .get(name)
+            .map(|v| v.to_str().unwrap().to_owned())
+    }
+}
+
+/// `POST uri` with `headers` and `body` through `router`.
+pub async fn post(
+    router: &Router,
+    uri: &str,
+    headers: &[(&str, &str)],
+    body: axum::body::Body,
+) -> Answer {
+    use tower::ServiceExt;
+    let mut request = axum::http::Request::post(uri);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let response = router
+        .clone()
+        .oneshot(request.body(body).unwrap())
+        .await
+        .unwrap();
+    let status = response.status();
+    let headers = response.headers().clone();
+    let body = axum::body::to_bytes(response.into_body(), usize::MAX)
+        .await
+        .unwrap()
+        .to_vec();
+    Answer {
+        status,
+        headers,
+        body,
+    }
+}
+
 pub fn gzip(data: &[u8]) -> Vec<u8> {
     let mut encoder = GzEncoder::new(Vec::new(), Compression::default());
     encoder.write_all(data).unwrap();
