@@ -38,6 +38,8 @@ pub struct Sample {
     pub sink_lag: f64,
     /// Messages: end offsets − offsets stored for the evaluator group.
     pub evaluator_lag: f64,
+    /// Seconds: now − the 1-minute rollup's watermark (`None` before the first refresh).
+    pub rollup_lag_s: Option<f64>,
 }
 
 /// A fault injected during the run, drawn as a labelled vertical line.
@@ -643,6 +645,7 @@ mod tests {
                     commit_p99_ms: Some(22.0 + (t * 0.3).sin().abs() * 8.0),
                     sink_lag: 1_500.0 + wobble.abs(),
                     evaluator_lag: 800.0 + wobble.abs() / 2.0,
+                    rollup_lag_s: Some(70.0 + (t % 10.0)),
                 };
                 if (120.0..128.0).contains(&t) {
                     sample.commit_p99_ms = None;

@@ -18,7 +18,7 @@
 //! * [`offsets`]: the fenced offset store; [`copy_writer`]: the binary COPY encoder;
 //! * [`dlq`]: dead letters; [`stats`] and [`metrics`]: figures for Prometheus and
 //!   `system_metrics`; [`maintenance`]: plain-PostgreSQL partition upkeep and the 1-minute
-//!   rollup refresh.
+//!   rollup refresh, whose new minutes [`rollup`] aggregates.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -42,6 +42,7 @@ pub mod merge;
 pub mod metrics;
 pub mod offsets;
 pub mod pipeline;
+pub mod rollup;
 pub mod stats;
 pub mod writer;
 
@@ -308,6 +309,14 @@ const PRIVILEGES: &[Privilege] = &[
         privilege: "INSERT",
     },
     Privilege::Table {
+        table: "telemetry",
+        privilege: "SELECT",
+    },
+    Privilege::Table {
+        table: "tenants",
+        privilege: "SELECT",
+    },
+    Privilege::Table {
         table: "device_latest",
         privilege: "INSERT",
     },
@@ -341,7 +350,14 @@ const PRIVILEGES: &[Privilege] = &[
         function: "fleet_rollup_1m_invalidate_minutes(text[], text[], timestamptz[])",
     },
     Privilege::Execute {
-        function: "fleet_refresh_rollup_1m(integer, integer)",
+        function: "fleet_refresh_rollup_1m_plan(integer, integer)",
+    },
+    Privilege::Execute {
+        function: "fleet_rollup_1m_write_device_minutes(text[], text[], timestamptz[])",
+    },
+    Privilege::Table {
+        table: "telemetry_1m",
+        privilege: "INSERT",
     },
     Privilege::Execute {
         function: "fleet_maintain_partitions(integer)",

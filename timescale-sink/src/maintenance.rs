@@ -3,11 +3,13 @@
 //! * plain-PostgreSQL partitions: daily partitions ahead, partitions past retention dropped.
 //!   A session advisory lock lets one sink instance at a time do it; in the TimescaleDB layout
 //!   the SQL function is a no-op (policies do this there);
-//! * the 1-minute rollups (`telemetry_1m`, migration 0009): `fleet_refresh_rollup_1m()` every
-//!   rollup interval, called again at once while it reports work left (catching up after
-//!   downtime or a backlog of late data). The function takes its own transaction-level
-//!   advisory lock, so with several sink instances one refreshes and the others return at
-//!   once; each call is one short transaction (at most ten minutes of readings).
+//! * the 1-minute rollups (`telemetry_1m`, migration 0009): a step every rollup interval,
+//!   repeated at once while it reports work left (catching up after downtime or a backlog of
+//!   late data). A step is one short transaction (at most two minutes of readings):
+//!   `fleet_refresh_rollup_1m_plan()` (migration 0016) takes a transaction-level advisory
+//!   lock (with several sink instances one refreshes and the others return at once),
+//!   recomputes invalidated minutes and moves the watermark; the new minutes are then
+//!   aggregated here ([`crate::rollup`]).
 //!
 //! Late readings reach the rollups through the invalidation each batch transaction records
 //! (see [`crate::writer`]); the migration explains why the two together are exact.
@@ -21,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::metrics as m;
+use crate::rollup::{self, RollupError};
 use crate::stats::Stats;
 
 /// Calls in a row while the refresh reports work left, before yielding to the next tick (so a
@@ -37,6 +40,9 @@ const STEP_MINUTES: i32 = 2;
 /// 0014): a device minute is one primary-key range scan of a few readings, so this bounds a
 /// step that follows a backfill to a few seconds; the rest waits for the next steps.
 const STEP_DEVICE_MINUTES: i32 = 20_000;
+
+/// How often a shutdown repeats its cancel of a rollup step that has not ended yet.
+const CANCEL_REPEAT: Duration = Duration::from_millis(200);
 
 /// What one `fleet_refresh_rollup_1m()` call did.
 #[derive(Debug, Clone, Copy, PartialEq, sqlx::FromRow)]
@@ -58,20 +64,53 @@ pub struct Refresh {
 }
 
 /// One rollup step, one transaction.
-pub async fn refresh_rollup(pool: &PgPool) -> Result<Refresh, sqlx::Error> {
+pub async fn refresh_rollup(pool: &PgPool) -> Result<Refresh, RollupError> {
     refresh_rollup_on(&mut *pool.acquire().await?).await
 }
 
-async fn refresh_rollup_on(conn: &mut PgConnection) -> Result<Refresh, sqlx::Error> {
-    sqlx::query_as(
+/// The step's plan (migration 0016): everything but the new minutes, and their range.
+#[derive(Debug, sqlx::FromRow)]
+struct Plan {
+    #[sqlx(flatten)]
+    refresh: Refresh,
+    new_from: Option<DateTime<Utc>>,
+    new_to: Option<DateTime<Utc>>,
+}
+
+async fn refresh_rollup_on(conn: &mut PgConnection) -> Result<Refresh, RollupError> {
+    let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+    let plan: Plan = sqlx::query_as(
         "SELECT watermark, rows_written, minutes_recomputed, device_minutes_recomputed, \
-                device_minutes_rejected, device_minutes_pending, more \
-         FROM fleet_refresh_rollup_1m($1, $2)",
+                device_minutes_rejected, device_minutes_pending, more, new_from, new_to \
+         FROM fleet_refresh_rollup_1m_plan($1, $2)",
     )
     .bind(STEP_MINUTES)
     .bind(STEP_DEVICE_MINUTES)
-    .fetch_one(&mut *conn)
-    .await
+    .fetch_one(&mut *tx)
+    .await?;
+    let mut refresh = plan.refresh;
+    if let (Some(from), Some(to)) = (plan.new_from, plan.new_to) {
+        if from < to {
+            let started = Instant::now();
+            let new = rollup::aggregate_new_minutes(&mut tx, from, to)
+                .instrument(info_span!("rollup_new_minutes", %from, %to))
+                .await?;
+            metrics::counter!(m::ROLLUP_READINGS_AGGREGATED).increment(new.readings);
+            metrics::counter!(m::ROLLUP_DEVICE_MINUTES_TO_SQL)
+                .increment(new.device_minutes_to_sql as u64);
+            debug!(
+                readings = new.readings,
+                rows = new.rows_written,
+                device_minutes_to_sql = new.device_minutes_to_sql,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "rollup: new minutes aggregated"
+            );
+            refresh.rows_written += new.rows_written;
+            refresh.device_minutes_rejected += new.device_minutes_rejected;
+        }
+    }
+    tx.commit().await?;
+    Ok(refresh)
 }
 
 /// A row of `telemetry_1m_rejected`: tenant, device, minute, SQLSTATE, error.
@@ -113,7 +152,7 @@ async fn log_rejected(pool: &PgPool, count: i32) {
 async fn refresh_rollup_or_stop(
     pool: &PgPool,
     shutdown: &CancellationToken,
-) -> Result<Option<Refresh>, sqlx::Error> {
+) -> Result<Option<Refresh>, RollupError> {
     let mut conn = pool.acquire().await?;
     let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
         .fetch_one(&mut *conn)
@@ -123,24 +162,29 @@ async fn refresh_rollup_or_stop(
     tokio::select! {
         result = &mut step => result.map(Some),
         _ = shutdown.cancelled() => {
-            let cancelled: Result<bool, sqlx::Error> =
-                sqlx::query_scalar("SELECT pg_cancel_backend($1)")
-                    .bind(pid)
-                    .fetch_one(pool)
-                    .await;
-            if let Err(err) = cancelled {
-                // The step's connection is dropped with `step` below; the server ends it when
-                // it notices.
-                warn!(error = %err, "could not cancel the rollup step on shutdown");
-                return Ok(None);
-            }
-            // The statement ends with "canceling statement due to user request" (or had just
-            // finished); either way the connection is clean again.
-            match step.await {
-                Ok(refresh) => Ok(Some(refresh)),
-                Err(_) => {
-                    info!("rollup step cancelled for shutdown (rolled back; redone on the next start)");
-                    Ok(None)
+            // A step is several statements: a cancel that lands between two of them cancels
+            // nothing, so it is repeated until the step ends.
+            loop {
+                let cancelled: Result<bool, sqlx::Error> =
+                    sqlx::query_scalar("SELECT pg_cancel_backend($1)")
+                        .bind(pid)
+                        .fetch_one(pool)
+                        .await;
+                if let Err(err) = cancelled {
+                    // The step's connection is dropped with `step` below; the server ends it
+                    // when it notices.
+                    warn!(error = %err, "could not cancel the rollup step on shutdown");
+                    return Ok(None);
+                }
+                // The statement ends with "canceling statement due to user request" (or had
+                // just finished); either way the connection is clean again.
+                match tokio::time::timeout(CANCEL_REPEAT, &mut step).await {
+                    Ok(Ok(refresh)) => return Ok(Some(refresh)),
+                    Ok(Err(_)) => {
+                        info!("rollup step cancelled for shutdown (rolled back; redone on the next start)");
+                        return Ok(None);
+                    }
+                    Err(_) => continue,
                 }
             }
         }
@@ -154,7 +198,7 @@ pub async fn refresh_rollup_until_done(
     pool: &PgPool,
     stats: &Stats,
     shutdown: &CancellationToken,
-) -> Result<Option<Refresh>, sqlx::Error> {
+) -> Result<Option<Refresh>, RollupError> {
     let span = info_span!("refresh_rollup");
     async {
         let mut calls = 0usize;

@@ -26,6 +26,9 @@ pub const ROLLUP_DEVICE_MINUTES_RECOMPUTED: &str =
 pub const ROLLUP_DEVICE_MINUTES_PENDING: &str = "fleetstream_sink_rollup_device_minutes_pending";
 pub const ROLLUP_DEVICE_MINUTES_REJECTED: &str =
     "fleetstream_sink_rollup_device_minutes_rejected_total";
+pub const ROLLUP_READINGS_AGGREGATED: &str = "fleetstream_sink_rollup_readings_aggregated_total";
+pub const ROLLUP_DEVICE_MINUTES_TO_SQL: &str =
+    "fleetstream_sink_rollup_device_minutes_to_sql_total";
 pub const LATE_DEVICE_MINUTES: &str = "fleetstream_sink_late_device_minutes_total";
 pub const LATE_RANGES: &str = "fleetstream_sink_late_ranges_total";
 
@@ -103,12 +106,12 @@ pub fn describe() {
     describe_counter!(
         ROLLUP_REFRESHES,
         Unit::Count,
-        "Calls of fleet_refresh_rollup_1m() by outcome (ok, error)."
+        "Rollup steps (one transaction each) by outcome (ok, error, cancelled)."
     );
     describe_histogram!(
         ROLLUP_REFRESH_DURATION,
         Unit::Seconds,
-        "Duration of one fleet_refresh_rollup_1m() call (one transaction)."
+        "Duration of one rollup step (one transaction: plan, new minutes, commit)."
     );
     describe_counter!(
         ROLLUP_ROWS_WRITTEN,
@@ -134,6 +137,16 @@ pub fn describe() {
         ROLLUP_DEVICE_MINUTES_REJECTED,
         Unit::Count,
         "Device minutes the rollup refresh could not aggregate (a data error; recorded in telemetry_1m_rejected)."
+    );
+    describe_counter!(
+        ROLLUP_READINGS_AGGREGATED,
+        Unit::Count,
+        "Readings of new minutes read and aggregated by this sink for the 1-minute rollup."
+    );
+    describe_counter!(
+        ROLLUP_DEVICE_MINUTES_TO_SQL,
+        Unit::Count,
+        "Device minutes of new minutes left to the SQL aggregation (a value of more than 38 significant digits, or a sum beyond 128 bits)."
     );
     describe_counter!(
         LATE_DEVICE_MINUTES,

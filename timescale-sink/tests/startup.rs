@@ -111,7 +111,7 @@ async fn a_role_without_a_right_ends_the_sink_with_an_error_naming_the_right() -
     let role = db.writer_login("sink_role").await?;
     // Only in this test's database: grants are per database object.
     sqlx::query(
-        "REVOKE EXECUTE ON FUNCTION fleet_refresh_rollup_1m(integer, integer) FROM fleet_writer",
+        "REVOKE EXECUTE ON FUNCTION fleet_refresh_rollup_1m_plan(integer, integer) FROM fleet_writer",
     )
     .execute(&db.pool)
     .await?;
@@ -125,7 +125,7 @@ async fn a_role_without_a_right_ends_the_sink_with_an_error_naming_the_right() -
     let role = &role.name;
     assert!(
         stderr.contains(&format!(
-            "database role `{role}` lacks EXECUTE on function fleet_refresh_rollup_1m(integer, integer)"
+            "database role `{role}` lacks EXECUTE on function fleet_refresh_rollup_1m_plan(integer, integer)"
         )),
         "{stderr}"
     );
