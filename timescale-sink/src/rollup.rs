@@ -558,7 +558,15 @@ pub async fn aggregate_new_minutes(
             "COPY stream ended before its trailer".into(),
         ));
     }
-    let (rows, inexact) = aggregator.finish();
+    // Sorting a step's ~800,000 rows takes a few hundred ms: off the runtime's workers where
+    // it can be, so the sink's batches on the same runtime are not held up.
+    let multi_thread = tokio::runtime::Handle::current().runtime_flavor()
+        == tokio::runtime::RuntimeFlavor::MultiThread;
+    let (rows, inexact) = if multi_thread {
+        tokio::task::block_in_place(|| aggregator.finish())
+    } else {
+        aggregator.finish()
+    };
     let mut out = NewMinutes {
         readings: aggregator.readings(),
         device_minutes_to_sql: inexact.tenants.len(),
