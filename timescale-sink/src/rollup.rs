@@ -403,7 +403,21 @@ fn push_text(out: &mut String, text: &str) {
     }
 }
 
-/// The rollup rows' COPY, in the column order [`RangeAggregator::finish`] writes.
+/// Transaction-local settings holding the range [`COPY_READINGS_SQL`] reads.
+const RANGE_FROM_SETTING: &str = "fleetstream.rollup_new_from";
+const RANGE_TO_SETTING: &str = "fleetstream.rollup_new_to";
+
+/// The new minutes' readings, per tenant an index range scan on `(tenant_id, time)`.
+const COPY_READINGS_SQL: &str = "COPY (SELECT r.time, r.tenant_id, r.device_id, r.metrics \
+     FROM public.tenants tn \
+     CROSS JOIN LATERAL ( \
+         SELECT r.time, r.tenant_id, r.device_id, r.metrics FROM public.telemetry r \
+         WHERE r.tenant_id = tn.tenant_id \
+           AND r.time >= current_setting('fleetstream.rollup_new_from')::timestamptz \
+           AND r.time < current_setting('fleetstream.rollup_new_to')::timestamptz \
+         OFFSET 0) r) TO STDOUT (FORMAT binary)";
+
+/// The rollup rows' COPY, in the column order [`encode_rows`] writes.
 pub const COPY_ROLLUP_SQL: &str = "COPY telemetry_1m (tenant_id, device_id, metric, bucket, n, \
      sum, min, max, last_time, last) FROM STDIN";
 
@@ -533,22 +547,21 @@ pub async fn aggregate_new_minutes(
     from: DateTime<Utc>,
     to: DateTime<Utc>,
 ) -> Result<NewMinutes, RollupError> {
-    // Literals, not parameters: COPY takes none. RFC 3339 text of a DateTime holds no quote.
-    let statement = format!(
-        "COPY (SELECT r.time, r.tenant_id, r.device_id, r.metrics \
-             FROM public.tenants tn \
-             CROSS JOIN LATERAL ( \
-                 SELECT r.time, r.tenant_id, r.device_id, r.metrics FROM public.telemetry r \
-                 WHERE r.tenant_id = tn.tenant_id \
-                   AND r.time >= '{}'::timestamptz AND r.time < '{}'::timestamptz \
-                 OFFSET 0) r) TO STDOUT (FORMAT binary)",
-        from.to_rfc3339(),
-        to.to_rfc3339()
-    );
+    // COPY takes no parameters. Literals would make each step's statement text new, and
+    // pg_stat_statements would keep one entry per step (evicting real ones); the range goes
+    // in transaction-local settings instead, read by a constant statement (`current_setting`
+    // is stable: TimescaleDB excludes chunks and PostgreSQL prunes partitions at run time).
+    sqlx::query("SELECT set_config($1, $2, true), set_config($3, $4, true)")
+        .bind(RANGE_FROM_SETTING)
+        .bind(from.to_rfc3339())
+        .bind(RANGE_TO_SETTING)
+        .bind(to.to_rfc3339())
+        .execute(&mut *conn)
+        .await?;
     let mut aggregator = RangeAggregator::default();
     let mut parser = CopyRows::default();
     {
-        let mut stream = conn.copy_out_raw(&statement).await?;
+        let mut stream = conn.copy_out_raw(COPY_READINGS_SQL).await?;
         while let Some(chunk) = stream.try_next().await? {
             parser.feed(&chunk, &mut aggregator)?;
         }
