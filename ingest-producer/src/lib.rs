@@ -53,6 +53,7 @@ pub mod mqtt;
 pub mod producer;
 pub mod rate_limit;
 pub mod simulate;
+mod simulate_mqtt;
 pub mod stats;
 
 use std::net::SocketAddr;
