@@ -769,7 +769,7 @@ pub async fn run(opts: Options) -> Result<Report> {
             }
         }
         samples.push(sample);
-        if samples.len() % 30 == 0 {
+        if samples.len().is_multiple_of(30) {
             if let Some(s) = samples.last() {
                 eprintln!(
                     "[fleet_e2e] {:.0}s: accepted {:.0}/s, commit p99 {} ms, lag sink {:.0} evaluator {:.0}",
