@@ -178,6 +178,9 @@ async fn broker_goes_away_and_comes_back(outage: Outage) -> Result<()> {
     };
     let config = ingest_producer::Config::try_parse_from([
         "ingest-producer",
+        // No MQTT listener: tests run in parallel (MQTT_LISTEN defaults to a fixed port).
+        "--mqtt-listen",
+        "off",
         "--database-url",
         &db.url,
         "--kafka-bootstrap-servers",

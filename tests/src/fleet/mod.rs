@@ -508,6 +508,8 @@ pub async fn run(opts: Options) -> Result<Report> {
     let mut env = common("ingest", admin);
     env.retain(|(k, _)| k != "KAFKA_OPTIONS");
     env.push(("HTTP_LISTEN".into(), ingest_http.to_string()));
+    // The fleet speaks HTTP; no MQTT listener on the default (fixed) port.
+    env.push(("MQTT_LISTEN".into(), "off".into()));
     specs.push(ServiceSpec {
         name: "ingest",
         binary: bin_dir.join("ingest-producer"),
