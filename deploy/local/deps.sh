@@ -629,6 +629,13 @@ browser_up() {
     apt_install chromium
 }
 
+# Debian's mosquitto-clients (mosquitto_pub) for ingest-producer's third-party MQTT client
+# test (skipped when present).
+mqtt_clients_up() {
+    command -v mosquitto_pub >/dev/null 2>&1 && return 0
+    apt_install mosquitto-clients
+}
+
 # Telegraf with only the plugins the line-protocol tests use, built once from the Go module
 # proxy into the cache (a few minutes on 2 cores; the module cache is kept beside it).
 telegraf_up() {
@@ -668,6 +675,7 @@ cmd_up() {
     kafka_up
     python_clients_up
     browser_up
+    mqtt_clients_up
     telegraf_up
     log "all up in $((SECONDS - t0))s. Logs: $(pg_logfile), $KAFKA_LOG. Use:"
     print_env | sed 's/^/[deps]   /' >&2

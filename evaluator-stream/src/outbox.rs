@@ -73,7 +73,7 @@ impl Publisher {
                     }
                 }
                 rounds += 1;
-                if rounds % 600 == 0 {
+                if rounds.is_multiple_of(600) {
                     self.purge().await;
                 }
                 tokio::select! {

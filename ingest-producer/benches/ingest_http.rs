@@ -45,6 +45,9 @@ async fn bench() -> Result<()> {
 
     let config = ingest_producer::Config::try_parse_from([
         "ingest-producer",
+        // HTTP only (MQTT_LISTEN defaults to a fixed port).
+        "--mqtt-listen",
+        "off",
         "--database-url",
         &db.url,
         "--kafka-bootstrap-servers",

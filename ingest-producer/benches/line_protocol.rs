@@ -158,6 +158,9 @@ async fn write() -> Result<()> {
     let addr = listener.local_addr()?;
     let config = ingest_producer::Config::try_parse_from([
         "ingest-producer",
+        // HTTP only (MQTT_LISTEN defaults to a fixed port).
+        "--mqtt-listen",
+        "off",
         "--database-url",
         &db.url,
         "--kafka-bootstrap-servers",

@@ -8,6 +8,7 @@
 //! notification round trip, or one interval when notifications are lost.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -161,6 +162,9 @@ pub fn token_hash(token: &str) -> String {
 #[derive(Debug, Clone, Default)]
 pub struct Credentials {
     current: Arc<RwLock<Arc<Snapshot>>>,
+    /// Bumped by every [`Credentials::replace`]: open MQTT sessions re-check their token when
+    /// it moves.
+    generation: Arc<AtomicU64>,
 }
 
 impl Credentials {
@@ -168,6 +172,7 @@ impl Credentials {
     pub fn new(snapshot: Snapshot) -> Self {
         Credentials {
             current: Arc::new(RwLock::new(Arc::new(snapshot))),
+            generation: Arc::new(AtomicU64::new(0)),
         }
     }
 
@@ -178,6 +183,12 @@ impl Credentials {
             Ok(mut current) => *current = snapshot,
             Err(poisoned) => *poisoned.into_inner() = snapshot,
         }
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+
+    /// How many times the snapshot was replaced.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     /// Reloads from the database.
@@ -214,10 +225,16 @@ impl Credentials {
     /// it as `Token …`, HTTP Basic or a query parameter): 401 when unknown or revoked, 403
     /// when the tenant is suspended.
     pub fn authenticate_token(&self, token: &str) -> Result<Principal, Rejection> {
+        self.authenticate_hash(&token_hash(token))
+    }
+
+    /// [`Credentials::authenticate_token`] for a token already hashed ([`token_hash`]): how an
+    /// open MQTT session re-checks its token after a reload.
+    pub fn authenticate_hash(&self, hash: &str) -> Result<Principal, Rejection> {
         let snapshot = self.snapshot();
         let principal = snapshot
             .tokens
-            .get(&token_hash(token))
+            .get(hash)
             .cloned()
             .ok_or_else(|| Rejection::unauthorized("unknown or revoked token"))?;
         if snapshot.suspended_tenants.contains(principal.tenant_id()) {

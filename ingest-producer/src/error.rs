@@ -21,6 +21,8 @@ pub enum Error {
     Schema(#[from] schemas::SchemaError),
     #[error("invalid setting `{name}`: {reason}")]
     Config { name: &'static str, reason: String },
+    #[error(transparent)]
+    Mqtt(#[from] crate::mqtt::MqttError),
 }
 
 /// Why a request, or one message of it, was refused.

@@ -29,7 +29,7 @@ use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use rand::Rng;
 use schemas::Telemetry;
@@ -40,7 +40,7 @@ use crate::credentials::{Credentials, Principal};
 use crate::encoding::ContentEncoding;
 use crate::error::{retry_after_header, Rejection};
 use crate::lineproto::Mapping;
-use crate::message::{count_points, read_body, Format, TimeLimits};
+use crate::message::{count_points, read_body, Format, Reading, TimeLimits};
 use crate::producer::{Outgoing, Producer};
 use crate::rate_limit::RateLimits;
 
@@ -217,15 +217,32 @@ async fn handle(
     let parsed = read_body(format, &bytes, received_at, inner.settings.time_limits)?;
     drop(bytes);
 
-    let mut outcomes: Vec<Result<Telemetry, Rejection>> = parsed
-        .readings
+    let mut outcomes = authorize_all(app, &principal, parsed.readings, received_at);
+
+    if atomic && outcomes.iter().any(Result::is_err) {
+        return Ok(reply(parsed.batch, outcomes, true));
+    }
+    let produced = produce(app, &principal, &mut outcomes, headers, atomic).await?;
+    Ok(reply(parsed.batch, outcomes, !produced))
+}
+
+/// Checks each validated reading against what the token may write and makes it the record
+/// produced (`received_at` is the ingest clock): the step between validation and [`produce`]
+/// of `POST /v1/telemetry` and the MQTT topics.
+pub(crate) fn authorize_all(
+    app: &App,
+    principal: &Principal,
+    readings: Vec<Result<Reading, Rejection>>,
+    received_at: DateTime<Utc>,
+) -> Vec<Result<Telemetry, Rejection>> {
+    readings
         .into_iter()
         .enumerate()
         .map(|(index, reading)| {
             reading
                 .and_then(|reading| {
-                    let (tenant_id, device_id, registered_site) = inner.credentials.authorize(
-                        &principal,
+                    let (tenant_id, device_id, registered_site) = app.inner.credentials.authorize(
+                        principal,
                         reading.tenant_id.as_deref(),
                         reading.device_id.as_deref(),
                     )?;
@@ -233,13 +250,7 @@ async fn handle(
                 })
                 .map_err(|rejection| rejection.at(index))
         })
-        .collect();
-
-    if atomic && outcomes.iter().any(Result::is_err) {
-        return Ok(reply(parsed.batch, outcomes, true));
-    }
-    let produced = produce(app, &principal, &mut outcomes, headers, atomic).await?;
-    Ok(reply(parsed.batch, outcomes, !produced))
+        .collect()
 }
 
 /// Rate limits, encodes and produces the valid readings of a request, waiting for Kafka's

@@ -9,6 +9,8 @@
 //! # Layout
 //!
 //! * [`http`]: the route, the request flow and the reply shapes.
+//! * [`mqtt`]: MQTT 3.1.1 and 5 device ingest (ThingsBoard's device API and our own topic) on
+//!   the same flow, PUBACK after Kafka's acknowledgement.
 //! * [`influx`]: the InfluxDB-compatible writes (`/api/v2/write`, `/write`, `/query`) on the
 //!   same flow, with InfluxDB's answers.
 //! * [`lineproto`]: line protocol: parsing with line numbers, and the mapping of
@@ -47,9 +49,11 @@ pub mod lineproto;
 pub mod manifest;
 pub mod message;
 pub mod metrics;
+pub mod mqtt;
 pub mod producer;
 pub mod rate_limit;
 pub mod simulate;
+mod simulate_mqtt;
 pub mod stats;
 
 use std::net::SocketAddr;
@@ -74,7 +78,7 @@ pub const SERVICE: &str = "ingest-producer";
 #[command(
     name = "ingest-producer",
     version,
-    about = "Edge gateway: HTTP ingest of device readings into Kafka as Avro; device simulator"
+    about = "Edge gateway: HTTP and MQTT ingest of device readings into Kafka as Avro; device simulator"
 )]
 pub struct Config {
     #[command(flatten)]
@@ -85,6 +89,8 @@ pub struct Config {
     pub observability: ObservabilityArgs,
     #[command(flatten)]
     pub ingest: IngestArgs,
+    #[command(flatten)]
+    pub mqtt: mqtt::MqttArgs,
 }
 
 /// The ingest endpoint's address and limits.
@@ -205,6 +211,8 @@ pub async fn run_on(
         config.ingest.mapping(),
     );
 
+    let mqtt = mqtt::MqttListener::start(app.clone(), &config.mqtt)?;
+
     let (admin_listener, admin_addr) =
         plumbing::admin::bind(config.observability.admin_listen).await?;
     info!(%admin_addr, "admin endpoints listening");
@@ -249,6 +257,9 @@ pub async fn run_on(
         result
     };
     let (checks, admin, ingest) = tokio::join!(checks, admin, ingest);
+    if let Some(mqtt) = mqtt {
+        mqtt.stop().await;
+    }
     let failed = checks.err();
     if failed.is_none() {
         admin?;

@@ -8,6 +8,12 @@
 //! * `fleetstream_ingest_credentials_devices` (gauge, devices in the credentials cache)
 //! * `fleetstream_ingest_line_protocol_requests_total{api="v1"|"v2"|"query", status}`
 //! * `fleetstream_ingest_line_protocol_lines_total{api="v1"|"v2"|"import", outcome}`
+//! * `fleetstream_ingest_mqtt_connections{protocol="3.1.1"|"5"}` (gauge, open sessions)
+//! * `fleetstream_ingest_mqtt_connects_total{protocol, outcome="accepted"|"bad_token"|"not_authorized"|"connection_limit"}`
+//! * `fleetstream_ingest_mqtt_publishes_total{qos="0"|"1", outcome="stored"|"invalid"|"not_authorized"|"quota_exceeded"|"unavailable"}`
+//! * `fleetstream_ingest_mqtt_puback_duration_seconds{qos}` (histogram, PUBLISH read to
+//!   PUBACK released; for QoS 0 to the end of handling)
+//! * `fleetstream_ingest_mqtt_revoked_sessions_total`, `fleetstream_ingest_mqtt_subscribes_refused_total{protocol}`
 
 use std::time::Duration;
 
@@ -23,6 +29,12 @@ const IN_FLIGHT: &str = "fleetstream_ingest_in_flight_requests";
 const CREDENTIALS: &str = "fleetstream_ingest_credentials_devices";
 const LP_REQUESTS: &str = "fleetstream_ingest_line_protocol_requests_total";
 const LP_LINES: &str = "fleetstream_ingest_line_protocol_lines_total";
+const MQTT_CONNECTIONS: &str = "fleetstream_ingest_mqtt_connections";
+const MQTT_CONNECTS: &str = "fleetstream_ingest_mqtt_connects_total";
+const MQTT_PUBLISHES: &str = "fleetstream_ingest_mqtt_publishes_total";
+const MQTT_PUBACK: &str = "fleetstream_ingest_mqtt_puback_duration_seconds";
+const MQTT_REVOKED: &str = "fleetstream_ingest_mqtt_revoked_sessions_total";
+const MQTT_SUBSCRIBES: &str = "fleetstream_ingest_mqtt_subscribes_refused_total";
 
 /// Registers help texts (call once at start).
 pub fn describe() {
@@ -58,6 +70,67 @@ pub fn describe() {
         Unit::Count,
         "Line-protocol lines read, by API (or import) and outcome (stored, rejected)"
     );
+    describe_gauge!(
+        MQTT_CONNECTIONS,
+        Unit::Count,
+        "Open MQTT sessions, by protocol"
+    );
+    describe_counter!(
+        MQTT_CONNECTS,
+        Unit::Count,
+        "MQTT CONNECTs, by protocol and outcome (accepted or the refusal)"
+    );
+    describe_counter!(
+        MQTT_PUBLISHES,
+        Unit::Count,
+        "MQTT PUBLISHes, by QoS and outcome"
+    );
+    describe_histogram!(
+        MQTT_PUBACK,
+        Unit::Seconds,
+        "MQTT PUBLISH read to PUBACK (after Kafka acknowledged), by QoS"
+    );
+    describe_counter!(
+        MQTT_REVOKED,
+        Unit::Count,
+        "MQTT sessions closed because their token was revoked"
+    );
+    describe_counter!(
+        MQTT_SUBSCRIBES,
+        Unit::Count,
+        "MQTT SUBSCRIBEs refused (devices publish only)"
+    );
+}
+
+pub(crate) fn mqtt_connected(protocol: &'static str) {
+    counter!(MQTT_CONNECTS, "protocol" => protocol, "outcome" => "accepted").increment(1);
+    gauge!(MQTT_CONNECTIONS, "protocol" => protocol).increment(1.0);
+    crate::stats::STATS.mqtt_connection(1);
+}
+
+pub(crate) fn mqtt_disconnected(protocol: &'static str) {
+    gauge!(MQTT_CONNECTIONS, "protocol" => protocol).decrement(1.0);
+    crate::stats::STATS.mqtt_connection(-1);
+}
+
+pub(crate) fn mqtt_connect_refused(protocol: &'static str, reason: &'static str) {
+    counter!(MQTT_CONNECTS, "protocol" => protocol, "outcome" => reason).increment(1);
+}
+
+pub(crate) fn mqtt_publish(qos: &'static str, outcome: &'static str, elapsed: Duration) {
+    counter!(MQTT_PUBLISHES, "qos" => qos, "outcome" => outcome).increment(1);
+    if outcome != "unavailable" {
+        histogram!(MQTT_PUBACK, "qos" => qos).record(elapsed.as_secs_f64());
+    }
+    crate::stats::STATS.mqtt_publish(elapsed.as_secs_f64());
+}
+
+pub(crate) fn mqtt_revoked() {
+    counter!(MQTT_REVOKED).increment(1);
+}
+
+pub(crate) fn mqtt_subscribe_refused(protocol: &'static str) {
+    counter!(MQTT_SUBSCRIBES, "protocol" => protocol).increment(1);
 }
 
 pub(crate) fn line_protocol_request(api: &'static str, status: u16) {

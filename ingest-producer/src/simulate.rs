@@ -10,7 +10,11 @@
 //! `--via http --auth gateway` posts batches (`--batch`) to `POST /v1/telemetry` with one
 //! gateway token per tenant; `--via http --auth device` gives every device its own device
 //! token and request, one reading per request, as fleets without gateways send; `--via kafka`
-//! encodes and produces directly, measuring the producer alone. Requests in flight are
+//! encodes and produces directly, measuring the producer alone; `--via mqtt` (with `--auth
+//! device`) holds one MQTT connection per device with its token as the username and publishes
+//! each reading on `fleet/v1/telemetry` at `--qos` (1: accepted at its PUBACK, which ingest
+//! sends after Kafka's ack; the MQTT client itself re-sends what was not acknowledged after a
+//! reconnect, so a reading is final once PUBACKed or after `--give-up-after`). Requests in flight are
 //! bounded (`--concurrency`); when the target cannot keep up the simulator falls behind
 //! instead of queueing without bound, and its progress line says by how much.
 //!
@@ -58,6 +62,9 @@ pub enum Via {
     Http,
     /// Straight to the telemetry topic.
     Kafka,
+    /// Through the MQTT listener: one connection per device with its own token (`--auth
+    /// device`), each reading a PUBLISH on `fleet/v1/telemetry` at `--qos`.
+    Mqtt,
 }
 
 /// Whose token a request carries.
@@ -106,6 +113,13 @@ pub struct SimulateArgs {
     /// Base URL of the ingest endpoint.
     #[arg(long, env = "INGEST_URL", default_value = "http://127.0.0.1:8080")]
     pub url: String,
+    /// `host:port` of the MQTT listener (`--via mqtt`).
+    #[arg(long, env = "INGEST_MQTT", default_value = "127.0.0.1:1883")]
+    pub mqtt: String,
+    /// MQTT QoS of the readings (`--via mqtt`): 1 counts a reading accepted at its PUBACK
+    /// (after Kafka's ack), 0 once written to the socket.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=1))]
+    pub qos: u8,
     /// Readings per HTTP request with `--auth gateway` (per Kafka send round with
     /// `--via kafka`).
     #[arg(long, default_value_t = 100)]
@@ -295,6 +309,7 @@ enum Target {
         tokens: Tokens,
     },
     Kafka(Producer),
+    Mqtt(crate::simulate_mqtt::Fleet),
 }
 
 /// What the sending tasks share.
@@ -310,10 +325,10 @@ struct Ctx {
 }
 
 /// A reading on its way: device number, tenant number, the reading, its metrics digest.
-struct Pending {
-    device: u32,
-    tenant: u32,
-    reading: Telemetry,
+pub(crate) struct Pending {
+    pub(crate) device: u32,
+    pub(crate) tenant: u32,
+    pub(crate) reading: Telemetry,
 }
 
 impl Ctx {
@@ -534,7 +549,12 @@ pub async fn run(args: SimulateArgs, shutdown: Shutdown) -> Result<Summary, Simu
     }
     if args.auth == Auth::Device && args.via == Via::Kafka {
         return Err(SimulateError::Settings(
-            "--auth device needs --via http (tokens are an ingest matter)",
+            "--auth device needs --via http or mqtt (tokens are an ingest matter)",
+        ));
+    }
+    if args.via == Via::Mqtt && args.auth != Auth::Device {
+        return Err(SimulateError::Settings(
+            "--via mqtt needs --auth device (one connection and token per device)",
         ));
     }
     if args.provision {
@@ -587,6 +607,27 @@ pub async fn run(args: SimulateArgs, shutdown: Shutdown) -> Result<Summary, Simu
                 tokens,
             }
         }
+        Via::Mqtt => {
+            let tokens = match &args.device_tokens {
+                _ if args.provision => {
+                    let client = reqwest::Client::builder()
+                        .timeout(Duration::from_secs(30))
+                        .build()?;
+                    let tokens = provision_devices(&args, &client).await?;
+                    if let Some(path) = &args.device_tokens {
+                        write_device_tokens(path, &tokens)?;
+                    }
+                    tokens
+                }
+                Some(path) => read_device_tokens(path, args.devices)?,
+                None => {
+                    return Err(SimulateError::Settings(
+                        "--auth device needs --provision or --device-tokens FILE",
+                    ))
+                }
+            };
+            Target::Mqtt(crate::simulate_mqtt::Fleet::connect(&args, tokens, &shutdown).await?)
+        }
         Via::Kafka => Target::Kafka(Producer::new(
             &args.kafka,
             "fleetstream-simulator",
@@ -637,7 +678,7 @@ pub async fn run(args: SimulateArgs, shutdown: Shutdown) -> Result<Summary, Simu
         .map(|d| Reverse((u64::from(d) * interval_us / u64::from(args.devices), d)))
         .collect();
     let per_request = match args.auth {
-        Auth::Device if args.via == Via::Http => 1,
+        Auth::Device if args.via != Via::Kafka => 1,
         _ => args.batch,
     };
     let mut pending: HashMap<u32, Vec<Pending>> = HashMap::new();
@@ -725,6 +766,9 @@ pub async fn run(args: SimulateArgs, shutdown: Shutdown) -> Result<Summary, Simu
     let elapsed = started.elapsed();
     if let Target::Kafka(producer) = &ctx.target {
         producer.flush(Duration::from_secs(30));
+    }
+    if let Target::Mqtt(fleet) = &ctx.target {
+        fleet.disconnect().await;
     }
     let counters = &ctx.counters;
     let mut latencies_us = match counters.latencies_us.lock() {
@@ -911,7 +955,7 @@ async fn dispatch(ctx: &Arc<Ctx>, batch: Vec<Pending>) -> bool {
 
 /// What became of each reading of one attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Verdict {
+pub(crate) enum Verdict {
     Accepted,
     /// Worth another attempt (status 0: no reply).
     Retry(u16),
@@ -946,6 +990,7 @@ async fn deliver(ctx: Arc<Ctx>, mut batch: Vec<Pending>, mut permit: OwnedSemaph
                 tokens,
             } => send_http(client, url, tokens, &batch).await,
             Target::Kafka(producer) => send_kafka(producer, &batch).await,
+            Target::Mqtt(fleet) => fleet.send(&batch, ctx.give_up_after).await,
         };
         ctx.counters.latency(attempt.elapsed());
         let mut retry = Vec::new();
@@ -1043,6 +1088,16 @@ async fn await_tokens_known(
     info!(known, "tokens known to ingest");
 }
 
+/// A reading as the JSON of `POST /v1/telemetry` (and of MQTT topic `fleet/v1/telemetry`).
+pub(crate) fn post_message(t: &Telemetry) -> Value {
+    json!({
+        "device_id": t.device_id,
+        "seq": t.seq,
+        "time": t.time.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+        "metrics": t.metrics_json(),
+    })
+}
+
 /// One attempt over HTTP: a verdict per reading, and the reply's `Retry-After`.
 async fn send_http(
     client: &reqwest::Client,
@@ -1057,14 +1112,7 @@ async fn send_http(
     let Some(token) = tokens.for_device(first.device, first.tenant) else {
         return refuse_all(401);
     };
-    let encode = |t: &Telemetry| {
-        json!({
-            "device_id": t.device_id,
-            "seq": t.seq,
-            "time": t.time.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
-            "metrics": t.metrics_json(),
-        })
-    };
+    let encode = post_message;
     let body = if let [one] = batch {
         encode(&one.reading)
     } else {

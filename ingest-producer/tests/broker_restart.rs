@@ -178,6 +178,9 @@ async fn broker_goes_away_and_comes_back(outage: Outage) -> Result<()> {
     };
     let config = ingest_producer::Config::try_parse_from([
         "ingest-producer",
+        // No MQTT listener: tests run in parallel (MQTT_LISTEN defaults to a fixed port).
+        "--mqtt-listen",
+        "off",
         "--database-url",
         &db.url,
         "--kafka-bootstrap-servers",
@@ -245,7 +248,7 @@ async fn broker_goes_away_and_comes_back(outage: Outage) -> Result<()> {
             let mut round = 0u64;
             while loading.load(Ordering::SeqCst) {
                 round += 1;
-                let n = if round % 4 == 0 { 3 } else { 1 };
+                let n = if round.is_multiple_of(4) { 3 } else { 1 };
                 let first = next_seq.fetch_add(n, Ordering::SeqCst);
                 let seqs: Vec<i64> = (first..first + n).collect();
                 match post(&client, &url, &seqs).await {

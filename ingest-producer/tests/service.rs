@@ -93,6 +93,9 @@ async fn the_service_follows_credential_changes_and_stops_cleanly() -> Result<()
     let admin_addr: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
     let config = ingest_producer::Config::try_parse_from([
         "ingest-producer",
+        // No MQTT listener: tests run in parallel (MQTT_LISTEN defaults to a fixed port).
+        "--mqtt-listen",
+        "off",
         "--database-url",
         &db.url,
         "--kafka-bootstrap-servers",

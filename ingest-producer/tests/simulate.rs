@@ -41,6 +41,9 @@ async fn simulated_devices_provision_themselves_and_every_accepted_reading_is_on
     let admin = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
     let config = ingest_producer::Config::try_parse_from([
         "ingest-producer",
+        // No MQTT listener: tests run in parallel (MQTT_LISTEN defaults to a fixed port).
+        "--mqtt-listen",
+        "off",
         "--database-url",
         &db.url,
         "--kafka-bootstrap-servers",
@@ -183,6 +186,9 @@ async fn refused_readings_are_retried_and_the_manifest_matches_the_topic() -> Re
     let admin = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
     let config = ingest_producer::Config::try_parse_from([
         "ingest-producer",
+        // No MQTT listener: tests run in parallel (MQTT_LISTEN defaults to a fixed port).
+        "--mqtt-listen",
+        "off",
         "--database-url",
         &db.url,
         "--kafka-bootstrap-servers",

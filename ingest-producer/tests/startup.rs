@@ -28,6 +28,9 @@ fn config(
 ) -> Result<ingest_producer::Config> {
     Ok(ingest_producer::Config::try_parse_from([
         "ingest-producer",
+        // No MQTT listener: tests run in parallel (MQTT_LISTEN defaults to a fixed port).
+        "--mqtt-listen",
+        "off",
         "--database-url",
         database_url,
         "--kafka-bootstrap-servers",

@@ -83,6 +83,8 @@ impl Pipeline {
         let ingest = free_addr()?;
         let mut args = common(ingest_admin);
         args.extend(["--http-listen".to_owned(), ingest.to_string()]);
+        // No MQTT listener: tests run in parallel (MQTT_LISTEN defaults to a fixed port).
+        args.extend(["--mqtt-listen".to_owned(), "off".to_owned()]);
         let config = ingest_producer::Config::try_parse_from(args)?;
         let token = shutdown.clone();
         tasks.push(tokio::spawn(async move {

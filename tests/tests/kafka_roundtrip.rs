@@ -28,7 +28,7 @@ fn reading(tenant: &str, device: usize, seq: i64) -> Telemetry {
     Telemetry {
         tenant_id: tenant.to_owned(),
         device_id: format!("dev-{device:05}"),
-        site_id: (device % 2 == 0).then(|| "site-1".to_owned()),
+        site_id: device.is_multiple_of(2).then(|| "site-1".to_owned()),
         msg_type: "telemetry".to_owned(),
         seq,
         time: Utc

@@ -68,7 +68,10 @@ async fn every_service_becomes_ready_and_stops_on_shutdown() -> Result<()> {
     .await?;
 
     let admin = free_addr()?;
-    let config = ingest_producer::Config::try_parse_from(args(&db, &topics, admin))?;
+    let mut ingest_args = args(&db, &topics, admin);
+    // No MQTT listener: tests run in parallel (MQTT_LISTEN defaults to a fixed port).
+    ingest_args.extend(["--mqtt-listen".to_owned(), "off".to_owned()]);
+    let config = ingest_producer::Config::try_parse_from(ingest_args)?;
     let shutdown = Shutdown::new();
     let token = shutdown.clone();
     check_lifecycle("ingest-producer", admin, shutdown, async move {

@@ -51,7 +51,9 @@ fn sent(device: usize, seq: usize, base: DateTime<Utc>) -> Sent {
     });
     Sent {
         key: format!("{tenant}/{device_id}"),
-        site: (device % 3 == 0).then(|| format!("site-{}", device % 5)),
+        site: device
+            .is_multiple_of(3)
+            .then(|| format!("site-{}", device % 5)),
         tenant,
         device: device_id,
         seq,

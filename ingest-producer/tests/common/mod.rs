@@ -22,6 +22,8 @@ use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use schemas::{LayoutChoice, Telemetry};
 
+pub mod mqtt;
+
 pub const MAX_BODY: usize = 8192;
 
 /// A migrated database with two tenants, their devices and tokens; topics; a router.
@@ -29,6 +31,8 @@ pub struct Fixture {
     pub _db: TestDb,
     pub topics: TestTopics,
     pub router: Router,
+    /// What the router serves (the MQTT tests start a listener on it).
+    pub app: App,
     pub partitions: i32,
 }
 
@@ -127,7 +131,8 @@ impl Fixture {
         );
         Ok(Fixture {
             _db: db,
-            router: router(app),
+            router: router(app.clone()),
+            app,
             topics,
             partitions,
         })

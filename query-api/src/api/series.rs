@@ -264,7 +264,7 @@ fn rollup_statement(layout: Layout, agg: Agg) -> &'static str {
 /// The statement serving `bucket_s`-second buckets: rollups plus raw edges for whole
 /// minutes, raw readings otherwise.
 fn series_statement(layout: Layout, agg: Agg, bucket_s: u64) -> &'static str {
-    if bucket_s % 60 == 0 {
+    if bucket_s.is_multiple_of(60) {
         rollup_statement(layout, agg)
     } else {
         bucketed_statement(layout, agg)

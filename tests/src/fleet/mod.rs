@@ -528,6 +528,8 @@ pub async fn run(opts: Options) -> Result<Report> {
     let mut env = common("ingest", admin);
     env.retain(|(k, _)| k != "KAFKA_OPTIONS");
     env.push(("HTTP_LISTEN".into(), ingest_http.to_string()));
+    // The fleet speaks HTTP; no MQTT listener on the default (fixed) port.
+    env.push(("MQTT_LISTEN".into(), "off".into()));
     specs.push(ServiceSpec {
         name: "ingest",
         binary: bin_dir.join("ingest-producer"),
@@ -790,7 +792,7 @@ pub async fn run(opts: Options) -> Result<Report> {
         }
         sample.rollup_lag_s = rollup_lag(&db.pool).await;
         samples.push(sample);
-        if samples.len() % 30 == 0 {
+        if samples.len().is_multiple_of(30) {
             if let Some(s) = samples.last() {
                 eprintln!(
                     "[fleet_e2e] {:.0}s: accepted {:.0}/s, commit p99 {} ms, lag sink {:.0} evaluator {:.0}, rollup lag {} s",

@@ -22,7 +22,9 @@ pub fn reading(tenant: &str, device: usize, seq: i64, time: DateTime<Utc>) -> Te
     Telemetry {
         tenant_id: tenant.to_owned(),
         device_id: format!("dev-{device:06}"),
-        site_id: (device % 3 == 0).then(|| format!("site-{}", device % 10)),
+        site_id: device
+            .is_multiple_of(3)
+            .then(|| format!("site-{}", device % 10)),
         msg_type: "telemetry".to_owned(),
         seq,
         time,

@@ -1,0 +1,298 @@
+//! `simulate --via mqtt` against the ingest binary: every reading the simulator saw
+//! PUBACKed is on the topic, also when the ingest process is SIGKILLed while 1,000 devices
+//! publish at QoS 1 (and started again; the devices reconnect and re-send).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::Parser;
+use ingest_producer::manifest::{self, ManifestReader, Outcome};
+use ingest_producer::simulate::{self, SimulateArgs, Summary};
+use plumbing::config::KafkaArgs;
+use plumbing::testing::{eventually, ServiceProcess, TestDb, TestTopics};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use schemas::LayoutChoice;
+
+const PARTITIONS: i32 = 2;
+const PREFIX: &str = "sim";
+
+fn free_port() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// Tenant `sim-t0` with `devices` devices, device `d`'s token `tok-<d>` (stored as its hex
+/// SHA-256, as `credentials::token_hash`); the tokens file the simulator reads.
+async fn seed(db: &TestDb, devices: u32, tokens: &Path) -> Result<()> {
+    sqlx::query("INSERT INTO tenants (tenant_id, name) VALUES ($1, 'Sim')")
+        .bind(manifest::tenant_id(PREFIX, 0))
+        .execute(&db.pool)
+        .await?;
+    sqlx::query(
+        "INSERT INTO devices (tenant_id, device_id, token_hash) \
+         SELECT $1, $2 || '-d' || lpad(d::text, 6, '0'), \
+                encode(sha256(('tok-' || d)::bytea), 'hex') \
+         FROM generate_series(0, $3 - 1) d",
+    )
+    .bind(manifest::tenant_id(PREFIX, 0))
+    .bind(PREFIX)
+    .bind(i64::from(devices))
+    .execute(&db.pool)
+    .await?;
+    let lines: String = (0..devices).map(|d| format!("{d}\ttok-{d}\n")).collect();
+    std::fs::write(tokens, lines)?;
+    Ok(())
+}
+
+/// The ingest binary with its MQTT listener on `mqtt`, ready.
+async fn ingest(db: &TestDb, kafka: &KafkaArgs, mqtt: SocketAddr) -> Result<ServiceProcess> {
+    let admin = free_port();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_ingest-producer"));
+    command
+        .env("DATABASE_URL", &db.url)
+        .env("KAFKA_BOOTSTRAP_SERVERS", &kafka.bootstrap_servers)
+        .env("TELEMETRY_TOPIC", &kafka.telemetry_topic)
+        .env("ADMIN_LISTEN", admin.to_string())
+        .env("HTTP_LISTEN", "127.0.0.1:0")
+        .env("MQTT_LISTEN", mqtt.to_string())
+        .env("SYSTEM_METRICS_INTERVAL", "200ms")
+        .env("RUST_LOG", "warn");
+    let process = ServiceProcess::spawn(command, "ingest-mqtt")?;
+    let client = reqwest::Client::new();
+    eventually("ingest ready", Duration::from_secs(60), || async {
+        let status = client
+            .get(format!("http://{admin}/readyz"))
+            .send()
+            .await
+            .map_err(|e| e.to_string())?
+            .status();
+        (status == 200)
+            .then_some(())
+            .ok_or(format!("/readyz {status}"))
+    })
+    .await
+    .map_err(|err| anyhow::anyhow!("{err}; stderr: {}", process.stderr()))?;
+    Ok(process)
+}
+
+async fn topic_count(args: &KafkaArgs) -> i64 {
+    let args = args.clone();
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = plumbing::kafka::base_config(&args, "sim-mqtt-count")
+            .create()
+            .unwrap();
+        (0..PARTITIONS)
+            .map(|p| {
+                let (low, high) = consumer
+                    .fetch_watermarks(&args.telemetry_topic, p, Duration::from_secs(10))
+                    .unwrap();
+                high - low
+            })
+            .sum()
+    })
+    .await
+    .unwrap()
+}
+
+/// Every reading on the topic as (device number, time µs, metrics digest), sorted.
+async fn topic_readings(args: &KafkaArgs) -> Vec<(u32, i64, u64)> {
+    use rdkafka::Message;
+    let expected = topic_count(args).await;
+    let args = args.clone();
+    let device_prefix = format!("{PREFIX}-d");
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = plumbing::kafka::base_config(&args, "sim-mqtt-read")
+            .set("group.id", plumbing::testing::unique_name("sim-mqtt-read"))
+            .set("enable.auto.commit", "false")
+            .create()
+            .unwrap();
+        let mut assignment = rdkafka::TopicPartitionList::new();
+        for p in 0..PARTITIONS {
+            assignment
+                .add_partition_offset(&args.telemetry_topic, p, rdkafka::Offset::Beginning)
+                .unwrap();
+        }
+        consumer.assign(&assignment).unwrap();
+        let codec = schemas::telemetry_codec().unwrap();
+        let mut out = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        while (out.len() as i64) < expected && std::time::Instant::now() < deadline {
+            if let Some(Ok(message)) = consumer.poll(Duration::from_millis(200)) {
+                let t = codec.decode(message.payload().unwrap()).unwrap();
+                let device = t
+                    .device_id
+                    .strip_prefix(&device_prefix)
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+                out.push((
+                    device,
+                    t.time.timestamp_micros(),
+                    manifest::metrics_digest(&t.metrics),
+                ));
+            }
+        }
+        assert_eq!(out.len() as i64, expected, "messages read back");
+        out.sort_unstable();
+        out
+    })
+    .await
+    .unwrap()
+}
+
+fn simulate_args(
+    devices: u32,
+    duration: &str,
+    mqtt: SocketAddr,
+    tokens: &Path,
+    manifest: &Path,
+) -> SimulateArgs {
+    SimulateArgs::try_parse_from([
+        "simulate",
+        "--via",
+        "mqtt",
+        "--auth",
+        "device",
+        "--qos",
+        "1",
+        "--devices",
+        &devices.to_string(),
+        "--interval",
+        "1s",
+        "--duration",
+        duration,
+        "--give-up-after",
+        "30s",
+        "--concurrency",
+        "2000",
+        "--mqtt",
+        &mqtt.to_string(),
+        "--device-tokens",
+        tokens.to_str().unwrap(),
+        "--manifest",
+        manifest.to_str().unwrap(),
+        "--silence-probability",
+        "0",
+    ])
+    .unwrap()
+}
+
+/// The readings the manifest lists as accepted (PUBACKed).
+fn acknowledged(manifest: &Path) -> Vec<(u32, i64, u64)> {
+    let reader = ManifestReader::open(manifest).unwrap();
+    let mut out: Vec<_> = reader
+        .map(|r| r.unwrap())
+        .filter(|r| r.outcome == Outcome::Accepted)
+        .map(|r| (r.device, r.time_us, r.digest))
+        .collect();
+    out.sort_unstable();
+    out
+}
+
+struct Scratch(PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn scratch() -> Scratch {
+    let dir = std::env::temp_dir().join(plumbing::testing::unique_name("sim_mqtt"));
+    std::fs::create_dir_all(&dir).unwrap();
+    Scratch(dir)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simulated_mqtt_devices_are_puback_exactly_what_is_on_the_topic() -> Result<()> {
+    let dir = scratch();
+    let (tokens, manifest) = (dir.0.join("tokens.tsv"), dir.0.join("manifest.bin"));
+    let db = TestDb::new(LayoutChoice::Postgres).await?;
+    seed(&db, 20, &tokens).await?;
+    let topics = TestTopics::new(PARTITIONS).await?;
+    let mqtt = free_port();
+    let _ingest = ingest(&db, &topics.args, mqtt).await?;
+    let run = tokio::spawn(simulate::run(
+        simulate_args(20, "6s", mqtt, &tokens, &manifest),
+        plumbing::Shutdown::new(),
+    ));
+    // While they run, ingest reports their 20 connections to `system_metrics` (the
+    // dashboard's pipeline-health page charts every figure there).
+    eventually("mqtt_connections = 20", Duration::from_secs(30), || async {
+        let value: Option<f64> = sqlx::query_scalar(
+            "SELECT value FROM system_metrics WHERE metric_name = 'mqtt_connections' \
+             ORDER BY time DESC LIMIT 1",
+        )
+        .fetch_optional(&db.pool)
+        .await
+        .map_err(|e| e.to_string())?;
+        (value == Some(20.0))
+            .then_some(())
+            .ok_or(format!("{value:?}"))
+    })
+    .await?;
+    let summary: Summary = run.await??;
+    assert!(summary.accepted >= 20, "{summary:?}");
+    assert_eq!(summary.failed, 0, "{summary:?}");
+    let acked = acknowledged(&manifest);
+    assert_eq!(acked.len() as u64, summary.accepted);
+    assert_eq!(topic_readings(&topics.args).await, acked);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_while_1000_devices_publish_loses_no_pubacked_reading() -> Result<()> {
+    const DEVICES: u32 = 1000;
+    let dir = scratch();
+    let (tokens, manifest) = (dir.0.join("tokens.tsv"), dir.0.join("manifest.bin"));
+    let db = TestDb::new(LayoutChoice::Postgres).await?;
+    seed(&db, DEVICES, &tokens).await?;
+    let topics = TestTopics::new(PARTITIONS).await?;
+    let mqtt = free_port();
+    let first = ingest(&db, &topics.args, mqtt).await?;
+    let run = tokio::spawn(simulate::run(
+        simulate_args(DEVICES, "25s", mqtt, &tokens, &manifest),
+        plumbing::Shutdown::new(),
+    ));
+    // Under load (two rounds of every device on the topic), the process is killed.
+    eventually("load on the topic", Duration::from_secs(120), || async {
+        let n = topic_count(&topics.args).await;
+        (n >= 2 * i64::from(DEVICES))
+            .then_some(())
+            .ok_or(format!("{n} readings"))
+    })
+    .await?;
+    drop(first); // SIGKILL
+    let at_kill = topic_count(&topics.args).await;
+    let _second = ingest(&db, &topics.args, mqtt).await?;
+    let summary = run.await??;
+
+    let acked = acknowledged(&manifest);
+    assert_eq!(acked.len() as u64, summary.accepted);
+    let on_topic: BTreeSet<_> = topic_readings(&topics.args).await.into_iter().collect();
+    let missing: Vec<_> = acked.iter().filter(|r| !on_topic.contains(r)).collect();
+    assert!(
+        missing.is_empty(),
+        "PUBACKed but not on the topic: {missing:?}"
+    );
+    eprintln!(
+        "PUBACKed {}, given up {}, on the topic {} ({at_kill} at the kill)",
+        summary.accepted,
+        summary.failed,
+        on_topic.len()
+    );
+    // The run went on after the restart: more was acknowledged than was there at the kill.
+    assert!(
+        summary.accepted as i64 > at_kill,
+        "accepted {} at kill {at_kill}; {summary:?}",
+        summary.accepted
+    );
+    Ok(())
+}
