@@ -110,6 +110,9 @@ struct Version {
 /// resolved readers can borrow them); build codecs once, at start-up, not per message.
 pub struct Codec<T> {
     current_name: String,
+    /// The current schema's `.avsc` text, exactly: what is registered with a schema registry
+    /// (registries give ids per text).
+    current_json: String,
     current_fingerprint: u64,
     current_legacy_fingerprint: u64,
     writer: GenericDatumWriter<'static>,
@@ -226,6 +229,7 @@ impl<T: AvroRecord> Codec<T> {
         }
         Ok(Self {
             current_name: current.name.to_owned(),
+            current_json: current.json.to_owned(),
             current_fingerprint,
             current_legacy_fingerprint,
             writer,
@@ -344,6 +348,11 @@ impl<T: AvroRecord> Codec<T> {
     /// The schema this codec writes (and resolves every known version to).
     pub fn current_schema(&self) -> &Schema {
         self.versions[&self.current_fingerprint].schema
+    }
+
+    /// The `.avsc` text of the schema this codec writes, byte for byte as shipped.
+    pub fn current_json(&self) -> &str {
+        &self.current_json
     }
 
     /// Name of the schema this codec writes, e.g. `telemetry.v1`.
