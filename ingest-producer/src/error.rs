@@ -21,6 +21,8 @@ pub enum Error {
     Schema(#[from] schemas::SchemaError),
     #[error("invalid setting `{name}`: {reason}")]
     Config { name: &'static str, reason: String },
+    #[error(transparent)]
+    Registry(#[from] plumbing::registry::RegistryError),
 }
 
 /// Why a request, or one message of it, was refused.
