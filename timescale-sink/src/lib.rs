@@ -207,7 +207,10 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), Error> {
 
     let registry = plumbing::registry::Registry::from_args(&config.registry)?;
     if let Some(registry) = &registry {
-        info!(url = registry.url(), "schema registry: Confluent-framed ids are looked up there");
+        info!(
+            url = registry.url(),
+            "schema registry: Confluent-framed ids are looked up there"
+        );
     }
     let decoding = pipeline::Decoding {
         reader: Arc::new(plumbing::registry::TelemetryReader::new(
