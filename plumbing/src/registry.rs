@@ -151,7 +151,11 @@ pub struct Registry {
 impl Registry {
     /// A client for `args`, or `None` when `SCHEMA_REGISTRY_URL` is unset.
     pub fn from_args(args: &RegistryArgs) -> Result<Option<Self>, RegistryError> {
-        let Some(url) = args.schema_registry_url.as_deref().filter(|u| !u.is_empty()) else {
+        let Some(url) = args
+            .schema_registry_url
+            .as_deref()
+            .filter(|u| !u.is_empty())
+        else {
             return Ok(None);
         };
         let url = url.trim_end_matches('/').to_owned();
@@ -210,7 +214,12 @@ impl Registry {
         }
     }
 
-    async fn register_once(&self, topic: &str, name: &str, json: &str) -> Result<u32, RegistryError> {
+    async fn register_once(
+        &self,
+        topic: &str,
+        name: &str,
+        json: &str,
+    ) -> Result<u32, RegistryError> {
         let subject = format!("{topic}-value");
         let incompatible = |reason: String| RegistryError::Incompatible {
             schema: name.to_owned(),
@@ -234,7 +243,9 @@ impl Registry {
                     .version
                     .map_or_else(|| "latest".to_owned(), |v| v.to_string());
                 let theirs = Schema::parse_str(&latest.schema).map_err(|err| {
-                    incompatible(format!("version {version} is not an Avro schema we can parse: {err}"))
+                    incompatible(format!(
+                        "version {version} is not an Avro schema we can parse: {err}"
+                    ))
                 })?;
                 SchemaCompatibility::can_read(&theirs, &ours).map_err(|err| {
                     incompatible(format!(
@@ -472,11 +483,29 @@ mod tests {
     #[test]
     fn registry_answers_are_classified_by_http_status() {
         let status = |s: &str| format!("HTTP request to schema registry failed with status {s}");
-        assert_eq!(classify(&src(&status("404 Not Found"), false)), Answer::NotFound);
-        assert_eq!(classify(&src(&status("409 Conflict"), false)), Answer::Conflict);
-        assert_eq!(classify(&src(&status("401 Unauthorized"), false)), Answer::Other);
-        assert_eq!(classify(&src(&status("500 Internal Server Error"), false)), Answer::Away);
-        assert_eq!(classify(&src(&status("503 Service Unavailable"), true)), Answer::Away);
-        assert_eq!(classify(&src("http call to schema registry failed", true)), Answer::Away);
+        assert_eq!(
+            classify(&src(&status("404 Not Found"), false)),
+            Answer::NotFound
+        );
+        assert_eq!(
+            classify(&src(&status("409 Conflict"), false)),
+            Answer::Conflict
+        );
+        assert_eq!(
+            classify(&src(&status("401 Unauthorized"), false)),
+            Answer::Other
+        );
+        assert_eq!(
+            classify(&src(&status("500 Internal Server Error"), false)),
+            Answer::Away
+        );
+        assert_eq!(
+            classify(&src(&status("503 Service Unavailable"), true)),
+            Answer::Away
+        );
+        assert_eq!(
+            classify(&src("http call to schema registry failed", true)),
+            Answer::Away
+        );
     }
 }

@@ -268,10 +268,7 @@ impl<T: AvroRecord> Codec<T> {
     /// defaults, removed fields, promotions), or this fails with the reason.
     pub fn writer_schema(&self, label: &str, json: &str) -> Result<WriterSchema, SchemaError> {
         let source = SchemaSource { name: label, json };
-        if let Some(shipped) = spec_fingerprint(&source)
-            .ok()
-            .and_then(|fp| self.known(fp))
-        {
+        if let Some(shipped) = spec_fingerprint(&source).ok().and_then(|fp| self.known(fp)) {
             return Ok(WriterSchema {
                 label: label.to_owned(),
                 shipped: Some(shipped),
@@ -321,7 +318,9 @@ impl<T: AvroRecord> Codec<T> {
                 .ok_or(DecodeError::UnknownFingerprint(fingerprint))?
                 .reader
                 .read_value(&mut body),
-            (None, None) => return Err(DecodeError::Body(format!("{} has no schema", writer.label))),
+            (None, None) => {
+                return Err(DecodeError::Body(format!("{} has no schema", writer.label)))
+            }
         }
         .map_err(|err| DecodeError::Body(err.to_string()))?;
         if !body.is_empty() {
