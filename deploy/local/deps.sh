@@ -2,11 +2,13 @@
 # deploy/local/deps.sh — start fleetstream's dependencies without Docker.
 #
 #   deps.sh up      install (if needed) and start PostgreSQL + a single-node
-#                   Apache Kafka 4.x (KRaft), create roles, database and topics;
+#                   Apache Kafka 4.x (KRaft) + a schema registry (Apicurio 2.4,
+#                   Confluent-compatible API), create roles, database and topics;
 #                   prints the export lines for DATABASE_URL and
 #                   KAFKA_BOOTSTRAP_SERVERS (and FLEETSTREAM_KAFKA_LIBS, the broker jars)
 #                   on stdout (everything else on stderr)
-#   deps.sh down    stop Kafka and the PostgreSQL cluster (data is kept)
+#   deps.sh down    stop the registry, Kafka and the PostgreSQL cluster (data is kept;
+#                   the registry keeps its schemas in memory only)
 #   deps.sh status  print whether each is up; exit 0 only if both are
 #   deps.sh env     print only the export lines:  eval "$(deploy/local/deps.sh env)"
 #
@@ -24,6 +26,8 @@
 #   DLQ_PARTITIONS        partitions of telemetry.v1.dlq           [3]
 #   KAFKA_HEAP            broker heap (-Xms/-Xmx)                  [1g]
 #   KAFKA_START_TIMEOUT   seconds to wait for the broker           [60]
+#   REGISTRY_PORT         port of the schema registry (Apicurio, ccompat API) [8089]
+#   REGISTRY_HEAP         registry heap (-Xmx)                     [384m]
 #   TELEGRAF_VERSION      Telegraf built from Go modules for the line-protocol
 #                         tests (exec, mem, influxdb, influxdb_v2, influx parser) [v1.37.2]
 set -euo pipefail
@@ -56,6 +60,15 @@ TELEGRAF_VERSION=${TELEGRAF_VERSION:-v1.37.2}
 TELEGRAF_TAGS=custom,inputs.exec,inputs.mem,outputs.influxdb_v2,outputs.influxdb,parsers.influx
 TELEGRAF_BIN="$CACHE/telegraf-$TELEGRAF_VERSION/bin/telegraf"
 
+REGISTRY_HOST=127.0.0.1
+REGISTRY_PORT=${REGISTRY_PORT:-8089}
+REGISTRY_HEAP=${REGISTRY_HEAP:-384m}
+REGISTRY_START_TIMEOUT=${REGISTRY_START_TIMEOUT:-90}
+REGISTRY_POM="$DEPLOY_DIR/registry/pom.xml"
+REGISTRY_DIR="$CACHE/apicurio-registry"
+REGISTRY_PIDFILE="$STATE/registry.pid"
+REGISTRY_URL_OUT="http://${REGISTRY_HOST}:${REGISTRY_PORT}/apis/ccompat/v7"
+
 DATABASE_URL_OUT="postgres://fleet:fleet@${PG_HOST}:${PG_PORT}/fleetstream"
 KAFKA_BOOTSTRAP_OUT="${KAFKA_HOST}:${KAFKA_PORT}"
 
@@ -80,6 +93,9 @@ print_env() {
     printf 'export FLEETSTREAM_KAFKA_LIBS=%s\n' "$KAFKA_LIBS"
     # Interoperability tests run independent clients with this Python (fastavro, confluent-kafka).
     printf 'export FLEETSTREAM_PYTHON=%s\n' "$PYTHON_CLIENTS/bin/python"
+    # Schema-registry tests (Confluent wire format) use this registry. Not SCHEMA_REGISTRY_URL
+    # itself: the services read that, and would switch every other test to registry framing.
+    printf 'export FLEETSTREAM_SCHEMA_REGISTRY_URL=%s\n' "$REGISTRY_URL_OUT"
     # ingest-producer's InfluxDB-compatibility test runs this Telegraf against the ingest.
     printf 'export FLEETSTREAM_TELEGRAF=%s\n' "$TELEGRAF_BIN"
 }
@@ -604,6 +620,113 @@ kafka_stop() {
 }
 
 # ---------------------------------------------------------------------------
+# Schema registry (Apicurio Registry 2.4, Confluent-compatible API)
+# ---------------------------------------------------------------------------
+# Built once from Maven Central artifacts (deploy/registry/pom.xml: no runnable jar is
+# published) into $REGISTRY_DIR; rebuilt only when the pom changes. Runs on the JDK 17 with
+# H2 in memory (schemas are lost on restart: fine for development and CI) and BACKWARD as the
+# global compatibility rule, as fleetstream's schema-evolution rules require.
+registry_fetch() {
+    local want marker="$REGISTRY_DIR/.fleetstream-complete"
+    want=$(sha256sum "$REGISTRY_POM" | cut -d' ' -f1)
+    if [[ -f $marker && $(<"$marker") == "$want" && -f $REGISTRY_DIR/registry-1-runner.jar ]]; then
+        return 0
+    fi
+    find_java
+    command -v mvn >/dev/null 2>&1 || apt_install maven
+    local build="$CACHE/apicurio-build.$$" mvnlog="$CACHE/mvn-apicurio-registry.log"
+    rm -rf "$build"
+    mkdir -p "$build"
+    cp "$REGISTRY_POM" "$build/pom.xml"
+    log "building Apicurio Registry from Maven Central into $REGISTRY_DIR (once, ~2 min; log: $mvnlog)"
+    if ! (cd "$build" && JAVA_HOME=$(dirname "$(dirname "$(readlink -f "$JAVA")")") \
+        mvn -B -ntp -Dstyle.color=never -Dmaven.repo.local="$CACHE/m2" package) >"$mvnlog" 2>&1; then
+        tail -n 40 "$mvnlog" >&2
+        rm -rf "$build"
+        die "mvn could not build Apicurio Registry (full log: $mvnlog)"
+    fi
+    [[ -f $build/target/registry-1-runner.jar && -d $build/target/lib ]] ||
+        die "mvn finished but target/registry-1-runner.jar or target/lib is missing (log: $mvnlog)"
+    rm -rf "$REGISTRY_DIR.tmp"
+    mkdir -p "$REGISTRY_DIR.tmp"
+    mv "$build/target/registry-1-runner.jar" "$build/target/lib" "$REGISTRY_DIR.tmp/"
+    printf '%s\n' "$want" >"$REGISTRY_DIR.tmp/.fleetstream-complete"
+    rm -rf "$REGISTRY_DIR" "$build"
+    mv "$REGISTRY_DIR.tmp" "$REGISTRY_DIR"
+    log "Apicurio Registry: $(find "$REGISTRY_DIR/lib" -name '*.jar' | wc -l) jars in $REGISTRY_DIR"
+}
+
+registry_pid() {
+    local pid
+    [[ -f $REGISTRY_PIDFILE ]] || return 1
+    pid=$(<"$REGISTRY_PIDFILE")
+    [[ $pid =~ ^[0-9]+$ ]] || return 1
+    pid_alive "$pid" || return 1
+    tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q 'registry-1-runner\.jar' || return 1
+    printf '%s' "$pid"
+}
+
+# Whether the ccompat API answers (the subjects list, HTTP 200).
+registry_answers() {
+    command -v curl >/dev/null 2>&1 || apt_install curl
+    curl -fs -o /dev/null -m 3 "$REGISTRY_URL_OUT/subjects"
+}
+
+registry_up() {
+    registry_fetch
+    local pid="" log_file="$LOG_DIR/registry.log"
+    if pid=$(registry_pid); then
+        log "schema registry already running (pid $pid)"
+    else
+        if port_open "$REGISTRY_HOST" "$REGISTRY_PORT"; then
+            registry_answers || die "port $REGISTRY_PORT is in use but does not answer as a schema registry"
+            log "a schema registry not started by this script answers on $REGISTRY_URL_OUT: using it"
+            return 0
+        fi
+        find_java
+        mkdir -p "$STATE" "$LOG_DIR"
+        log "starting Apicurio Registry on $REGISTRY_URL_OUT (log: $log_file)"
+        rm -f "$REGISTRY_PIDFILE"
+        # Detached like the broker (see kafka_start); run from its directory (the runner jar
+        # finds lib/ next to itself; nothing is written there).
+        # shellcheck disable=SC2016 # expanded by the inner bash
+        setsid bash -c "$CLOSE_EXTRA_FDS"'; echo $$ >"$0"; cd "$1" && shift && exec "$@"' \
+            "$REGISTRY_PIDFILE" "$REGISTRY_DIR" \
+            "$JAVA" -Xms64m "-Xmx$REGISTRY_HEAP" -XX:+UseSerialGC -Djava.awt.headless=true \
+            "-Dquarkus.http.port=$REGISTRY_PORT" "-Dquarkus.http.host=$REGISTRY_HOST" \
+            -Dregistry.rules.global.compatibility=BACKWARD \
+            -jar registry-1-runner.jar >>"$log_file" 2>&1 </dev/null &
+        local waited=0
+        while [[ ! -s $REGISTRY_PIDFILE ]] && ((waited++ < 50)); do sleep 0.1; done
+        pid=$(<"$REGISTRY_PIDFILE")
+    fi
+    local deadline=$((SECONDS + REGISTRY_START_TIMEOUT))
+    until registry_answers; do
+        if ! pid_alive "$pid"; then
+            tail -n 30 "$log_file" >&2 || true
+            die "the schema registry (pid $pid) exited during startup (log: $log_file)"
+        fi
+        ((SECONDS < deadline)) || die "the schema registry did not answer on $REGISTRY_URL_OUT within ${REGISTRY_START_TIMEOUT}s (log: $log_file)"
+        sleep 0.5
+    done
+    log "schema registry ready on $REGISTRY_URL_OUT (pid $pid; compatibility BACKWARD; in-memory storage)"
+}
+
+registry_stop() {
+    local pid
+    if ! pid=$(registry_pid); then
+        rm -f "$REGISTRY_PIDFILE"
+        return 0
+    fi
+    log "stopping the schema registry (pid $pid)"
+    kill -TERM "$pid" 2>/dev/null || true
+    local deadline=$((SECONDS + 20))
+    while pid_alive "$pid" && ((SECONDS < deadline)); do sleep 0.3; done
+    pid_alive "$pid" && kill -KILL "$pid" 2>/dev/null || true
+    rm -f "$REGISTRY_PIDFILE"
+}
+
+# ---------------------------------------------------------------------------
 # commands
 # ---------------------------------------------------------------------------
 # Serialise concurrent invocations (parallel CI steps, two terminals): re-run
@@ -612,12 +735,14 @@ kafka_stop() {
 # Independent Avro/Kafka clients for interoperability tests (fastavro, confluent-kafka from
 # PyPI), in a virtualenv under the cache; reinstalled only when the pinned versions change.
 python_clients_up() {
-    local want="fastavro==$FASTAVRO_VERSION confluent-kafka==$CONFLUENT_KAFKA_VERSION"
+    # The [avro,schemaregistry] extras: AvroSerializer/AvroDeserializer and the registry client
+    # (httpx, authlib, cachetools, certifi, ...) for the schema-registry tests.
+    local want="fastavro==$FASTAVRO_VERSION confluent-kafka[avro,schemaregistry]==$CONFLUENT_KAFKA_VERSION"
     [[ -x $PYTHON_CLIENTS/bin/python && $(cat "$PYTHON_CLIENTS/.pinned" 2>/dev/null) == "$want" ]] && return 0
     command -v python3 >/dev/null 2>&1 || apt_install python3 python3-venv
     log "installing Python clients into $PYTHON_CLIENTS: $want"
     python3 -m venv "$PYTHON_CLIENTS" >&2 || { apt_install python3-venv && python3 -m venv "$PYTHON_CLIENTS" >&2; }
-    # shellcheck disable=SC2086 # $want is two requirement words
+    # shellcheck disable=SC2086 # $want is several requirement words
     "$PYTHON_CLIENTS/bin/pip" install -q --disable-pip-version-check $want >&2 \
         || die "pip install $want failed"
     printf '%s' "$want" >"$PYTHON_CLIENTS/.pinned"
@@ -673,6 +798,7 @@ cmd_up() {
     local t0=$SECONDS
     pg_up
     kafka_up
+    registry_up
     python_clients_up
     browser_up
     mqtt_clients_up
@@ -685,6 +811,7 @@ cmd_up() {
 cmd_down() {
     need_root down
     take_lock down
+    registry_stop
     kafka_stop
     pg_down
 }
@@ -707,6 +834,14 @@ cmd_status() {
         echo "kafka:    up ($KAFKA_BOOTSTRAP_OUT answers; not started by deps.sh)"
     else
         echo "kafka:    down"
+        rc=1
+    fi
+    if pid=$(registry_pid) && port_open "$REGISTRY_HOST" "$REGISTRY_PORT"; then
+        echo "registry: up (Apicurio, pid $pid, $REGISTRY_URL_OUT, log $LOG_DIR/registry.log)"
+    elif port_open "$REGISTRY_HOST" "$REGISTRY_PORT"; then
+        echo "registry: up ($REGISTRY_URL_OUT answers; not started by deps.sh)"
+    else
+        echo "registry: down"
         rc=1
     fi
     return $rc

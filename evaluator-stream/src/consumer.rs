@@ -24,7 +24,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use schemas::{Codec, Telemetry};
+use schemas::Telemetry;
 
 use crate::engine::Micros;
 use crate::store::StoredPartition;
@@ -70,8 +70,9 @@ pub struct EvalContext {
     /// Offsets stored in PostgreSQL (set by commits and on assignment): the lag report
     /// counts from them.
     pub stored: plumbing::kafka::StoredOffsets,
-    /// The fast path for current-schema messages, the generic codec for the rest.
-    codec: schemas::TelemetryDecoder,
+    /// Both framings: the fast path for current-schema messages, the generic codec for the
+    /// rest, Confluent ids through the schema registry when one is configured.
+    reader: std::sync::Arc<plumbing::registry::TelemetryReader>,
     pending: Mutex<VecDeque<Input>>,
 }
 
@@ -96,11 +97,11 @@ impl EvalContext {
         revoke_timeout: Duration,
         health: plumbing::admin::Health,
         shutdown: CancellationToken,
-        codec: &'static Codec<Telemetry>,
+        reader: std::sync::Arc<plumbing::registry::TelemetryReader>,
         stored: plumbing::kafka::StoredOffsets,
     ) -> Self {
         Self {
-            codec: schemas::TelemetryDecoder::new(codec),
+            reader,
             stored,
             input,
             pool,
@@ -311,7 +312,24 @@ pub fn poll_loop(consumer: &BaseConsumer<EvalContext>) {
         idle = polled.is_none();
         match polled {
             Some(Ok(message)) => {
-                let reading = match context.codec.decode(message.payload().unwrap_or_default()) {
+                let payload = message.payload().unwrap_or_default();
+                let decoded = match context.reader.try_decode(payload) {
+                    plumbing::registry::Decoded::Done(decoded) => decoded,
+                    // A registry id not seen yet: this thread waits for the registry (the
+                    // engine sees nothing out of order), giving up only on shutdown, when
+                    // this message is left unhandled and read again after a restart.
+                    plumbing::registry::Decoded::Lookup(_) => match context
+                        .runtime
+                        .block_on(context.reader.decode(payload, &context.shutdown))
+                    {
+                        Ok(decoded) => decoded,
+                        Err(err) => {
+                            tracing::warn!(error = %err, partition = message.partition(), offset = message.offset(), "consumer stops");
+                            return;
+                        }
+                    },
+                };
+                let reading = match decoded {
                     Ok(reading) => Some(Box::new(reading)),
                     Err(err) => {
                         tracing::debug!(partition = message.partition(), offset = message.offset(), error = %err, "undecodable message skipped");

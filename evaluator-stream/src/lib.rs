@@ -65,6 +65,8 @@ pub enum Error {
     Thread(String),
     #[error("shut down before the rules could be loaded")]
     Cancelled,
+    #[error(transparent)]
+    Registry(#[from] plumbing::registry::RegistryError),
 }
 
 /// Configuration, from flags or the environment.
@@ -81,6 +83,8 @@ pub struct Config {
     pub kafka: KafkaArgs,
     #[command(flatten)]
     pub observability: ObservabilityArgs,
+    #[command(flatten)]
+    pub registry: plumbing::registry::RegistryArgs,
     /// Consumer group (its offsets and clocks are kept in `consumer_offsets`).
     #[arg(long, env = "EVALUATOR_GROUP_ID", default_value = "evaluator-stream")]
     pub group_id: String,
@@ -245,7 +249,11 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), Error> {
         config.shutdown_timeout,
         health.clone(),
         shutdown.clone(),
-        schemas::telemetry_codec()?,
+        Arc::new(plumbing::registry::TelemetryReader::new(
+            schemas::TelemetryDecoder::new(schemas::telemetry_codec()?),
+            plumbing::registry::Registry::from_args(&config.registry)?,
+            config.registry.schema_registry_cache_capacity,
+        )),
         stored,
     );
     let mut consumer_config =

@@ -23,6 +23,8 @@ pub enum Error {
     Config { name: &'static str, reason: String },
     #[error(transparent)]
     Mqtt(#[from] crate::mqtt::MqttError),
+    #[error(transparent)]
+    Registry(#[from] plumbing::registry::RegistryError),
 }
 
 /// Why a request, or one message of it, was refused.

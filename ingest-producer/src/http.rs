@@ -68,6 +68,11 @@ struct Inner {
     settings: IngestSettings,
     /// How line-protocol tags become device, site and metric names.
     mapping: Mapping,
+    /// Whether messages are written in the Confluent wire format (a registry is configured).
+    registry_framing: bool,
+    /// The registry's id of `telemetry.v1`, once registered; until then (registry framing)
+    /// readings are refused with 503.
+    schema_id: std::sync::OnceLock<u32>,
 }
 
 impl App {
@@ -101,8 +106,27 @@ impl App {
                 rate_limits,
                 settings,
                 mapping,
+                registry_framing: false,
+                schema_id: std::sync::OnceLock::new(),
             }),
         }
+    }
+
+    /// Writes the Confluent wire format, with the id given to [`App::set_schema_id`]; until
+    /// then readings are refused as unavailable. Call right after building the app.
+    pub fn with_registry_framing(mut self) -> Self {
+        match Arc::get_mut(&mut self.inner) {
+            Some(inner) => inner.registry_framing = true,
+            // Cloned already: build a fresh inner with the same parts is not possible
+            // without Clone; refuse loudly in logs rather than write the wrong framing.
+            None => error!("with_registry_framing called on a shared App; framing unchanged"),
+        }
+        self
+    }
+
+    /// The registry's id of `telemetry.v1` (see [`App::with_registry_framing`]).
+    pub fn set_schema_id(&self, id: u32) {
+        let _ = self.inner.schema_id.set(id);
     }
 
     pub(crate) fn credentials(&self) -> &Credentials {
@@ -280,11 +304,21 @@ pub(crate) async fn produce(
         error!(error = %err, "telemetry codec unavailable");
         Rejection::internal()
     })?;
+    // With a registry, nothing is written before the schema is registered.
+    let schema_id = match (inner.registry_framing, inner.schema_id.get()) {
+        (false, _) => None,
+        (true, Some(&id)) => Some(id),
+        (true, None) => return Err(Rejection::unavailable()),
+    };
     let mut outgoing = Vec::with_capacity(valid);
     let mut positions = Vec::with_capacity(valid);
     for (position, outcome) in outcomes.iter_mut().enumerate() {
         let Ok(telemetry) = outcome else { continue };
-        match codec.encode(telemetry) {
+        let encoded = match schema_id {
+            Some(id) => codec.encode_confluent(telemetry, id),
+            None => codec.encode(telemetry),
+        };
+        match encoded {
             Ok(payload) => {
                 outgoing.push(Outgoing {
                     key: telemetry.key(),

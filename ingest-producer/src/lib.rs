@@ -91,6 +91,8 @@ pub struct Config {
     pub ingest: IngestArgs,
     #[command(flatten)]
     pub mqtt: mqtt::MqttArgs,
+    #[command(flatten)]
+    pub registry: plumbing::registry::RegistryArgs,
 }
 
 /// The ingest endpoint's address and limits.
@@ -196,7 +198,12 @@ pub async fn run_on(
     plumbing::observability::prometheus()?;
     metrics::describe();
     let pool = plumbing::db::pool(&config.database, SERVICE)?;
-    let health = Health::new(&["database", "kafka", "credentials"]);
+    let registry = plumbing::registry::Registry::from_args(&config.registry)?;
+    let health = if registry.is_some() {
+        Health::new(&["database", "kafka", "credentials", "schema_registry"])
+    } else {
+        Health::new(&["database", "kafka", "credentials"])
+    };
     let credentials = credentials::Credentials::default();
     let producer = producer::Producer::new(
         &config.kafka,
@@ -210,6 +217,11 @@ pub async fn run_on(
         config.ingest.settings(),
         config.ingest.mapping(),
     );
+    let app = if registry.is_some() {
+        app.with_registry_framing()
+    } else {
+        app
+    };
 
     let mqtt = mqtt::MqttListener::start(app.clone(), &config.mqtt)?;
 
@@ -234,6 +246,7 @@ pub async fn run_on(
             shutdown.clone(),
         ),
     ];
+    let health_for_registry = health.clone();
     let admin = plumbing::admin::serve(
         admin_listener,
         plumbing::admin::router(health)?,
@@ -250,7 +263,17 @@ pub async fn run_on(
     // Alongside serving, not before it: while the brokers or the database cannot be reached
     // yet, ingest answers (503, not ready) as it always did.
     let checks = async {
-        let result = startup_checks(&config, &pool, &shutdown).await;
+        let result = tokio::try_join!(
+            startup_checks(&config, &pool, &shutdown),
+            register_schema(
+                registry.as_ref(),
+                &config,
+                &app,
+                &health_for_registry,
+                &shutdown
+            ),
+        )
+        .map(|_| ());
         if result.is_err() {
             shutdown.cancel();
         }
@@ -274,6 +297,38 @@ pub async fn run_on(
         return Err(err);
     }
     info!("stopped");
+    Ok(())
+}
+
+/// With a registry: registers `telemetry.v1` under `<telemetry topic>-value` (waiting while the
+/// registry is away; ingest answers 503 and is not ready meanwhile), then writes the Confluent
+/// wire format with the id it got. A schema the registry or our BACKWARD check refuses stops
+/// the service.
+async fn register_schema(
+    registry: Option<&plumbing::registry::Registry>,
+    config: &Config,
+    app: &http::App,
+    health: &Health,
+    shutdown: &Shutdown,
+) -> Result<(), Error> {
+    let Some(registry) = registry else {
+        return Ok(());
+    };
+    let codec = schemas::telemetry_codec()?;
+    let topic = &config.kafka.telemetry_topic;
+    let id = registry
+        .register(
+            topic,
+            codec.current_name(),
+            codec.current_json(),
+            shutdown,
+            |err| tracing::warn!(error = %err, url = registry.url(), "schema registry not reachable yet; retrying"),
+        )
+        .await
+        .inspect_err(|err| tracing::error!(error = %err, "schema registration failed"))?;
+    app.set_schema_id(id);
+    health.set("schema_registry", true);
+    info!(schema_id = id, subject = %format!("{topic}-value"), url = registry.url(), "registered telemetry.v1; writing the Confluent wire format");
     Ok(())
 }
 

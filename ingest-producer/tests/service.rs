@@ -189,3 +189,217 @@ async fn the_service_follows_credential_changes_and_stops_cleanly() -> Result<()
     tokio::time::timeout(Duration::from_secs(30), service).await???;
     Ok(())
 }
+
+/// A TCP forwarder on `port` to `target` (the real schema registry), started when the test
+/// wants the registry to come back: until then nothing listens there.
+async fn forward(port: u16, target: String) -> Result<tokio::task::JoinHandle<()>> {
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
+    Ok(tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            let target = target.clone();
+            tokio::spawn(async move {
+                if let Ok(mut outbound) = TcpStream::connect(&target).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                }
+            });
+        }
+    }))
+}
+
+/// `FLEETSTREAM_SCHEMA_REGISTRY_URL` (deps.sh starts the registry) as host:port and path.
+fn registry() -> Result<(String, String, String)> {
+    let url = std::env::var("FLEETSTREAM_SCHEMA_REGISTRY_URL").map_err(|_| {
+        anyhow::anyhow!(
+            "FLEETSTREAM_SCHEMA_REGISTRY_URL is not set: eval \"$(deploy/local/deps.sh env)\""
+        )
+    })?;
+    let rest = url.trim_start_matches("http://");
+    let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
+    Ok((url.clone(), host.to_owned(), format!("/{path}")))
+}
+
+fn registry_config(
+    db: &TestDb,
+    topics: &TestTopics,
+    admin: std::net::SocketAddr,
+    registry_url: &str,
+) -> Result<ingest_producer::Config> {
+    Ok(ingest_producer::Config::try_parse_from([
+        "ingest-producer",
+        // No MQTT listener: tests run in parallel (MQTT_LISTEN defaults to a fixed port).
+        "--mqtt-listen",
+        "off",
+        "--database-url",
+        &db.url,
+        "--kafka-bootstrap-servers",
+        &topics.args.bootstrap_servers,
+        "--telemetry-topic",
+        &topics.args.telemetry_topic,
+        "--admin-listen",
+        &admin.to_string(),
+        "--schema-registry-url",
+        registry_url,
+    ])?)
+}
+
+#[tokio::test]
+async fn with_a_registry_ingest_waits_for_it_then_writes_what_avro_deserializer_reads() -> Result<()>
+{
+    let (_, registry_host, registry_path) = registry()?;
+    let python = std::env::var("FLEETSTREAM_PYTHON")?;
+    let db = TestDb::new(LayoutChoice::Postgres).await?;
+    let topics = TestTopics::new(1).await?;
+    sqlx::query("INSERT INTO tenants (tenant_id, name) VALUES ('acme', 'Acme')")
+        .execute(&db.pool)
+        .await?;
+    sqlx::query("INSERT INTO devices (tenant_id, device_id, token_hash) VALUES ('acme', 'd1', $1)")
+        .bind(token_hash("tok-d1"))
+        .execute(&db.pool)
+        .await?;
+    // The registry is away at start-up: nothing listens on this port yet.
+    let port = free_port()?;
+    let url = format!("http://127.0.0.1:{port}{registry_path}");
+    let admin_addr: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+    let config = registry_config(&db, &topics, admin_addr, &url)?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let shutdown = plumbing::Shutdown::new();
+    let service = tokio::spawn(ingest_producer::run_on(listener, config, shutdown.clone()));
+
+    // Not ready, and readings are refused as unavailable, while the registry is away (the
+    // database and the broker are up: readiness names only the registry).
+    eventually(
+        Duration::from_secs(30),
+        "readiness waiting only for the registry",
+        || async {
+            let (status, body) = http(admin_addr, "GET", "/readyz", None, "")
+                .await
+                .unwrap_or_default();
+            Ok(status == 503
+                && body.contains(r#""schema_registry":false"#)
+                && body.contains(r#""kafka":true"#)
+                && body.contains(r#""credentials":true"#)
+                && body.contains(r#""database":true"#))
+        },
+    )
+    .await?;
+    let reading = r#"{"device_id":"d1","seq":7,"time":"2026-11-30T12:00:00.5Z","metrics":{"t":21.5,"n":3,"ok":true,"s":"x"}}"#;
+    assert_eq!(
+        http(addr, "POST", "/v1/telemetry", Some("tok-d1"), reading)
+            .await?
+            .0,
+        503
+    );
+    assert!(!service.is_finished(), "ingest waits for the registry");
+
+    let forwarder = forward(port, registry_host).await?;
+    eventually(
+        Duration::from_secs(30),
+        "readiness once the registry answers",
+        || async {
+            Ok(http(admin_addr, "GET", "/readyz", None, "")
+                .await
+                .map(|(s, _)| s)
+                .unwrap_or(0)
+                == 200)
+        },
+    )
+    .await?;
+    assert_eq!(
+        http(addr, "POST", "/v1/telemetry", Some("tok-d1"), reading)
+            .await?
+            .0,
+        202
+    );
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(30), service).await???;
+    forwarder.abort();
+
+    // Confluent's own deserializer reads it, fetching the writer schema by the message's id.
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/interop/registry_consume.py"
+    );
+    let (registry_url, _, _) = registry()?;
+    let out = std::process::Command::new(&python)
+        .args([
+            script,
+            &topics.args.bootstrap_servers,
+            &topics.args.telemetry_topic,
+            &registry_url,
+            "1",
+        ])
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let mut record = line["record"].clone();
+    let received_at = record["received_at"].take();
+    assert!(received_at
+        .as_i64()
+        .is_some_and(|t| t > 1_700_000_000_000_000));
+    assert!(line["schema_id"].as_i64().is_some_and(|id| id > 0));
+    assert_eq!(
+        record,
+        serde_json::json!({
+            "tenant_id": "acme", "device_id": "d1", "site_id": null, "msg_type": "telemetry",
+            "seq": 7, "time": 1_796_040_000_500_000_i64, "received_at": null,
+            "metrics": {"t": 21.5, "n": 3, "ok": true, "s": "x"},
+        })
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_incompatible_schema_change_is_refused_at_start_up() -> Result<()> {
+    let (url, _, _) = registry()?;
+    let db = TestDb::new(LayoutChoice::Postgres).await?;
+    let topics = TestTopics::new(1).await?;
+    // The subject's latest version lacks `seq`, which telemetry.v1 needs (no default): v1
+    // cannot read what that version wrote, so it is not a BACKWARD-compatible successor.
+    let mut older: serde_json::Value =
+        serde_json::from_str(schemas::telemetry_codec()?.current_json())?;
+    older["fields"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|f| f["name"] != "seq");
+    let args = plumbing::registry::RegistryArgs {
+        schema_registry_url: Some(url.clone()),
+        schema_registry_username: None,
+        schema_registry_password: None,
+        schema_registry_cache_capacity: 10,
+        schema_registry_timeout: Duration::from_secs(5),
+    };
+    let client = plumbing::registry::Registry::from_args(&args)?.unwrap();
+    let older_id = client
+        .register(
+            &topics.args.telemetry_topic,
+            "older",
+            &older.to_string(),
+            &plumbing::Shutdown::new(),
+            |_| {},
+        )
+        .await?;
+
+    let admin_addr: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+    let config = registry_config(&db, &topics, admin_addr, &url)?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let err = tokio::time::timeout(
+        Duration::from_secs(30),
+        ingest_producer::run_on(listener, config, plumbing::Shutdown::new()),
+    )
+    .await?
+    .unwrap_err()
+    .to_string();
+    let prefix = format!(
+        "schema telemetry.v1 is not backward compatible with subject {}-value in the schema \
+         registry: it cannot read data written with version 1 (id {older_id}): ",
+        topics.args.telemetry_topic
+    );
+    assert!(err.starts_with(&prefix), "{err}");
+    assert!(err.contains("seq"), "the reason names the field: {err}");
+    Ok(())
+}

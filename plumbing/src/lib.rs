@@ -13,6 +13,8 @@
 //! * [`db`]: the PostgreSQL pool, and the start-up check that the database is migrated and the
 //!   role holds the rights the service needs.
 //! * [`probe`]: background readiness probes for the database and the brokers.
+//! * [`registry`]: the Confluent-compatible schema registry (`SCHEMA_REGISTRY_URL`):
+//!   registering a schema at start-up, writer schemas of Confluent-framed telemetry by id.
 //! * [`system_metrics`]: key figures into the `system_metrics` table.
 //! * `testing` (feature `testing`): a fresh migrated database and fresh topics per test, and a
 //!   private Kafka broker for tests that stop and restart it.
@@ -24,6 +26,7 @@ pub mod error;
 pub mod kafka;
 pub mod observability;
 pub mod probe;
+pub mod registry;
 pub mod shutdown;
 pub mod system_metrics;
 #[cfg(feature = "testing")]

@@ -13,7 +13,11 @@
 //!   may stop being accepted once every topic's retention has passed over messages written
 //!   before that date (see ARCHITECTURE.md).
 //! * **Confluent wire format** (with a registry): `00`, a 4-byte big-endian schema id, then the
-//!   body. Ids are mapped to shipped schema versions with [`Codec::register_confluent_id`].
+//!   body. [`Codec::decode`] knows only ids mapped to shipped versions with
+//!   [`Codec::register_confluent_id`]; a service with a registry fetches the writer schema of an
+//!   id, prepares it once with [`Codec::writer_schema`] (a shipped version when its canonical
+//!   form is one, else any schema the current one can read) and decodes bodies with
+//!   [`Codec::decode_body`].
 //!
 //! Data written with any known version is resolved to the codec's reader schema (the newest
 //! version), so every schema change must stay backward compatible.
@@ -52,6 +56,30 @@ pub trait AvroRecord: Sized {
     fn from_avro(value: Value) -> Result<Self, DecodeError>;
 }
 
+/// The writer schema of registry-framed data, prepared for reading into the codec's record
+/// (see [`Codec::writer_schema`]).
+#[derive(Debug)]
+pub struct WriterSchema {
+    /// Where the schema came from, e.g. `schema registry id 7`.
+    label: String,
+    /// A shipped version (the specification's fingerprint) with the same canonical form.
+    shipped: Option<u64>,
+    /// Otherwise the schema itself, resolved against the current one on each read.
+    foreign: Option<Schema>,
+}
+
+impl WriterSchema {
+    /// The specification's fingerprint of the shipped version this schema is, if any.
+    pub fn shipped_fingerprint(&self) -> Option<u64> {
+        self.shipped
+    }
+
+    /// Where the schema came from.
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+}
+
 /// Which framing a message used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Framing {
@@ -82,6 +110,9 @@ struct Version {
 /// resolved readers can borrow them); build codecs once, at start-up, not per message.
 pub struct Codec<T> {
     current_name: String,
+    /// The current schema's `.avsc` text, exactly: what is registered with a schema registry
+    /// (registries give ids per text).
+    current_json: String,
     current_fingerprint: u64,
     current_legacy_fingerprint: u64,
     writer: GenericDatumWriter<'static>,
@@ -198,6 +229,7 @@ impl<T: AvroRecord> Codec<T> {
         }
         Ok(Self {
             current_name: current.name.to_owned(),
+            current_json: current.json.to_owned(),
             current_fingerprint,
             current_legacy_fingerprint,
             writer,
@@ -229,6 +261,79 @@ impl<T: AvroRecord> Codec<T> {
         }
     }
 
+    /// Prepares reading bodies written with the schema `json` (for example the one a schema
+    /// registry holds for an id; `label` names it in errors). A schema whose Parsing Canonical
+    /// Form is a shipped version's reads through that version; any other must be a record of
+    /// `T`'s name that the current schema can read (schema resolution: added fields with
+    /// defaults, removed fields, promotions), or this fails with the reason.
+    pub fn writer_schema(&self, label: &str, json: &str) -> Result<WriterSchema, SchemaError> {
+        let source = SchemaSource { name: label, json };
+        if let Some(shipped) = spec_fingerprint(&source).ok().and_then(|fp| self.known(fp)) {
+            return Ok(WriterSchema {
+                label: label.to_owned(),
+                shipped: Some(shipped),
+                foreign: None,
+            });
+        }
+        let schema = Schema::parse_str(json).map_err(|err| SchemaError::Parse {
+            name: label.to_owned(),
+            reason: err.to_string(),
+        })?;
+        match &schema {
+            Schema::Record(record) if record.name.fullname(None) == T::FULL_NAME => {}
+            _ => {
+                return Err(SchemaError::WrongRecord {
+                    name: label.to_owned(),
+                    expected: T::FULL_NAME.to_owned(),
+                })
+            }
+        }
+        SchemaCompatibility::can_read(&schema, self.current_schema()).map_err(|err| {
+            SchemaError::Incompatible {
+                reader: self.current_name.clone(),
+                writer: label.to_owned(),
+                reason: err.to_string(),
+            }
+        })?;
+        Ok(WriterSchema {
+            label: label.to_owned(),
+            shipped: None,
+            foreign: Some(schema),
+        })
+    }
+
+    /// Decodes a body (the bytes after the framing header) written with `writer`, resolved
+    /// to the current schema.
+    pub fn decode_body(&self, writer: &WriterSchema, mut body: &[u8]) -> Result<T, DecodeError> {
+        let value = match (&writer.foreign, writer.shipped) {
+            // Resolved per message: registry schemas other than the shipped ones are rare
+            // (another team's producer) and not on the hot path.
+            (Some(schema), _) => GenericDatumReader::builder(schema)
+                .reader_schema(self.current_schema())
+                .build()
+                .and_then(|reader| reader.read_value(&mut body)),
+            (None, Some(fingerprint)) => self
+                .versions
+                .get(&fingerprint)
+                .ok_or(DecodeError::UnknownFingerprint(fingerprint))?
+                .reader
+                .read_value(&mut body),
+            (None, None) => {
+                return Err(DecodeError::Body(format!("{} has no schema", writer.label)))
+            }
+        }
+        .map_err(|err| DecodeError::Body(err.to_string()))?;
+        if !body.is_empty() {
+            return Err(DecodeError::TrailingBytes(body.len()));
+        }
+        T::from_avro(value)
+    }
+
+    /// Whether `schema_id` is mapped with [`Codec::register_confluent_id`].
+    pub fn maps_confluent_id(&self, schema_id: u32) -> bool {
+        self.confluent_ids.contains_key(&schema_id)
+    }
+
     /// Fingerprint of the schema this codec writes (the specification's).
     pub fn current_fingerprint(&self) -> u64 {
         self.current_fingerprint
@@ -242,6 +347,11 @@ impl<T: AvroRecord> Codec<T> {
     /// The schema this codec writes (and resolves every known version to).
     pub fn current_schema(&self) -> &Schema {
         self.versions[&self.current_fingerprint].schema
+    }
+
+    /// The `.avsc` text of the schema this codec writes, byte for byte as shipped.
+    pub fn current_json(&self) -> &str {
+        &self.current_json
     }
 
     /// Name of the schema this codec writes, e.g. `telemetry.v1`.

@@ -17,6 +17,12 @@ pub enum DecodeError {
     /// Confluent wire format with a schema id this codec was not given.
     #[error("unknown confluent schema id {0}")]
     UnknownSchemaId(u32),
+    /// Confluent wire format with a schema id the schema registry does not hold.
+    #[error("schema id {0} is not in the schema registry")]
+    NotInRegistry(u32),
+    /// The registry's schema for this id cannot be read into the current schema.
+    #[error("schema id {id} from the schema registry cannot be read: {reason}")]
+    UnreadableWriter { id: u32, reason: String },
     /// The Avro body does not match the writer schema (truncated, bad lengths, bad union index).
     #[error("invalid avro body: {0}")]
     Body(String),

@@ -77,6 +77,28 @@ impl TelemetryDecoder {
         self.codec.decode(bytes)
     }
 
+    /// Decodes a registry-framed body (after the 5-byte header) written with `writer`: the
+    /// fast path when `writer` is the current `telemetry.v1`, else [`Codec::decode_body`].
+    pub fn decode_body(
+        &self,
+        writer: &crate::WriterSchema,
+        body: &[u8],
+    ) -> Result<Telemetry, DecodeError> {
+        if self.fast_fingerprint.is_some()
+            && writer.shipped_fingerprint() == Some(self.codec.current_fingerprint())
+        {
+            if let Some(row) = decode_v1_body(body) {
+                return Ok(row);
+            }
+        }
+        self.codec.decode_body(writer, body)
+    }
+
+    /// The codec this decoder falls back to.
+    pub fn codec(&self) -> &'static Codec<Telemetry> {
+        self.codec
+    }
+
     /// The fast path alone: `None` when the message is not a plain current-schema
     /// single-object message the fast path fully understands.
     pub fn fast(&self, bytes: &[u8]) -> Option<Telemetry> {

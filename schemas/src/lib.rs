@@ -25,7 +25,7 @@ pub mod telemetry;
 pub mod topics;
 
 pub use alert::{alert_codec, AlertEvent};
-pub use avro::{AvroRecord, Codec, Framing, SchemaSource};
+pub use avro::{AvroRecord, Codec, Framing, SchemaSource, WriterSchema};
 pub use error::{DecodeError, EncodeError, SchemaError, StorageError};
 pub use fast_decode::TelemetryDecoder;
 pub use storage::{migrate, Layout, LayoutChoice, StorageOptions};

@@ -60,6 +60,10 @@ pub enum Error {
     Kafka(#[from] rdkafka::error::KafkaError),
     #[error("consumer thread: {0}")]
     Thread(String),
+    #[error(transparent)]
+    Registry(#[from] plumbing::registry::RegistryError),
+    #[error(transparent)]
+    Schema(#[from] schemas::SchemaError),
 }
 
 /// Configuration, from flags or the environment.
@@ -76,6 +80,8 @@ pub struct Config {
     pub kafka: KafkaArgs,
     #[command(flatten)]
     pub observability: ObservabilityArgs,
+    #[command(flatten)]
+    pub registry: plumbing::registry::RegistryArgs,
     /// Consumer group (offsets in `consumer_offsets` are kept per group).
     #[arg(long, env = "SINK_GROUP_ID", default_value = "timescale-sink")]
     pub group_id: String,
@@ -200,6 +206,21 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), Error> {
         config.kafka.telemetry_topic.clone(),
     );
 
+    let registry = plumbing::registry::Registry::from_args(&config.registry)?;
+    if let Some(registry) = &registry {
+        info!(
+            url = registry.url(),
+            "schema registry: Confluent-framed ids are looked up there"
+        );
+    }
+    let decoding = pipeline::Decoding {
+        reader: Arc::new(plumbing::registry::TelemetryReader::new(
+            schemas::TelemetryDecoder::new(schemas::telemetry_codec()?),
+            registry,
+            config.registry.schema_registry_cache_capacity,
+        )),
+        shutdown: shutdown.clone(),
+    };
     let give_up = Shutdown::new();
     let mut writers = Vec::new();
     let mut tasks = Vec::new();
@@ -230,8 +251,13 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), Error> {
             catchup_rows: config.batch_catchup_rows,
             catchup_after: config.catchup_after,
         };
-        let (input, handles) =
-            pipeline::spawn_writer(writer, limits, config.writer_queue, give_up.clone());
+        let (input, handles) = pipeline::spawn_writer(
+            writer,
+            limits,
+            config.writer_queue,
+            give_up.clone(),
+            decoding.clone(),
+        );
         writers.push(input);
         tasks.extend(handles);
     }

@@ -9,8 +9,11 @@
 //! in offset order and each batch's fence expectation is the previous batch's end.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
+use plumbing::registry::{Decoded, TelemetryReader};
+use plumbing::Shutdown;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
@@ -80,16 +83,27 @@ impl BatchLimits {
     }
 }
 
+/// What the batcher decodes with, and when it stops waiting for the schema registry.
+#[derive(Debug, Clone)]
+pub struct Decoding {
+    /// Both framings; Confluent ids resolved through the registry when one is configured.
+    pub reader: Arc<TelemetryReader>,
+    /// The service's shutdown signal: a lookup waiting for a registry that is away gives up,
+    /// and that message and every later one are left unread (re-read after a restart).
+    pub shutdown: Shutdown,
+}
+
 /// Starts one writer (batcher + committer); returns its input and the tasks to await.
 pub fn spawn_writer(
     writer: BatchWriter,
     limits: BatchLimits,
     input_capacity: usize,
     give_up: CancellationToken,
+    decoding: Decoding,
 ) -> (mpsc::Sender<Input>, Vec<tokio::task::JoinHandle<()>>) {
     let (input_tx, input_rx) = mpsc::channel(input_capacity);
     let (batch_tx, batch_rx) = mpsc::channel(1);
-    let batcher = tokio::spawn(batcher(input_rx, batch_tx, limits));
+    let batcher = tokio::spawn(batcher(input_rx, batch_tx, limits, decoding));
     let committer = tokio::spawn(committer(batch_rx, writer, give_up));
     (input_tx, vec![batcher, committer])
 }
@@ -115,14 +129,12 @@ async fn batcher(
     mut rx: mpsc::Receiver<Input>,
     to_committer: mpsc::Sender<ToCommitter>,
     limits: BatchLimits,
+    decoding: Decoding,
 ) {
-    let codec = match schemas::telemetry_codec() {
-        Ok(codec) => schemas::TelemetryDecoder::new(codec),
-        Err(err) => {
-            tracing::error!(error = %err, "no telemetry codec; writer stops");
-            return;
-        }
-    };
+    let Decoding { reader, shutdown } = decoding;
+    // Set when shutdown came while a registry lookup was waiting: from then on no message is
+    // taken (offsets only advance through batches, so the rest is read again on restart).
+    let mut stalled = false;
     // Stored-offset expectation of the next batch, per assigned partition.
     let mut positions: HashMap<i32, Option<i64>> = HashMap::new();
     let mut batch = Batch::with_capacity(limits.max_rows);
@@ -163,19 +175,36 @@ async fn batcher(
                     catching_up = false;
                 }
                 for message in messages {
-                    let Some(position) = positions.get_mut(&message.partition) else {
+                    if stalled {
+                        break;
+                    }
+                    let Some(position) = positions.get(&message.partition).copied() else {
                         continue; // not (or no longer) ours
                     };
                     if position.is_some_and(|p| message.offset < p) {
                         continue; // already stored
                     }
-                    let expected = *position;
-                    *position = Some(message.offset + 1);
+                    let decode_started = std::time::Instant::now();
+                    let decoded = match reader.try_decode(&message.payload) {
+                        Decoded::Done(decoded) => decoded,
+                        // An id not seen yet: ask the registry (waiting while it is away,
+                        // so the consumer pauses behind this writer rather than dead-letter).
+                        Decoded::Lookup(schema_id) => {
+                            match reader.decode(&message.payload, &shutdown).await {
+                                Ok(decoded) => decoded,
+                                Err(err) => {
+                                    tracing::warn!(schema_id, error = %err, partition = message.partition, offset = message.offset, "writer stops taking messages");
+                                    stalled = true;
+                                    break;
+                                }
+                            }
+                        }
+                    };
+                    let expected = position;
+                    positions.insert(message.partition, Some(message.offset + 1));
                     if batch.is_empty() {
                         batch.opened_at = tokio::time::Instant::now().into_std();
                     }
-                    let decode_started = std::time::Instant::now();
-                    let decoded = codec.decode(&message.payload);
                     if check_backlog {
                         if let Ok(row) = &decoded {
                             catching_up = limits.behind(row.received_at);

@@ -15,56 +15,11 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use chrono::{DateTime, Utc};
-use common::{sink_config, wait_for_stored};
+use common::{micros, sent, sink_config, wait_for_stored, Sent, DEVICES, PER_DEVICE};
 use plumbing::testing::{TestDb, TestTopics};
 use plumbing::Shutdown;
 use schemas::LayoutChoice;
 use serde_json::{json, Value};
-
-const DEVICES: usize = 100;
-const PER_DEVICE: usize = 5;
-
-/// Reading `seq` of `device`: what fastavro gets (a record of `telemetry.v1` in Python's
-/// types) and what the database must hold.
-struct Sent {
-    key: String,
-    tenant: String,
-    device: String,
-    site: Option<String>,
-    seq: i64,
-    time: DateTime<Utc>,
-    metrics: Value,
-}
-
-fn sent(device: usize, seq: usize, base: DateTime<Utc>) -> Sent {
-    let tenant = format!("tenant-{}", device % 2);
-    let device_id = format!("py-{device:04}");
-    let seq = seq as i64;
-    // Doubles with a fraction (JSON keeps them floats on both sides), integers of both signs
-    // and beyond 32 bits, booleans, strings with non-ASCII text, nulls.
-    let metrics = json!({
-        "temperature": 20.25 + device as f64 + seq as f64 / 8.0,
-        "counter": (device as i64) * 5_000_000_000 - seq,
-        "door_open": seq % 2 == 0,
-        "firmware": format!("v{seq}-ü"),
-        "error_code": null,
-    });
-    Sent {
-        key: format!("{tenant}/{device_id}"),
-        site: device
-            .is_multiple_of(3)
-            .then(|| format!("site-{}", device % 5)),
-        tenant,
-        device: device_id,
-        seq,
-        time: base + chrono::Duration::milliseconds(device as i64 * 10 + seq * 1_000),
-        metrics,
-    }
-}
-
-fn micros(t: DateTime<Utc>) -> i64 {
-    t.timestamp_micros()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readings_written_by_fastavro_are_stored_exactly_as_sent() -> Result<()> {

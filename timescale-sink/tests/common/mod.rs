@@ -10,6 +10,7 @@ use clap::Parser;
 use plumbing::testing::{TestDb, TestTopics};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use schemas::{telemetry_codec, MetricValue, Telemetry};
+use serde_json::{json, Value};
 
 pub fn reading(tenant: &str, device: usize, seq: i64, time: DateTime<Utc>) -> Telemetry {
     let mut metrics = BTreeMap::new();
@@ -351,4 +352,258 @@ impl SplitSensors {
         }
         Ok(())
     }
+}
+
+pub const DEVICES: usize = 100;
+pub const PER_DEVICE: usize = 5;
+
+/// Reading `seq` of `device` for the independent Python producers: what they get (a record of `telemetry.v1` in Python's
+/// types) and what the database must hold.
+pub struct Sent {
+    pub key: String,
+    pub tenant: String,
+    pub device: String,
+    pub site: Option<String>,
+    pub seq: i64,
+    pub time: DateTime<Utc>,
+    pub metrics: Value,
+}
+
+pub fn sent(device: usize, seq: usize, base: DateTime<Utc>) -> Sent {
+    let tenant = format!("tenant-{}", device % 2);
+    let device_id = format!("py-{device:04}");
+    let seq = seq as i64;
+    // Doubles with a fraction (JSON keeps them floats on both sides), integers of both signs
+    // and beyond 32 bits, booleans, strings with non-ASCII text, nulls.
+    let metrics = json!({
+        "temperature": 20.25 + device as f64 + seq as f64 / 8.0,
+        "counter": (device as i64) * 5_000_000_000 - seq,
+        "door_open": seq % 2 == 0,
+        "firmware": format!("v{seq}-ü"),
+        "error_code": null,
+    });
+    Sent {
+        key: format!("{tenant}/{device_id}"),
+        site: device
+            .is_multiple_of(3)
+            .then(|| format!("site-{}", device % 5)),
+        tenant,
+        device: device_id,
+        seq,
+        time: base + chrono::Duration::milliseconds(device as i64 * 10 + seq * 1_000),
+        metrics,
+    }
+}
+
+pub fn micros(t: DateTime<Utc>) -> i64 {
+    t.timestamp_micros()
+}
+
+impl Sent {
+    /// The record as the Python producers take it (`time` and `received_at` in microseconds).
+    pub fn line(&self) -> Value {
+        json!({
+            "key": self.key,
+            "record": {
+                "tenant_id": self.tenant,
+                "device_id": self.device,
+                "site_id": self.site,
+                "msg_type": "telemetry",
+                "seq": self.seq,
+                "time": micros(self.time),
+                "received_at": micros(self.time) + 250_000,
+                "metrics": self.metrics,
+            },
+        })
+    }
+}
+
+/// Runs the venv's Python (`FLEETSTREAM_PYTHON`) on `script` (under `tests/interop`) with
+/// `args`, feeding `lines` on stdin; returns its stdout, trimmed.
+pub fn run_python(script: &str, args: &[&str], lines: &[Value]) -> Result<String> {
+    use std::io::Write;
+    let python = std::env::var("FLEETSTREAM_PYTHON").map_err(|_| {
+        anyhow::anyhow!(
+            "FLEETSTREAM_PYTHON is not set: run `eval \"$(deploy/local/deps.sh env)\"` after \
+             `deploy/local/deps.sh up`, which installs fastavro and confluent-kafka"
+        )
+    })?;
+    let path = format!("{}/tests/interop/{script}", env!("CARGO_MANIFEST_DIR"));
+    let mut child = std::process::Command::new(&python)
+        .arg(&path)
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    {
+        let mut stdin = child.stdin.take().unwrap();
+        for line in lines {
+            writeln!(stdin, "{line}")?;
+        }
+    }
+    let out = child.wait_with_output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{script} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+/// Asserts the `telemetry` table holds exactly `readings`, as sent.
+pub async fn assert_stored_as_sent(pool: &sqlx::PgPool, readings: &[Sent]) -> Result<()> {
+    type Row = (String, String, Option<String>, i64, DateTime<Utc>, String);
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT tenant_id, device_id, site_id, seq, time, metrics::text FROM telemetry \
+         ORDER BY tenant_id, device_id, time",
+    )
+    .fetch_all(pool)
+    .await?;
+    let mut want: Vec<&Sent> = readings.iter().collect();
+    want.sort_by(|a, b| (&a.tenant, &a.device, a.time).cmp(&(&b.tenant, &b.device, b.time)));
+    assert_eq!(rows.len(), want.len(), "one row per reading");
+    for (row, r) in rows.iter().zip(want) {
+        let stored: Value = serde_json::from_str(&row.5)?;
+        assert_eq!(
+            (&row.0, &row.1, &row.2, row.3, row.4, &stored),
+            (&r.tenant, &r.device, &r.site, r.seq, r.time, &r.metrics),
+            "stored as sent"
+        );
+    }
+    Ok(())
+}
+
+/// The schema registry of the tests (`FLEETSTREAM_SCHEMA_REGISTRY_URL`, from deps.sh).
+pub fn registry_url() -> Result<String> {
+    std::env::var("FLEETSTREAM_SCHEMA_REGISTRY_URL").map_err(|_| {
+        anyhow::anyhow!(
+            "FLEETSTREAM_SCHEMA_REGISTRY_URL is not set: run `eval \"$(deploy/local/deps.sh env)\"` \
+             after `deploy/local/deps.sh up`, which starts the schema registry"
+        )
+    })
+}
+
+/// The next `count` dead letters of `topics`' DLQ: (source offset, stage, error, payload).
+pub async fn dead_letters(
+    topics: &TestTopics,
+    group: &str,
+    count: usize,
+) -> Result<Vec<(String, String, String, Vec<u8>)>> {
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+    use rdkafka::message::{Headers, Message};
+    let consumer: StreamConsumer =
+        plumbing::kafka::consumer_config(&topics.args, "dlq-reader", group).create()?;
+    consumer.subscribe(&[&topics.args.dlq_topic])?;
+    let mut letters = Vec::new();
+    while letters.len() < count {
+        let message = tokio::time::timeout(Duration::from_secs(30), consumer.recv()).await??;
+        let header = |name: &str| {
+            message
+                .headers()
+                .and_then(|h| h.iter().find(|x| x.key == name))
+                .and_then(|h| h.value)
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+                .unwrap_or_default()
+        };
+        letters.push((
+            header("source_offset"),
+            header("error_stage"),
+            header("error"),
+            message.payload().unwrap_or_default().to_vec(),
+        ));
+    }
+    Ok(letters)
+}
+
+/// A TCP forwarder to the real schema registry that a test switches off and on: while off,
+/// every connection (new, and those already open, e.g. pooled keep-alive ones) is closed at
+/// once, which a client sees as the registry being away. Counts the connections refused.
+pub struct Forwarder {
+    pub port: u16,
+    up: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    refused: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    cut: std::sync::Arc<std::sync::Mutex<tokio_util::sync::CancellationToken>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Forwarder {
+    /// Listening on a free port, forwarding to `target` (`host:port`), switched on.
+    pub async fn start(target: String) -> Result<Self> {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let port = listener.local_addr()?.port();
+        let up = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let refused = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let cut = std::sync::Arc::new(std::sync::Mutex::new(
+            tokio_util::sync::CancellationToken::new(),
+        ));
+        let (up2, refused2, cut2) = (up.clone(), refused.clone(), cut.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if !up2.load(Ordering::SeqCst) {
+                    refused2.fetch_add(1, Ordering::SeqCst);
+                    continue; // dropped: closed at once
+                }
+                let token = cut2.lock().unwrap().clone();
+                let target = target.clone();
+                tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await {
+                        tokio::select! {
+                            _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                            () = token.cancelled() => {}
+                        }
+                    }
+                });
+            }
+        });
+        Ok(Self {
+            port,
+            up,
+            refused,
+            cut,
+            task,
+        })
+    }
+
+    pub fn set_up(&self, up: bool) {
+        use std::sync::atomic::Ordering;
+        self.up.store(up, Ordering::SeqCst);
+        if !up {
+            let mut cut = self.cut.lock().unwrap();
+            cut.cancel();
+            *cut = tokio_util::sync::CancellationToken::new();
+        }
+    }
+
+    pub fn refused(&self) -> usize {
+        self.refused.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for Forwarder {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The DLQ's end offsets summed over its partitions (how many dead letters were written).
+pub fn dlq_total(topics: &TestTopics) -> Result<i64> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer =
+        plumbing::kafka::base_config(&topics.args, "sink-test-dlq-watermarks").create()?;
+    let metadata =
+        consumer.fetch_metadata(Some(&topics.args.dlq_topic), Duration::from_secs(10))?;
+    let mut total = 0;
+    for topic in metadata.topics() {
+        for p in topic.partitions() {
+            let (_, high) = consumer.fetch_watermarks(
+                &topics.args.dlq_topic,
+                p.id(),
+                Duration::from_secs(10),
+            )?;
+            total += high;
+        }
+    }
+    Ok(total)
 }
