@@ -71,4 +71,9 @@ pub enum StorageError {
     TimescaleUnavailable,
     #[error("unknown storage layout `{0}` (expected auto, timescaledb or postgres)")]
     UnknownLayout(String),
+    #[error("{setting}: {reason}")]
+    InvalidSetting {
+        setting: &'static str,
+        reason: String,
+    },
 }

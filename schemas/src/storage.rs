@@ -82,6 +82,10 @@ pub struct StorageOptions {
     /// TimescaleDB: chunks older than this are compressed. Default 1 day (at 20k msg/s one day
     /// is ~0.6 TB uncompressed, so waiting longer costs disk quickly).
     pub compress_after: Duration,
+    /// TimescaleDB: the time range of each new telemetry chunk. Default 1 day. Existing
+    /// chunks keep theirs. Each chunk is compressed in one job, so this also sets how much
+    /// work one compression run does (see README: sizing chunks).
+    pub chunk_interval: Duration,
     /// Plain layout: daily partitions kept ahead of today. Default 3.
     pub partitions_ahead_days: u32,
 }
@@ -94,6 +98,7 @@ impl Default for StorageOptions {
             telemetry_retention: Duration::from_secs(90 * DAY),
             system_metrics_retention: Duration::from_secs(30 * DAY),
             compress_after: Duration::from_secs(DAY),
+            chunk_interval: Duration::from_secs(DAY),
             partitions_ahead_days: 3,
         }
     }
@@ -220,6 +225,14 @@ async fn apply_policies(
     }
     match layout {
         Layout::TimescaleDb => {
+            let rechunked = set_chunk_interval(conn, options.chunk_interval).await?;
+            if rechunked {
+                // The compression policy's schedule follows the chunk interval when the
+                // policy is created (half of it, at most 12 hours): create it again.
+                sqlx::query("SELECT remove_compression_policy('telemetry', if_exists => true)")
+                    .execute(&mut *conn)
+                    .await?;
+            }
             let policies = [
                 (
                     "telemetry",
@@ -262,6 +275,39 @@ async fn apply_policies(
         }
     }
     Ok(())
+}
+
+/// Sets telemetry's chunk interval for new chunks when it differs. Returns whether it did.
+async fn set_chunk_interval(
+    conn: &mut PgConnection,
+    interval: Duration,
+) -> Result<bool, StorageError> {
+    if interval.as_secs() < 60 {
+        return Err(StorageError::InvalidSetting {
+            setting: "TELEMETRY_CHUNK_INTERVAL",
+            reason: format!("{} s is shorter than 1 minute", interval.as_secs()),
+        });
+    }
+    let same: Option<bool> = sqlx::query_scalar(
+        "SELECT time_interval = make_interval(secs => $1) FROM timescaledb_information.dimensions \
+         WHERE hypertable_schema = 'public' AND hypertable_name = 'telemetry' \
+           AND column_name = 'time'",
+    )
+    .bind(interval_secs(interval))
+    .fetch_optional(&mut *conn)
+    .await?;
+    if same != Some(false) {
+        return Ok(false);
+    }
+    sqlx::query("SELECT set_chunk_time_interval('telemetry', make_interval(secs => $1))")
+        .bind(interval_secs(interval))
+        .execute(&mut *conn)
+        .await?;
+    info!(
+        chunk_interval_secs = interval.as_secs(),
+        "telemetry chunk interval set (new chunks)"
+    );
+    Ok(true)
 }
 
 async fn set_timescale_policy(

@@ -519,6 +519,66 @@ async fn timescaledb_compresses_chunks_and_views_still_isolate_them() -> Result<
     .fetch_one(&db.pool)
     .await?;
     assert!(is_compressed);
+
+    // TELEMETRY_CHUNK_INTERVAL: new chunks get it, the compression policy is created again
+    // (its schedule follows the chunk interval), a second run changes nothing.
+    let interval_and_policy = || async {
+        sqlx::query_as::<_, (String, Option<String>)>(
+            "SELECT d.time_interval::text, \
+                    (SELECT j.config ->> 'compress_after' FROM timescaledb_information.jobs j \
+                     WHERE j.hypertable_name = 'telemetry' AND j.proc_name = 'policy_compression') \
+             FROM timescaledb_information.dimensions d \
+             WHERE d.hypertable_name = 'telemetry' AND d.column_name = 'time'",
+        )
+        .fetch_one(&db.pool)
+        .await
+    };
+    assert_eq!(
+        interval_and_policy().await?,
+        ("1 day".to_owned(), Some("1 day".to_owned()))
+    );
+    let fifteen_minutes = schemas::StorageOptions {
+        layout: LayoutChoice::TimescaleDb,
+        chunk_interval: std::time::Duration::from_secs(15 * 60),
+        ..Default::default()
+    };
+    schemas::migrate(&db.pool, &fifteen_minutes).await?;
+    assert_eq!(
+        interval_and_policy().await?,
+        ("00:15:00".to_owned(), Some("1 day".to_owned()))
+    );
+    let job: i32 = sqlx::query_scalar(
+        "SELECT job_id FROM timescaledb_information.jobs \
+         WHERE hypertable_name = 'telemetry' AND proc_name = 'policy_compression'",
+    )
+    .fetch_one(&db.pool)
+    .await?;
+    schemas::migrate(&db.pool, &fifteen_minutes).await?;
+    let same_job: i32 = sqlx::query_scalar(
+        "SELECT job_id FROM timescaledb_information.jobs \
+         WHERE hypertable_name = 'telemetry' AND proc_name = 'policy_compression'",
+    )
+    .fetch_one(&db.pool)
+    .await?;
+    assert_eq!(
+        same_job, job,
+        "an unchanged interval leaves the policy alone"
+    );
+    let err = schemas::migrate(
+        &db.pool,
+        &schemas::StorageOptions {
+            layout: LayoutChoice::TimescaleDb,
+            chunk_interval: std::time::Duration::from_secs(30),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect_err("a chunk interval under a minute is refused");
+    assert_eq!(
+        err.to_string(),
+        "TELEMETRY_CHUNK_INTERVAL: 30 s is shorter than 1 minute"
+    );
+
     let api = db.role_pool("fleet_api", 1).await?;
     let mut tx = scoped(&api, Some("a"), Some("viewer")).await?;
     let (tenants, count) = visible(&mut tx, "telemetry_view").await?;
