@@ -236,14 +236,17 @@ pub fn alert_events_on(
                             "Confluent-framed alert (id {schema_id}) without a registry"
                         )
                     })?;
-                    if !writers.contains_key(&schema_id) {
-                        let json = tokio::runtime::Handle::current()
-                            .block_on(registry.schema_by_id(schema_id))?;
-                        let writer =
-                            codec.writer_schema(&format!("registry id {schema_id}"), &json)?;
-                        writers.insert(schema_id, writer);
-                    }
-                    codec.decode_body(&writers[&schema_id], &payload[5..])?
+                    let writer = match writers.entry(schema_id) {
+                        std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                        std::collections::hash_map::Entry::Vacant(e) => {
+                            let json = tokio::runtime::Handle::current()
+                                .block_on(registry.schema_by_id(schema_id))?;
+                            e.insert(
+                                codec.writer_schema(&format!("registry id {schema_id}"), &json)?,
+                            )
+                        }
+                    };
+                    codec.decode_body(writer, &payload[5..])?
                 }
                 schemas::Framing::SingleObject { .. } => codec.decode(payload)?,
             };

@@ -474,8 +474,6 @@ pub async fn assert_stored_as_sent(pool: &sqlx::PgPool, readings: &[Sent]) -> Re
     Ok(())
 }
 
-pub use plumbing::testing::registry::{registry_url, Forwarder};
-
 /// The next `count` dead letters of `topics`' DLQ: (source offset, stage, error, payload).
 pub async fn dead_letters(
     topics: &TestTopics,
