@@ -144,7 +144,12 @@ struct Stats {
 /// the group and stops within `shutdown_timeout`.
 pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), Error> {
     metrics::describe();
-    let health = Health::new(&["database", "kafka", "assigned", "rules"]);
+    let registry = plumbing::registry::Registry::from_args(&config.registry)?;
+    let health = if registry.is_some() {
+        Health::new(&["database", "kafka", "assigned", "rules", "schema_registry"])
+    } else {
+        Health::new(&["database", "kafka", "assigned", "rules"])
+    };
     let mut pool_args = config.database.clone();
     pool_args.database_max_connections = pool_args.database_max_connections.max(6);
     let pool = plumbing::db::pool(&pool_args, SERVICE)?;
@@ -169,14 +174,21 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), Error> {
         },
     ];
 
-    if let Err(err) = startup_checks(&config, &pool, &shutdown).await {
-        background.cancel();
-        for task in tasks {
-            let _ = task.await;
+    let started = async {
+        startup_checks(&config, &pool, &shutdown).await?;
+        register_alert_schema(registry.as_ref(), &config, &health, &shutdown).await
+    };
+    let framing = match started.await {
+        Ok(framing) => framing,
+        Err(err) => {
+            background.cancel();
+            for task in tasks {
+                let _ = task.await;
+            }
+            pool.close().await;
+            return Err(err);
         }
-        pool.close().await;
-        return Err(err);
-    }
+    };
     let rules = load_rules_until_ok(&pool, &shutdown).await?;
     health.set("rules", true);
     let (rules_tx, rules_rx) = watch::channel(rules.clone());
@@ -224,6 +236,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), Error> {
         pool: pool.clone(),
         group: config.group_id.clone(),
         topic: config.kafka.telemetry_topic.clone(),
+        framing,
         partition_count: 0,
         commit_interval: config.commit_interval,
         transition_commit_delay: config.transition_commit_delay,
@@ -251,7 +264,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), Error> {
         shutdown.clone(),
         Arc::new(plumbing::registry::TelemetryReader::new(
             schemas::TelemetryDecoder::new(schemas::telemetry_codec()?),
-            plumbing::registry::Registry::from_args(&config.registry)?,
+            registry,
             config.registry.schema_registry_cache_capacity,
         )),
         stored,
@@ -370,6 +383,42 @@ async fn startup_checks(config: &Config, pool: &PgPool, shutdown: &Shutdown) -> 
         config.kafka.alerts_topic.as_str(),
     ];
     Ok(plumbing::startup_checks(&config.kafka, &topics, pool, PRIVILEGES, shutdown).await?)
+}
+
+/// With a registry: registers `alert_event.v1` under `<alerts topic>-value` (waiting while the
+/// registry is away; nothing is consumed meanwhile and readiness says `schema_registry: false`)
+/// and returns the Confluent framing with the id it got. A schema the registry or our BACKWARD
+/// check refuses, or a registry that refuses us (401, 403), stops the service with the reason.
+async fn register_alert_schema(
+    registry: Option<&plumbing::registry::Registry>,
+    config: &Config,
+    health: &Health,
+    shutdown: &Shutdown,
+) -> Result<store::AlertFraming, Error> {
+    let Some(registry) = registry else {
+        return Ok(store::AlertFraming::SingleObject);
+    };
+    let codec = schemas::alert_codec()?;
+    let topic = &config.kafka.alerts_topic;
+    let schema_id = registry
+        .register(
+            topic,
+            codec.current_name(),
+            codec.current_json(),
+            shutdown,
+            |err| warn!(error = %err, url = registry.url(), "schema registry not reachable yet; retrying"),
+        )
+        .await
+        .inspect_err(|err| tracing::error!(error = %err, "alert schema registration failed"))?;
+    health.set("schema_registry", true);
+    info!(
+        schema_id,
+        subject = %format!("{topic}-value"),
+        url = registry.url(),
+        "registered {}; writing alerts in the Confluent wire format",
+        codec.current_name()
+    );
+    Ok(store::AlertFraming::Confluent { schema_id })
 }
 
 async fn load_rules_until_ok(pool: &PgPool, shutdown: &Shutdown) -> Result<Arc<RuleSet>, Error> {
@@ -527,6 +576,8 @@ struct Runner {
     pool: PgPool,
     group: String,
     topic: String,
+    /// How alert events are encoded (registry framing once `alert_event.v1` is registered).
+    framing: store::AlertFraming,
     partition_count: i32,
     commit_interval: Duration,
     transition_commit_delay: Duration,
@@ -851,7 +902,13 @@ impl Runner {
         let topic = self.topic.clone();
         let give_up = self.give_up.clone();
         self.inflight = Some(tokio::spawn(commit_until_done(
-            pool, group, topic, give_up, unit, traces,
+            pool,
+            group,
+            topic,
+            self.framing,
+            give_up,
+            unit,
+            traces,
         )));
     }
 
@@ -977,6 +1034,7 @@ async fn commit_until_done(
     pool: PgPool,
     group: String,
     topic: String,
+    framing: store::AlertFraming,
     give_up: Shutdown,
     mut unit: CommitUnit,
     traces: Vec<String>,
@@ -992,7 +1050,7 @@ async fn commit_until_done(
         for traceparent in &traces {
             plumbing::observability::link_traceparent(&span, traceparent);
         }
-        let result = store::commit(&pool, &group, &topic, &mut unit)
+        let result = store::commit(&pool, &group, &topic, framing, &mut unit)
             .instrument(span)
             .await;
         match result {

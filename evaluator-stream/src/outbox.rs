@@ -1,5 +1,7 @@
 //! Publishes the outbox to `alerts.v1`: rows committed with the offsets are sent (key
-//! `tenant/device`, header `event_id`), and marked sent once Kafka acknowledged them.
+//! `tenant/device`, header `event_id`), and marked sent once Kafka acknowledged them. The
+//! payload is sent as the commit encoded it ([`crate::store::AlertFraming`]): single-object,
+//! or the Confluent wire format with the registry's id when `SCHEMA_REGISTRY_URL` is set.
 //!
 //! Delivery is at least once: a crash between the acknowledgement and the mark sends a row
 //! again, with the same `event_id`. Rows are claimed with `FOR UPDATE SKIP LOCKED`, so

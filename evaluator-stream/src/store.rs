@@ -36,6 +36,27 @@ fn to_time(micros: Micros) -> DateTime<Utc> {
     DateTime::<Utc>::from_timestamp_micros(micros).unwrap_or_default()
 }
 
+/// How alert events are framed in the outbox (and so on the alerts topic).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum AlertFraming {
+    /// Avro single-object encoding: no schema registry is configured.
+    #[default]
+    SingleObject,
+    /// The Confluent wire format with the registry's id of `alert_event.v1` under
+    /// `<alerts topic>-value`, registered at start-up.
+    Confluent { schema_id: u32 },
+}
+
+impl AlertFraming {
+    fn encode(self, event: &AlertEvent) -> Result<Vec<u8>, StoreError> {
+        let codec = schemas::alert_codec()?;
+        Ok(match self {
+            AlertFraming::SingleObject => codec.encode(event)?,
+            AlertFraming::Confluent { schema_id } => codec.encode_confluent(event, schema_id)?,
+        })
+    }
+}
+
 /// Stored progress of one partition: next offset and the event-time clock.
 pub type StoredPartition = (i64, Option<Micros>);
 
@@ -231,7 +252,7 @@ pub struct Committed {
 }
 
 /// Stores `unit` in one transaction: fenced offsets (and clocks), each transition's `alerts`
-/// change, and an outbox row per change. A partition whose stored offset moved makes the
+/// change, and an outbox row per change (its event encoded with `framing`). A partition whose stored offset moved makes the
 /// whole transaction roll back with [`StoreError::Fenced`] naming it.
 ///
 /// A transition of a rule deleted after it was evaluated (its `alerts` row would violate the
@@ -242,9 +263,10 @@ pub async fn commit(
     pool: &PgPool,
     group: &str,
     topic: &str,
+    framing: AlertFraming,
     unit: &mut CommitUnit,
 ) -> Result<Committed, StoreError> {
-    match commit_once(pool, group, topic, unit).await {
+    match commit_once(pool, group, topic, framing, unit).await {
         Err(err) if err.is_foreign_key_violation() => {
             let before = unit.transitions.len();
             let rules: Vec<i64> = unit.transitions.iter().map(|t| t.rule.rule_id).collect();
@@ -266,7 +288,7 @@ pub async fn commit(
                 transitions = deleted_rules,
                 "transitions of deleted rules left out of the commit"
             );
-            let done = commit_once(pool, group, topic, unit).await?;
+            let done = commit_once(pool, group, topic, framing, unit).await?;
             Ok(Committed {
                 deleted_rules,
                 ..done
@@ -280,6 +302,7 @@ async fn commit_once(
     pool: &PgPool,
     group: &str,
     topic: &str,
+    framing: AlertFraming,
     unit: &CommitUnit,
 ) -> Result<Committed, StoreError> {
     let mut tx = pool.begin().await?;
@@ -293,7 +316,7 @@ async fn commit_once(
     let done = if unit.transitions.is_empty() {
         Committed::default()
     } else {
-        apply_transitions(&mut tx, &unit.transitions).await?
+        apply_transitions(&mut tx, framing, &unit.transitions).await?
     };
     tx.commit().await?;
     Ok(done)
@@ -303,6 +326,7 @@ async fn commit_once(
 /// outbox row for each one that changed a row (one insert).
 async fn apply_transitions(
     conn: &mut PgConnection,
+    framing: AlertFraming,
     transitions: &[Transition],
 ) -> Result<Committed, StoreError> {
     let column = |f: &dyn Fn(&Transition) -> Option<String>| -> Vec<Option<String>> {
@@ -338,7 +362,6 @@ async fn apply_transitions(
     .fetch_one(&mut *conn)
     .await?;
 
-    let codec = schemas::alert_codec()?;
     let mut done = Committed::default();
     let (
         mut event_ids,
@@ -364,7 +387,7 @@ async fn apply_transitions(
             continue;
         };
         let event = event(t, alert_id);
-        payloads.push(codec.encode(&event)?);
+        payloads.push(framing.encode(&event)?);
         event_ids.push(event.event_id);
         out_tenants.push(t.tenant_id.as_str());
         out_devices.push(t.device_id.as_str());

@@ -742,7 +742,14 @@ async fn a_transition_of_a_rule_deleted_before_its_commit_does_not_block_the_oth
             clock: Some(t),
         }],
     };
-    let done = evaluator_stream::store::commit(&db.pool, "g", "telemetry", &mut unit).await?;
+    let done = evaluator_stream::store::commit(
+        &db.pool,
+        "g",
+        "telemetry",
+        evaluator_stream::store::AlertFraming::SingleObject,
+        &mut unit,
+    )
+    .await?;
     assert_eq!((done.written, done.deleted_rules), (1, 1));
     assert_eq!(unit.transitions.len(), 1);
     let rows = alerts(&db.pool).await?;

@@ -4,7 +4,8 @@
 //! chunk is mapped and merged exactly as a write to `/api/v2/write` is
 //! ([`crate::lineproto::assemble`], the devices and the tenant checked against the database's
 //! devices as for a gateway token of the tenant, the same time window), encoded with the same
-//! Avro schema and produced with the same idempotent `acks=all` producer, at most two chunks
+//! Avro schema and framing (the Confluent wire format when `SCHEMA_REGISTRY_URL` is set,
+//! `telemetry.v1` registered as ingest does) and produced with the same idempotent `acks=all` producer, at most two chunks
 //! in flight. The HTTP rate limits do not apply: the import is an operator's tool.
 //!
 //! Exactly once: a reading is identified by (tenant, device, time) and a line always maps to
@@ -85,6 +86,10 @@ pub struct ImportArgs {
     pub kafka: KafkaArgs,
     #[command(flatten)]
     pub observability: ObservabilityArgs,
+    /// With `SCHEMA_REGISTRY_URL`, readings are written in the Confluent wire format with the
+    /// id of `telemetry.v1` under `<TELEMETRY_TOPIC>-value`, as ingest writes them.
+    #[command(flatten)]
+    pub registry: plumbing::registry::RegistryArgs,
 }
 
 /// `--precision` of `import` and `compare`: the 1.x names and `us`.
@@ -146,6 +151,30 @@ struct Sent {
     lines: Vec<Vec<usize>>,
 }
 
+/// With a registry: registers `telemetry.v1` under `<telemetry topic>-value` as ingest does
+/// (waiting while the registry is away, refused on an incompatible schema) and returns its id.
+async fn register_schema(
+    args: &ImportArgs,
+    codec: &schemas::Codec<schemas::Telemetry>,
+    shutdown: &Shutdown,
+) -> Result<Option<u32>, Error> {
+    let Some(registry) = plumbing::registry::Registry::from_args(&args.registry)? else {
+        return Ok(None);
+    };
+    let topic = &args.kafka.telemetry_topic;
+    let id = registry
+        .register(
+            topic,
+            codec.current_name(),
+            codec.current_json(),
+            shutdown,
+            |err| tracing::warn!(error = %err, url = registry.url(), "schema registry not reachable yet; retrying"),
+        )
+        .await?;
+    info!(schema_id = id, subject = %format!("{topic}-value"), url = registry.url(), "registered telemetry.v1; writing the Confluent wire format");
+    Ok(Some(id))
+}
+
 /// Imports the file; stops early (with what was done so far) when `shutdown` is cancelled.
 pub async fn run(args: ImportArgs, shutdown: Shutdown) -> Result<Summary, Error> {
     let started = Instant::now();
@@ -160,6 +189,7 @@ pub async fn run(args: ImportArgs, shutdown: Shutdown) -> Result<Summary, Error>
         args.kafka_delivery_timeout,
     )?);
     let codec = schemas::telemetry_codec()?;
+    let schema_id = register_schema(&args, codec, &shutdown).await?;
     let principal = Principal::Gateway {
         tenant_id: args.tenant.clone(),
     };
@@ -261,7 +291,11 @@ pub async fn run(args: ImportArgs, shutdown: Shutdown) -> Result<Summary, Error>
         let mut outgoing = Vec::with_capacity(batch.readings.len());
         let mut lines = Vec::with_capacity(batch.readings.len());
         for (telemetry, numbers) in batch.readings {
-            match codec.encode(&telemetry) {
+            let encoded = match schema_id {
+                Some(id) => codec.encode_confluent(&telemetry, id),
+                None => codec.encode(&telemetry),
+            };
+            match encoded {
                 Ok(payload) => {
                     outgoing.push(Outgoing {
                         key: telemetry.key(),

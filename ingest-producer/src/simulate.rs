@@ -10,7 +10,8 @@
 //! `--via http --auth gateway` posts batches (`--batch`) to `POST /v1/telemetry` with one
 //! gateway token per tenant; `--via http --auth device` gives every device its own device
 //! token and request, one reading per request, as fleets without gateways send; `--via kafka`
-//! encodes and produces directly, measuring the producer alone; `--via mqtt` (with `--auth
+//! encodes and produces directly, measuring the producer alone (in the Confluent wire format
+//! when `SCHEMA_REGISTRY_URL` is set, registering `telemetry.v1` as ingest does); `--via mqtt` (with `--auth
 //! device`) holds one MQTT connection per device with its token as the username and publishes
 //! each reading on `fleet/v1/telemetry` at `--qos` (1: accepted at its PUBACK, which ingest
 //! sends after Kafka's ack; the MQTT client itself re-sends what was not acknowledged after a
@@ -166,6 +167,10 @@ pub struct SimulateArgs {
     pub seed: u64,
     #[command(flatten)]
     pub kafka: KafkaArgs,
+    /// `--via kafka` with `SCHEMA_REGISTRY_URL`: readings in the Confluent wire format with
+    /// the id of `telemetry.v1` under `<TELEMETRY_TOPIC>-value`, as ingest writes them.
+    #[command(flatten)]
+    pub registry: plumbing::registry::RegistryArgs,
     #[command(flatten)]
     pub observability: ObservabilityArgs,
 }
@@ -218,6 +223,30 @@ pub enum SimulateError {
     Manifest(#[from] manifest::ManifestError),
     #[error(transparent)]
     Service(#[from] crate::Error),
+    #[error(transparent)]
+    Registry(#[from] plumbing::registry::RegistryError),
+}
+
+/// `--via kafka` with a registry: registers `telemetry.v1` as ingest does (waiting while the
+/// registry is away) and returns its id.
+async fn register_schema(
+    args: &SimulateArgs,
+    shutdown: &Shutdown,
+) -> Result<Option<u32>, SimulateError> {
+    let Some(registry) = plumbing::registry::Registry::from_args(&args.registry)? else {
+        return Ok(None);
+    };
+    let codec = schemas::telemetry_codec().map_err(crate::Error::from)?;
+    let id = registry
+        .register(
+            &args.kafka.telemetry_topic,
+            codec.current_name(),
+            codec.current_json(),
+            shutdown,
+            |err| tracing::warn!(error = %err, url = registry.url(), "schema registry not reachable yet; retrying"),
+        )
+        .await?;
+    Ok(Some(id))
 }
 
 /// One virtual device's state.
@@ -308,7 +337,11 @@ enum Target {
         url: String,
         tokens: Tokens,
     },
-    Kafka(Producer),
+    Kafka {
+        producer: Producer,
+        /// The registry's id of `telemetry.v1` (Confluent framing); `None`: single-object.
+        schema_id: Option<u32>,
+    },
     Mqtt(crate::simulate_mqtt::Fleet),
 }
 
@@ -628,11 +661,14 @@ pub async fn run(args: SimulateArgs, shutdown: Shutdown) -> Result<Summary, Simu
             };
             Target::Mqtt(crate::simulate_mqtt::Fleet::connect(&args, tokens, &shutdown).await?)
         }
-        Via::Kafka => Target::Kafka(Producer::new(
-            &args.kafka,
-            "fleetstream-simulator",
-            Duration::from_secs(30),
-        )?),
+        Via::Kafka => Target::Kafka {
+            producer: Producer::new(
+                &args.kafka,
+                "fleetstream-simulator",
+                Duration::from_secs(30),
+            )?,
+            schema_id: register_schema(&args, &shutdown).await?,
+        },
     };
 
     let (manifest_tx, manifest_writer) = match &args.manifest {
@@ -764,7 +800,7 @@ pub async fn run(args: SimulateArgs, shutdown: Shutdown) -> Result<Summary, Simu
     });
     while in_flight_rx.recv().await.is_some() {}
     let elapsed = started.elapsed();
-    if let Target::Kafka(producer) = &ctx.target {
+    if let Target::Kafka { producer, .. } = &ctx.target {
         producer.flush(Duration::from_secs(30));
     }
     if let Target::Mqtt(fleet) = &ctx.target {
@@ -989,7 +1025,10 @@ async fn deliver(ctx: Arc<Ctx>, mut batch: Vec<Pending>, mut permit: OwnedSemaph
                 url,
                 tokens,
             } => send_http(client, url, tokens, &batch).await,
-            Target::Kafka(producer) => send_kafka(producer, &batch).await,
+            Target::Kafka {
+                producer,
+                schema_id,
+            } => send_kafka(producer, *schema_id, &batch).await,
             Target::Mqtt(fleet) => fleet.send(&batch, ctx.give_up_after).await,
         };
         ctx.counters.latency(attempt.elapsed());
@@ -1183,7 +1222,11 @@ async fn send_http(
 
 /// One attempt straight to Kafka: a reading that cannot be encoded is refused (400), one the
 /// producer could not deliver is retried (503).
-async fn send_kafka(producer: &Producer, batch: &[Pending]) -> (Vec<Verdict>, Option<Duration>) {
+async fn send_kafka(
+    producer: &Producer,
+    schema_id: Option<u32>,
+    batch: &[Pending],
+) -> (Vec<Verdict>, Option<Duration>) {
     let Ok(codec) = schemas::telemetry_codec() else {
         return (vec![Verdict::Refused(500); batch.len()], None);
     };
@@ -1191,7 +1234,11 @@ async fn send_kafka(producer: &Producer, batch: &[Pending]) -> (Vec<Verdict>, Op
     let mut sent = Vec::with_capacity(batch.len());
     let mut outgoing = Vec::with_capacity(batch.len());
     for (i, p) in batch.iter().enumerate() {
-        if let Ok(payload) = codec.encode(&p.reading) {
+        let payload = match schema_id {
+            Some(id) => codec.encode_confluent(&p.reading, id),
+            None => codec.encode(&p.reading),
+        };
+        if let Ok(payload) = payload {
             sent.push(i);
             outgoing.push(Outgoing {
                 key: p.reading.key(),

@@ -403,3 +403,175 @@ async fn an_incompatible_schema_change_is_refused_at_start_up() -> Result<()> {
     assert!(err.contains("seq"), "the reason names the field: {err}");
     Ok(())
 }
+
+#[tokio::test]
+async fn with_a_registry_import_writes_what_avro_deserializer_reads() -> Result<()> {
+    let (registry_url, _, _) = registry()?;
+    let python = std::env::var("FLEETSTREAM_PYTHON")?;
+    let db = TestDb::new(LayoutChoice::Postgres).await?;
+    let topics = TestTopics::new(1).await?;
+    sqlx::query("INSERT INTO tenants (tenant_id, name) VALUES ('acme', 'Acme')")
+        .execute(&db.pool)
+        .await?;
+    sqlx::query("INSERT INTO devices (tenant_id, device_id) VALUES ('acme', 'd1')")
+        .execute(&db.pool)
+        .await?;
+    let dir = std::env::temp_dir().join(plumbing::testing::unique_name("import"));
+    std::fs::create_dir_all(&dir)?;
+    let export = dir.join("export.lp");
+    let time_s = chrono::Utc::now().timestamp() - 3600;
+    std::fs::write(
+        &export,
+        format!("env,device_id=d1 temp=21.5,count=3i {time_s}250000000\n"),
+    )?;
+    let args = ingest_producer::import::ImportArgs::try_parse_from([
+        "import",
+        export.to_str().unwrap(),
+        "--tenant",
+        "acme",
+        "--database-url",
+        &db.url,
+        "--kafka-bootstrap-servers",
+        &topics.args.bootstrap_servers,
+        "--telemetry-topic",
+        &topics.args.telemetry_topic,
+        "--progress",
+        "never",
+        "--schema-registry-url",
+        &registry_url,
+    ])?;
+    let summary = ingest_producer::import::run(args, plumbing::Shutdown::new()).await?;
+    std::fs::remove_dir_all(&dir)?;
+    assert_eq!((summary.lines, summary.stored), (1, 1), "{summary:?}");
+
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/interop/registry_consume.py"
+    );
+    let out = std::process::Command::new(&python)
+        .args([
+            script,
+            &topics.args.bootstrap_servers,
+            &topics.args.telemetry_topic,
+            &registry_url,
+            "1",
+        ])
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let codec = schemas::telemetry_codec()?;
+    let args = plumbing::registry::RegistryArgs {
+        schema_registry_url: Some(registry_url.clone()),
+        schema_registry_username: None,
+        schema_registry_password: None,
+        schema_registry_cache_capacity: 10,
+        schema_registry_timeout: Duration::from_secs(5),
+    };
+    // Registering the same text again answers the id the import registered.
+    let id = plumbing::registry::Registry::from_args(&args)?
+        .unwrap()
+        .register(
+            &topics.args.telemetry_topic,
+            codec.current_name(),
+            codec.current_json(),
+            &plumbing::Shutdown::new(),
+            |_| {},
+        )
+        .await?;
+    assert_eq!(line["schema_id"], serde_json::json!(id));
+    let mut record = line["record"].clone();
+    assert!(record["received_at"]
+        .take()
+        .as_i64()
+        .is_some_and(|t| t > 1_700_000_000_000_000));
+    assert_eq!(
+        record,
+        serde_json::json!({
+            "tenant_id": "acme", "device_id": "d1", "site_id": null, "msg_type": "telemetry",
+            "seq": 0, "time": time_s * 1_000_000 + 250_000, "received_at": null,
+            "metrics": {"env.temp": 21.5, "env.count": 3},
+        })
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn with_a_registry_simulate_via_kafka_writes_what_avro_deserializer_reads() -> Result<()> {
+    let (registry_url, _, _) = registry()?;
+    let python = std::env::var("FLEETSTREAM_PYTHON")?;
+    let topics = TestTopics::new(1).await?;
+    let args = ingest_producer::simulate::SimulateArgs::try_parse_from([
+        "simulate",
+        "--via",
+        "kafka",
+        "--devices",
+        "2",
+        "--tenants",
+        "1",
+        "--interval",
+        "100ms",
+        "--duration",
+        "500ms",
+        "--kafka-bootstrap-servers",
+        &topics.args.bootstrap_servers,
+        "--telemetry-topic",
+        &topics.args.telemetry_topic,
+        "--schema-registry-url",
+        &registry_url,
+    ])?;
+    let summary = ingest_producer::simulate::run(args, plumbing::Shutdown::new()).await?;
+    assert!(summary.accepted >= 2, "{summary:?}");
+    assert_eq!(summary.failed, 0);
+
+    let codec = schemas::telemetry_codec()?;
+    let args = plumbing::registry::RegistryArgs {
+        schema_registry_url: Some(registry_url.clone()),
+        schema_registry_username: None,
+        schema_registry_password: None,
+        schema_registry_cache_capacity: 10,
+        schema_registry_timeout: Duration::from_secs(5),
+    };
+    let id = plumbing::registry::Registry::from_args(&args)?
+        .unwrap()
+        .register(
+            &topics.args.telemetry_topic,
+            codec.current_name(),
+            codec.current_json(),
+            &plumbing::Shutdown::new(),
+            |_| {},
+        )
+        .await?;
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/interop/registry_consume.py"
+    );
+    let count = summary.accepted.to_string();
+    let out = std::process::Command::new(&python)
+        .args([
+            script,
+            &topics.args.bootstrap_servers,
+            &topics.args.telemetry_topic,
+            &registry_url,
+            &count,
+        ])
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)?
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?;
+    assert_eq!(lines.len() as u64, summary.accepted);
+    for line in &lines {
+        assert_eq!(line["schema_id"], serde_json::json!(id));
+        assert_eq!(line["record"]["msg_type"], "telemetry");
+    }
+    Ok(())
+}

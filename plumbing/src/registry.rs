@@ -94,9 +94,14 @@ pub enum RegistryError {
         subject: String,
         reason: String,
     },
-    /// Any other refusal (401, 403, 422...): retrying will not change it.
-    #[error("schema registry refused {what}: {reason}")]
-    Refused { what: String, reason: String },
+    /// Any other refusal (401, 403, 422...): retrying will not change it. The reason carries
+    /// the HTTP status.
+    #[error("schema registry {registry} refused {what}: {reason}")]
+    Refused {
+        registry: String,
+        what: String,
+        reason: String,
+    },
     #[error("shut down while waiting for the schema registry")]
     Cancelled,
 }
@@ -227,10 +232,12 @@ impl Registry {
             reason,
         };
         let refused = |what: &str, err: &SRCError| RegistryError::Refused {
+            registry: self.url.clone(),
             what: format!("{what} of {name} under {subject}"),
             reason: describe(err),
         };
         let ours = Schema::parse_str(json).map_err(|err| RegistryError::Refused {
+            registry: self.url.clone(),
             what: format!("schema {name}"),
             reason: err.to_string(),
         })?;
@@ -290,6 +297,7 @@ impl Registry {
         match get_schema_by_id(id, &self.settings).await {
             Ok(registered) if registered.schema_type == SchemaType::Avro => Ok(registered.schema),
             Ok(registered) => Err(RegistryError::Refused {
+                registry: self.url.clone(),
                 what: format!("schema id {id}"),
                 reason: format!("it is a {:?} schema, not Avro", registered.schema_type),
             }),

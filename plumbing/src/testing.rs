@@ -22,6 +22,7 @@ use tokio::sync::OnceCell;
 use crate::config::KafkaArgs;
 
 mod kafka_broker;
+pub mod registry;
 
 pub use kafka_broker::PrivateKafka;
 

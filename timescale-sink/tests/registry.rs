@@ -15,9 +15,10 @@ use std::time::Duration;
 use anyhow::Result;
 use chrono::{DateTime, Utc};
 use common::{
-    assert_stored_as_sent, dead_letters, micros, producer, registry_url, run_python, sent,
-    sink_config, wait_for_stored, Sent,
+    assert_stored_as_sent, dead_letters, micros, producer, run_python, sent, sink_config,
+    wait_for_stored, Sent,
 };
+use plumbing::testing::registry::{registry_url, Forwarder};
 use plumbing::testing::{TestDb, TestTopics};
 use plumbing::Shutdown;
 use schemas::LayoutChoice;
@@ -126,7 +127,7 @@ async fn while_the_registry_is_away_the_sink_waits_and_dead_letters_nothing() ->
     let url = registry_url()?;
     let rest = url.trim_start_matches("http://");
     let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
-    let forwarder = common::Forwarder::start(host.to_owned()).await?;
+    let forwarder = Forwarder::start(host.to_owned()).await?;
     let sink_url = format!("http://127.0.0.1:{}/{path}", forwarder.port);
 
     let db = TestDb::new(LayoutChoice::Postgres).await?;

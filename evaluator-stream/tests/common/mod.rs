@@ -193,11 +193,26 @@ pub async fn alerts(pool: &PgPool) -> Result<Vec<AlertRow>> {
     .await?)
 }
 
-/// Event ids on `topic` (from its beginning) until `quiet` passes without a new message.
+/// Event ids on the alerts topic (from its beginning) until `quiet` passes without a new
+/// message: (messages, distinct ids).
 pub fn event_ids_on(
     args: &plumbing::config::KafkaArgs,
     quiet: Duration,
 ) -> Result<(usize, BTreeSet<String>)> {
+    let events = alert_events_on(args, None, quiet)?;
+    let total = events.len();
+    Ok((total, events.into_iter().map(|e| e.event_id).collect()))
+}
+
+/// The alert events on the alerts topic (from its beginning, partition by partition) until
+/// `quiet` passes without a new message, each checked for its key and `event_id` header.
+/// Both framings: single-object, and the Confluent wire format with the writer schema fetched
+/// from `registry` by the message's id. Call from a blocking thread inside a runtime.
+pub fn alert_events_on(
+    args: &plumbing::config::KafkaArgs,
+    registry: Option<&plumbing::registry::Registry>,
+    quiet: Duration,
+) -> Result<Vec<schemas::AlertEvent>> {
     let mut config = plumbing::kafka::consumer_config(
         args,
         "evaluator-test-reader",
@@ -207,13 +222,34 @@ pub fn event_ids_on(
     let consumer: BaseConsumer = config.create()?;
     consumer.subscribe(&[&args.alerts_topic])?;
     let codec = schemas::alert_codec()?;
-    let mut ids = BTreeSet::new();
-    let mut total = 0;
+    let mut writers = std::collections::HashMap::new();
+    let mut events = Vec::new();
     let mut last = std::time::Instant::now();
     while last.elapsed() < quiet {
         if let Some(message) = consumer.poll(Duration::from_millis(100)) {
             let message = message?;
-            let event = codec.decode(message.payload().unwrap_or_default())?;
+            let payload = message.payload().unwrap_or_default();
+            let event = match schemas::Codec::<schemas::AlertEvent>::framing(payload)? {
+                schemas::Framing::Confluent { schema_id } => {
+                    let registry = registry.ok_or_else(|| {
+                        anyhow::anyhow!(
+                            "Confluent-framed alert (id {schema_id}) without a registry"
+                        )
+                    })?;
+                    let writer = match writers.entry(schema_id) {
+                        std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                        std::collections::hash_map::Entry::Vacant(e) => {
+                            let json = tokio::runtime::Handle::current()
+                                .block_on(registry.schema_by_id(schema_id))?;
+                            e.insert(
+                                codec.writer_schema(&format!("registry id {schema_id}"), &json)?,
+                            )
+                        }
+                    };
+                    codec.decode_body(writer, &payload[5..])?
+                }
+                schemas::Framing::SingleObject { .. } => codec.decode(payload)?,
+            };
             let header = message
                 .headers()
                 .and_then(|h| h.iter().find(|h| h.key == "event_id"))
@@ -224,12 +260,11 @@ pub fn event_ids_on(
                 message.key(),
                 Some(format!("{}/{}", event.tenant_id, event.device_id).as_bytes())
             );
-            ids.insert(event.event_id);
-            total += 1;
+            events.push(event);
             last = std::time::Instant::now();
         }
     }
-    Ok((total, ids))
+    Ok(events)
 }
 
 /// An alert row in seconds after the scenario start.

@@ -474,16 +474,6 @@ pub async fn assert_stored_as_sent(pool: &sqlx::PgPool, readings: &[Sent]) -> Re
     Ok(())
 }
 
-/// The schema registry of the tests (`FLEETSTREAM_SCHEMA_REGISTRY_URL`, from deps.sh).
-pub fn registry_url() -> Result<String> {
-    std::env::var("FLEETSTREAM_SCHEMA_REGISTRY_URL").map_err(|_| {
-        anyhow::anyhow!(
-            "FLEETSTREAM_SCHEMA_REGISTRY_URL is not set: run `eval \"$(deploy/local/deps.sh env)\"` \
-             after `deploy/local/deps.sh up`, which starts the schema registry"
-        )
-    })
-}
-
 /// The next `count` dead letters of `topics`' DLQ: (source offset, stage, error, payload).
 pub async fn dead_letters(
     topics: &TestTopics,
@@ -514,77 +504,6 @@ pub async fn dead_letters(
         ));
     }
     Ok(letters)
-}
-
-/// A TCP forwarder to the real schema registry that a test switches off and on: while off,
-/// every connection (new, and those already open, e.g. pooled keep-alive ones) is closed at
-/// once, which a client sees as the registry being away. Counts the connections refused.
-pub struct Forwarder {
-    pub port: u16,
-    up: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    refused: std::sync::Arc<std::sync::atomic::AtomicUsize>,
-    cut: std::sync::Arc<std::sync::Mutex<tokio_util::sync::CancellationToken>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Forwarder {
-    /// Listening on a free port, forwarding to `target` (`host:port`), switched on.
-    pub async fn start(target: String) -> Result<Self> {
-        use std::sync::atomic::Ordering;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let port = listener.local_addr()?.port();
-        let up = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
-        let refused = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let cut = std::sync::Arc::new(std::sync::Mutex::new(
-            tokio_util::sync::CancellationToken::new(),
-        ));
-        let (up2, refused2, cut2) = (up.clone(), refused.clone(), cut.clone());
-        let task = tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
-                if !up2.load(Ordering::SeqCst) {
-                    refused2.fetch_add(1, Ordering::SeqCst);
-                    continue; // dropped: closed at once
-                }
-                let token = cut2.lock().unwrap().clone();
-                let target = target.clone();
-                tokio::spawn(async move {
-                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await {
-                        tokio::select! {
-                            _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
-                            () = token.cancelled() => {}
-                        }
-                    }
-                });
-            }
-        });
-        Ok(Self {
-            port,
-            up,
-            refused,
-            cut,
-            task,
-        })
-    }
-
-    pub fn set_up(&self, up: bool) {
-        use std::sync::atomic::Ordering;
-        self.up.store(up, Ordering::SeqCst);
-        if !up {
-            let mut cut = self.cut.lock().unwrap();
-            cut.cancel();
-            *cut = tokio_util::sync::CancellationToken::new();
-        }
-    }
-
-    pub fn refused(&self) -> usize {
-        self.refused.load(std::sync::atomic::Ordering::SeqCst)
-    }
-}
-
-impl Drop for Forwarder {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
 }
 
 /// The DLQ's end offsets summed over its partitions (how many dead letters were written).
