@@ -10,7 +10,8 @@
 //!
 //! * [`http`]: the route, the request flow and the reply shapes.
 //! * [`mqtt`]: MQTT 3.1.1 and 5 device ingest (ThingsBoard's device API and our own topic) on
-//!   the same flow, PUBACK after Kafka's acknowledgement.
+//!   the same flow, PUBACK after Kafka's acknowledgement; plain and TLS listeners.
+//! * [`fd_limit`]: the open-file limit raised for the MQTT connections (ingest and simulator).
 //! * [`influx`]: the InfluxDB-compatible writes (`/api/v2/write`, `/write`, `/query`) on the
 //!   same flow, with InfluxDB's answers.
 //! * [`lineproto`]: line protocol: parsing with line numbers, and the mapping of
@@ -41,6 +42,7 @@ pub mod credentials;
 pub mod encoding;
 pub mod error;
 pub mod export;
+pub mod fd_limit;
 pub mod http;
 pub mod import;
 pub mod influx;

@@ -114,7 +114,9 @@ pub struct SimulateArgs {
     /// Base URL of the ingest endpoint.
     #[arg(long, env = "INGEST_URL", default_value = "http://127.0.0.1:8080")]
     pub url: String,
-    /// `host:port` of the MQTT listener (`--via mqtt`).
+    /// `host:port` of the MQTT listener (`--via mqtt`), or several separated by commas (device
+    /// `d` connects to the `d mod n`th: one client address reaches one server address from at
+    /// most ~28,000 ports).
     #[arg(long, env = "INGEST_MQTT", default_value = "127.0.0.1:1883")]
     pub mqtt: String,
     /// MQTT QoS of the readings (`--via mqtt`): 1 counts a reading accepted at its PUBACK
@@ -273,8 +275,13 @@ pub struct Summary {
     pub elapsed: Duration,
     /// Longest the schedule fell behind (a device's reading sent this late).
     pub max_behind: Duration,
-    /// Request latencies (HTTP, each attempt) or send-round latencies (Kafka), µs, sorted.
+    /// Request latencies (HTTP, each attempt), publish-to-PUBACK latencies (MQTT QoS 1) or
+    /// send-round latencies (Kafka), µs, sorted.
     pub latencies_us: Vec<u32>,
+    /// MQTT connections up at the end of the run (before the simulator disconnects them).
+    pub connections: u64,
+    /// MQTT reconnections during the run.
+    pub reconnects: u64,
 }
 
 impl Summary {
@@ -803,9 +810,14 @@ pub async fn run(args: SimulateArgs, shutdown: Shutdown) -> Result<Summary, Simu
     if let Target::Kafka { producer, .. } = &ctx.target {
         producer.flush(Duration::from_secs(30));
     }
-    if let Target::Mqtt(fleet) = &ctx.target {
-        fleet.disconnect().await;
-    }
+    let (connections, reconnects) = match &ctx.target {
+        Target::Mqtt(fleet) => {
+            let counts = fleet.connections();
+            fleet.disconnect().await;
+            counts
+        }
+        _ => (0, 0),
+    };
     let counters = &ctx.counters;
     let mut latencies_us = match counters.latencies_us.lock() {
         Ok(mut l) => std::mem::take(&mut *l),
@@ -819,6 +831,8 @@ pub async fn run(args: SimulateArgs, shutdown: Shutdown) -> Result<Summary, Simu
         elapsed,
         max_behind,
         latencies_us,
+        connections,
+        reconnects,
     };
     drop(ctx);
     if let Some(handle) = manifest_writer {
@@ -889,7 +903,7 @@ pub fn print_summary(args: &SimulateArgs, summary: &Summary) -> std::io::Result<
         out,
         "via={:?} auth={} devices={} interval={:?} batch={} concurrency={} offered={:.0} msg/s \
          accepted={} failed={} retries={} elapsed={:.1}s achieved={:.0} msg/s \
-         max_behind={:.1}s p50={:.1}ms p99={:.1}ms",
+         max_behind={:.1}s p50={:.1}ms p99={:.1}ms{}",
         args.via,
         args.auth.name(),
         args.devices,
@@ -909,6 +923,13 @@ pub fn print_summary(args: &SimulateArgs, summary: &Summary) -> std::io::Result<
         summary.max_behind.as_secs_f64(),
         summary.quantile(0.5).as_secs_f64() * 1000.0,
         summary.quantile(0.99).as_secs_f64() * 1000.0,
+        match args.via {
+            Via::Mqtt => format!(
+                " connections={} reconnects={}",
+                summary.connections, summary.reconnects
+            ),
+            _ => String::new(),
+        },
     )
 }
 

@@ -6,8 +6,16 @@
 //! each publish waits in a queue until the client writes it and names its packet id
 //! (`Outgoing::Publish`); a re-sent publish (after a reconnect the client sends what was not
 //! acknowledged again, the session being persistent) keeps its id and its waiter.
+//!
+//! Scale: each connection is a file descriptor, so the open-file limit is raised to
+//! `--devices` plus a reserve first ([`crate::fd_limit`]; the log says what it found and
+//! did). One client address reaches one server address from at most ~28,000 ephemeral ports
+//! (Linux's default 32768–60999), so for more devices `--mqtt` takes several addresses
+//! (`127.0.0.1:1883,127.0.0.2:1883,…`, all of them ingest's `MQTT_LISTEN`) and device `d`
+//! connects to address `d mod n`.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -21,6 +29,17 @@ use crate::simulate::{post_message, Pending, SimulateArgs, SimulateError, Verdic
 
 /// Connections being set up at once.
 const CONNECTING: usize = 256;
+
+/// Publishes of one connection awaiting their PUBACK at most (rumqttc's default is 100; each
+/// slot is memory held per connection, and ingest handles 16 at once by default).
+const IN_FLIGHT: u16 = 16;
+
+/// Connections up and reconnections, across the fleet.
+#[derive(Debug, Default)]
+struct ConnectionCounts {
+    up: AtomicU64,
+    reconnects: AtomicU64,
+}
 
 /// Readings of one device waiting for their acknowledgement.
 #[derive(Default)]
@@ -43,6 +62,7 @@ pub(crate) struct Fleet {
     devices: Vec<Device>,
     qos: QoS,
     stop: Shutdown,
+    counts: Arc<ConnectionCounts>,
 }
 
 impl std::fmt::Debug for Fleet {
@@ -70,11 +90,21 @@ impl Fleet {
         tokens: Vec<String>,
         shutdown: &Shutdown,
     ) -> Result<Self, SimulateError> {
-        let (host, port) = args
+        let servers = args
             .mqtt
-            .rsplit_once(':')
-            .and_then(|(h, p)| Some((h.to_owned(), p.parse::<u16>().ok()?)))
-            .ok_or(SimulateError::Settings("--mqtt must be host:port"))?;
+            .split(',')
+            .map(|addr| {
+                addr.trim()
+                    .rsplit_once(':')
+                    .and_then(|(h, p)| Some((h.to_owned(), p.parse::<u16>().ok()?)))
+            })
+            .collect::<Option<Vec<_>>>()
+            .filter(|servers| !servers.is_empty())
+            .ok_or(SimulateError::Settings(
+                "--mqtt must be host:port[,host:port...]",
+            ))?;
+        raise_fd_limit(tokens.len());
+        let counts = Arc::new(ConnectionCounts::default());
         let qos = if args.qos == 0 {
             QoS::AtMostOnce
         } else {
@@ -85,9 +115,11 @@ impl Fleet {
         let mut devices = Vec::with_capacity(tokens.len());
         let mut connected = Vec::with_capacity(tokens.len());
         for (d, token) in tokens.into_iter().enumerate() {
-            let mut options = MqttOptions::new(format!("{}-{d}", args.prefix), host.clone(), port);
+            let (host, port) = &servers[d % servers.len()];
+            let mut options = MqttOptions::new(format!("{}-{d}", args.prefix), host.clone(), *port);
             options.set_credentials(token, "");
             options.set_keep_alive(Duration::from_secs(60));
+            options.set_inflight(IN_FLIGHT);
             // Persistent: after a reconnect the client re-sends what was not acknowledged.
             options.set_clean_session(false);
             let (client, events) = AsyncClient::new(options, 16);
@@ -98,6 +130,7 @@ impl Fleet {
                 waiters.clone(),
                 up_tx,
                 connecting.clone(),
+                counts.clone(),
                 stop.clone(),
             ));
             connected.push(up_rx);
@@ -108,7 +141,11 @@ impl Fleet {
             });
         }
         let mut up = 0usize;
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        // A minute, and a second more per 2,000 devices (100,000 take about a minute to
+        // connect on two cores).
+        let deadline = tokio::time::Instant::now()
+            + Duration::from_secs(60)
+            + Duration::from_millis(devices.len() as u64 / 2);
         for rx in connected {
             if let Ok(Ok(())) = tokio::time::timeout_at(deadline, rx).await {
                 up += 1;
@@ -119,7 +156,20 @@ impl Fleet {
             devices = devices.len(),
             "mqtt devices connected"
         );
-        Ok(Fleet { devices, qos, stop })
+        Ok(Fleet {
+            devices,
+            qos,
+            stop,
+            counts,
+        })
+    }
+
+    /// Connections up now, and reconnections so far.
+    pub(crate) fn connections(&self) -> (u64, u64) {
+        (
+            self.counts.up.load(Ordering::Relaxed),
+            self.counts.reconnects.load(Ordering::Relaxed),
+        )
     }
 
     /// Publishes each reading on its device's connection and waits for its acknowledgement,
@@ -180,9 +230,11 @@ async fn drive(
     waiters: Arc<Mutex<Waiters>>,
     up: oneshot::Sender<()>,
     connecting: Arc<Semaphore>,
+    counts: Arc<ConnectionCounts>,
     stop: Shutdown,
 ) {
     let mut up = Some(up);
+    let mut connected = false;
     let mut permit = connecting.clone().acquire_owned().await.ok();
     let mut backoff = Duration::from_millis(100);
     loop {
@@ -194,8 +246,17 @@ async fn drive(
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 backoff = Duration::from_millis(100);
                 permit = None;
-                if let Some(up) = up.take() {
-                    let _ = up.send(());
+                if !connected {
+                    connected = true;
+                    counts.up.fetch_add(1, Ordering::Relaxed);
+                }
+                match up.take() {
+                    Some(up) => {
+                        let _ = up.send(());
+                    }
+                    None => {
+                        counts.reconnects.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
             }
             Ok(Event::Outgoing(Outgoing::Publish(packet))) => {
@@ -218,6 +279,10 @@ async fn drive(
             }
             Ok(_) => {}
             Err(err) => {
+                if connected {
+                    connected = false;
+                    counts.up.fetch_sub(1, Ordering::Relaxed);
+                }
                 match &err {
                     ConnectionError::ConnectionRefused(code) => {
                         debug!(?code, "mqtt connect refused; retrying")
@@ -236,5 +301,22 @@ async fn drive(
                 }
             }
         }
+    }
+}
+
+/// Raises the open-file limit for one connection per device (see [`crate::fd_limit`]).
+fn raise_fd_limit(devices: usize) {
+    let needed = devices as u64 + crate::fd_limit::RESERVE;
+    match crate::fd_limit::raise(needed) {
+        Ok(limit) if limit.allows(needed) => {
+            info!(%limit, devices, "open-file limit for the devices' connections")
+        }
+        Ok(limit) => warn!(
+            %limit,
+            needed,
+            devices,
+            "open-file limit below one connection per device: connections past it fail"
+        ),
+        Err(err) => warn!(error = %err, "cannot read or raise the open-file limit"),
     }
 }

@@ -110,7 +110,7 @@ fn normalized(consumed: &Consumed, server_time: bool) -> (String, Telemetry) {
 async fn forms_produce_what_http_produces(v5: bool) {
     let f = Fixture::new(1).await.unwrap();
     let listener = mqtt::listen(&f.app, &mqtt::args());
-    let addr = listener.local_addr();
+    let addr = listener.local_addr().unwrap();
     let cases = cases();
     // Over MQTT, each publish acknowledged before the next, so the topic holds them in order.
     let mut per_case = Vec::new();
@@ -180,7 +180,7 @@ async fn v5_each_payload_form_produces_the_record_its_http_equivalent_produces()
 async fn a_bad_or_missing_token_is_refused_with_the_documented_codes() {
     let f = Fixture::new(1).await.unwrap();
     let listener = mqtt::listen(&f.app, &mqtt::args());
-    let addr = listener.local_addr();
+    let addr = listener.local_addr().unwrap();
     // 3.1.1: return code 5 (not authorized) for an unknown, a revoked and a missing token.
     for token in [Some("nope"), Some("gw-revoked"), None] {
         let refused = v3::connect_with(v3::options(addr, "x", token)).await.err();
@@ -205,7 +205,7 @@ async fn v5_refusals_carry_puback_reason_codes_and_produce_nothing() {
         .await
         .unwrap();
     let listener = mqtt::listen(&f.app, &mqtt::args());
-    let addr = listener.local_addr();
+    let addr = listener.local_addr().unwrap();
     let mut d1 = v5::connect(addr, "tok-d1").await.unwrap();
     let refused = [
         // Another device's readings, another tenant's, the gateway topic, an unknown topic.
@@ -284,7 +284,7 @@ async fn v5_refusals_carry_puback_reason_codes_and_produce_nothing() {
 async fn v3_refusals_close_the_connection_without_a_puback() {
     let f = Fixture::new(1).await.unwrap();
     let listener = mqtt::listen(&f.app, &mqtt::args());
-    let addr = listener.local_addr();
+    let addr = listener.local_addr().unwrap();
     for (topic, payload) in [
         (
             "fleet/v1/telemetry",
@@ -315,7 +315,7 @@ async fn v3_refusals_close_the_connection_without_a_puback() {
 async fn qos_0_is_produced_qos_2_and_subscribe_are_refused() {
     let f = Fixture::new(1).await.unwrap();
     let listener = mqtt::listen(&f.app, &mqtt::args());
-    let addr = listener.local_addr();
+    let addr = listener.local_addr().unwrap();
     // QoS 0: no PUBACK; the reading arrives (polled: nothing tells the client when).
     let mut c = v3::connect(addr, "tok-d1").await.unwrap();
     assert_eq!(

@@ -35,7 +35,7 @@ fn text(output: &Output) -> String {
 async fn mosquitto_pub_publishes_thingsboard_telemetry_over_3_1_1_and_5() {
     let f = Fixture::new(1).await.unwrap();
     let listener = mqtt::listen(&f.app, &mqtt::args());
-    let addr = listener.local_addr();
+    let addr = listener.local_addr().unwrap();
     let ts = Utc::now().timestamp_millis() - 1000;
     for (n, version) in ["mqttv311", "mqttv5"].into_iter().enumerate() {
         let payload = format!(
@@ -87,7 +87,7 @@ async fn mosquitto_pub_publishes_thingsboard_telemetry_over_3_1_1_and_5() {
 async fn mosquitto_pub_sees_the_refusals() {
     let f = Fixture::new(1).await.unwrap();
     let listener = mqtt::listen(&f.app, &mqtt::args());
-    let addr = listener.local_addr();
+    let addr = listener.local_addr().unwrap();
     // A bad token: CONNACK refused, mosquitto_pub fails.
     for version in ["mqttv311", "mqttv5"] {
         let output = mosquitto_pub(addr, version, "nope", r#"{"t": 1}"#).await;

@@ -45,12 +45,21 @@
 //! The server is `ntex-mqtt` on its own threads (an ntex `System` with `MQTT_WORKERS`
 //! workers, each a single-threaded runtime); the ingest steps run on the service's tokio
 //! runtime.
+//!
+//! **TLS.** With `MQTT_TLS_LISTEN` set, a second listener serves the same MQTT inside TLS 1.2
+//! or 1.3 (rustls through ntex-tls, certificate chain and key from the PEM files
+//! `MQTT_TLS_CERT` and `MQTT_TLS_KEY`); the same workers, limits and connection count serve
+//! both. The files are read at start-up: a missing or unreadable file, one without a
+//! certificate or key, or a key that does not match the certificate stops the service with an
+//! error naming the setting. Devices authenticate with their token as on the plain listener
+//! (no client certificates).
 
 pub mod payload;
 
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -60,11 +69,13 @@ use chrono::Utc;
 use clap::Args;
 use futures::channel::oneshot;
 use ntex::service::cfg::SharedCfg;
-use ntex::service::{fn_factory_with_config, fn_service};
+use ntex::service::{chain_factory, fn_factory_with_config, fn_service, ServiceFactory};
 use ntex::time::{Millis, Seconds};
 use ntex::util::{ByteString, Bytes};
 use ntex_mqtt::{v3, v5, MqttServer, MqttServiceConfig, QoS};
 use plumbing::config::parse_duration;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tracing::{debug, info, warn};
 
 use crate::credentials::{token_hash, Principal};
@@ -79,7 +90,9 @@ const REVOCATION_CHECK: Millis = Millis(250);
 /// The MQTT listener's settings, from flags or the environment.
 #[derive(Debug, Clone, Args)]
 pub struct MqttArgs {
-    /// Address of the MQTT listener (3.1.1 and 5); `off` disables it.
+    /// Address of the MQTT listener (3.1.1 and 5), or several separated by commas; `off`
+    /// disables it. (A client host reaches one address from at most ~28,000 ephemeral ports;
+    /// several addresses let one load generator hold more connections.)
     #[arg(long, env = "MQTT_LISTEN", default_value = "127.0.0.1:1883", value_parser = parse_listen)]
     pub mqtt_listen: Listen,
     /// Largest MQTT packet accepted, in bytes (a larger one closes the connection).
@@ -102,19 +115,41 @@ pub struct MqttArgs {
     /// Threads serving MQTT connections.
     #[arg(long, env = "MQTT_WORKERS", default_value_t = 1)]
     pub mqtt_workers: usize,
+    /// Address of the MQTT-over-TLS listener (e.g. `0.0.0.0:8883`), or several separated by
+    /// commas; `off` disables it. Needs `MQTT_TLS_CERT` and `MQTT_TLS_KEY`.
+    #[arg(long, env = "MQTT_TLS_LISTEN", default_value = "off", value_parser = parse_listen)]
+    pub mqtt_tls_listen: Listen,
+    /// The TLS listener's certificate chain, PEM, the server's own certificate first.
+    #[arg(long, env = "MQTT_TLS_CERT")]
+    pub mqtt_tls_cert: Option<PathBuf>,
+    /// The TLS listener's private key, PEM (PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, env = "MQTT_TLS_KEY")]
+    pub mqtt_tls_key: Option<PathBuf>,
 }
 
-/// `MQTT_LISTEN`: an address, or disabled.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Listen(pub Option<SocketAddr>);
+/// `MQTT_LISTEN`, `MQTT_TLS_LISTEN`: addresses; none when disabled.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Listen(pub Vec<SocketAddr>);
+
+impl Listen {
+    /// No listener.
+    pub fn off() -> Self {
+        Listen(Vec::new())
+    }
+}
 
 fn parse_listen(value: &str) -> Result<Listen, String> {
     match value.trim() {
-        "" | "off" | "none" | "disabled" => Ok(Listen(None)),
-        addr => addr
-            .parse()
-            .map(|addr| Listen(Some(addr)))
-            .map_err(|err| format!("{err}: expected host:port or off")),
+        "" | "off" | "none" | "disabled" => Ok(Listen::off()),
+        list => list
+            .split(',')
+            .map(|addr| {
+                addr.trim().parse().map_err(|err| {
+                    format!("{addr}: {err}: expected host:port[,host:port...] or off")
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(Listen),
     }
 }
 
@@ -123,8 +158,78 @@ fn parse_listen(value: &str) -> Result<Listen, String> {
 pub enum MqttError {
     #[error("mqtt listener: {0}")]
     Io(#[from] std::io::Error),
+    #[error("cannot listen on {setting} {addr}: {source}")]
+    Bind {
+        setting: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("MQTT_TLS_LISTEN is set but {0} is not")]
+    TlsSettingMissing(&'static str),
+    #[error("invalid setting `{setting}` ({path}): {reason}")]
+    Tls {
+        setting: &'static str,
+        path: String,
+        reason: String,
+    },
     #[error("mqtt listener thread ended before the server started")]
     NotStarted,
+}
+
+/// The TLS listener's server configuration from `MQTT_TLS_CERT` and `MQTT_TLS_KEY`.
+pub fn tls_config(args: &MqttArgs) -> Result<Arc<rustls::ServerConfig>, MqttError> {
+    let cert_path = args
+        .mqtt_tls_cert
+        .as_deref()
+        .ok_or(MqttError::TlsSettingMissing("MQTT_TLS_CERT"))?;
+    let key_path = args
+        .mqtt_tls_key
+        .as_deref()
+        .ok_or(MqttError::TlsSettingMissing("MQTT_TLS_KEY"))?;
+    let invalid = |setting: &'static str, path: &Path, reason: String| MqttError::Tls {
+        setting,
+        path: path.display().to_string(),
+        reason,
+    };
+    // Read first, so that a missing file is reported as such (the PEM readers say "no items").
+    let cert_pem = std::fs::read(cert_path)
+        .map_err(|err| invalid("MQTT_TLS_CERT", cert_path, format!("cannot read it: {err}")))?;
+    let key_pem = std::fs::read(key_path)
+        .map_err(|err| invalid("MQTT_TLS_KEY", key_path, format!("cannot read it: {err}")))?;
+    let chain = CertificateDer::pem_slice_iter(&cert_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|err| invalid("MQTT_TLS_CERT", cert_path, format!("not PEM: {err}")))?;
+    if chain.is_empty() {
+        return Err(invalid(
+            "MQTT_TLS_CERT",
+            cert_path,
+            "no CERTIFICATE in the file".to_owned(),
+        ));
+    }
+    let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|err| {
+        invalid(
+            "MQTT_TLS_KEY",
+            key_path,
+            format!("no PEM private key: {err}"),
+        )
+    })?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|err| invalid("MQTT_TLS_CERT", cert_path, err.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        // The chain parsed; what fails here is the key (unsupported, or not the certificate's).
+        .map_err(|err| invalid("MQTT_TLS_KEY", key_path, err.to_string()))?;
+    Ok(Arc::new(config))
+}
+
+fn bind(setting: &'static str, addr: SocketAddr) -> Result<std::net::TcpListener, MqttError> {
+    std::net::TcpListener::bind(addr).map_err(|source| MqttError::Bind {
+        setting,
+        addr,
+        source,
+    })
 }
 
 /// What every connection shares, across workers.
@@ -137,23 +242,45 @@ struct Shared {
     next_id: AtomicU64,
 }
 
-/// A running MQTT listener.
+/// A running MQTT listener (plain, TLS, or both).
 #[derive(Debug)]
 pub struct MqttListener {
-    addr: SocketAddr,
+    addrs: Vec<SocketAddr>,
+    tls_addrs: Vec<SocketAddr>,
     server: ntex::server::Server,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
+/// Bound sockets of the TLS listener, and its configuration.
+type TlsSockets = (Vec<std::net::TcpListener>, Arc<rustls::ServerConfig>);
+
 impl MqttListener {
-    /// Binds `MQTT_LISTEN` and starts serving; `None` when the listener is disabled. Call from
-    /// the service's tokio runtime: publishes are handled on it.
+    /// Binds `MQTT_LISTEN` and `MQTT_TLS_LISTEN` and starts serving; `None` when both are
+    /// disabled. Call from the service's tokio runtime: publishes are handled on it.
     pub fn start(app: App, args: &MqttArgs) -> Result<Option<Self>, MqttError> {
-        let Some(addr) = args.mqtt_listen.0 else {
-            return Ok(None);
+        // The certificate and key first: a bad path fails before anything is bound.
+        let tls = if args.mqtt_tls_listen.0.is_empty() {
+            None
+        } else {
+            Some(tls_config(args)?)
         };
-        let listener = std::net::TcpListener::bind(addr)?;
-        Self::start_on(listener, app, args).map(Some)
+        let plain = (args.mqtt_listen.0.iter())
+            .map(|addr| bind("MQTT_LISTEN", *addr))
+            .collect::<Result<Vec<_>, _>>()?;
+        let tls = match tls {
+            Some(config) => {
+                let sockets = (args.mqtt_tls_listen.0.iter())
+                    .map(|addr| bind("MQTT_TLS_LISTEN", *addr))
+                    .collect::<Result<Vec<_>, _>>()?;
+                Some((sockets, config))
+            }
+            None => None,
+        };
+        if plain.is_empty() && tls.is_none() {
+            return Ok(None);
+        }
+        raise_fd_limit(args.mqtt_max_connections);
+        Self::serve(plain, tls, app, args).map(Some)
     }
 
     /// Starts serving on a bound listener (tests bind port 0).
@@ -162,7 +289,38 @@ impl MqttListener {
         app: App,
         args: &MqttArgs,
     ) -> Result<Self, MqttError> {
-        let addr = listener.local_addr()?;
+        Self::serve(vec![listener], None, app, args)
+    }
+
+    /// Starts serving MQTT on `listener` and MQTT over TLS on `tls_listener`, with the
+    /// certificate and key of `args` (tests bind port 0).
+    pub fn start_tls_on(
+        listener: std::net::TcpListener,
+        tls_listener: std::net::TcpListener,
+        app: App,
+        args: &MqttArgs,
+    ) -> Result<Self, MqttError> {
+        let config = tls_config(args)?;
+        Self::serve(
+            vec![listener],
+            Some((vec![tls_listener], config)),
+            app,
+            args,
+        )
+    }
+
+    fn serve(
+        plain: Vec<std::net::TcpListener>,
+        tls: Option<TlsSockets>,
+        app: App,
+        args: &MqttArgs,
+    ) -> Result<Self, MqttError> {
+        let addrs = (plain.iter())
+            .map(|l| l.local_addr())
+            .collect::<Result<Vec<_>, _>>()?;
+        let tls_addrs = (tls.iter().flat_map(|(sockets, _)| sockets))
+            .map(|l| l.local_addr())
+            .collect::<Result<Vec<_>, _>>()?;
         let shared = Arc::new(Shared {
             app,
             runtime: tokio::runtime::Handle::current(),
@@ -170,14 +328,7 @@ impl MqttListener {
             connections: AtomicUsize::new(0),
             next_id: AtomicU64::new(0),
         });
-        let config = MqttServiceConfig::new()
-            .set_max_qos(QoS::AtLeastOnce)
-            .set_max_size(args.mqtt_max_packet_bytes)
-            .set_max_receive(args.mqtt_max_in_flight.max(1))
-            .set_max_receive_size(0)
-            .set_connect_timeout(seconds(args.mqtt_connect_timeout))
-            .set_handshake_timeout(seconds(args.mqtt_connect_timeout))
-            .protocol_version_timeout(seconds(args.mqtt_connect_timeout));
+        let service_args = args.clone();
         let workers = args.mqtt_workers.max(1);
         // Per worker; a little over the limit so that connections past it are answered with
         // a CONNACK refusal instead of waiting in the accept queue.
@@ -190,12 +341,9 @@ impl MqttListener {
                     .name("mqtt")
                     .build(ntex::rt::DefaultRuntime)
                     .block_on(async move {
-                        let builder =
-                            ntex::server::build()
-                                .listen("mqtt", listener, async move |_| worker(shared.clone()));
+                        let builder = build_server(plain, tls, shared, &service_args);
                         let server = match builder {
                             Ok(builder) => builder
-                                .config("mqtt", SharedCfg::new("MQTT").add(config))
                                 .workers(workers)
                                 .maxconn(maxconn)
                                 .disable_signals()
@@ -212,17 +360,28 @@ impl MqttListener {
                     });
             })?;
         let server = server.recv().map_err(|_| MqttError::NotStarted)??;
-        info!(%addr, "mqtt listening");
+        for addr in &addrs {
+            info!(%addr, "mqtt listening");
+        }
+        for addr in &tls_addrs {
+            info!(%addr, "mqtt over tls listening");
+        }
         Ok(MqttListener {
-            addr,
+            addrs,
+            tls_addrs,
             server,
             thread: Some(thread),
         })
     }
 
-    /// The bound address.
-    pub fn local_addr(&self) -> SocketAddr {
-        self.addr
+    /// The (first) plain listener's address.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.addrs.first().copied()
+    }
+
+    /// The (first) TLS listener's address.
+    pub fn tls_local_addr(&self) -> Option<SocketAddr> {
+        self.tls_addrs.first().copied()
     }
 
     /// Stops accepting, closes the connections and waits for the listener's thread.
@@ -233,6 +392,82 @@ impl MqttListener {
         }
         info!("mqtt stopped");
     }
+}
+
+/// Raises the open-file limit for `MQTT_MAX_CONNECTIONS` connections (see
+/// [`crate::fd_limit`]); says what it did, and warns when the limit stays too low.
+fn raise_fd_limit(max_connections: usize) {
+    let needed = max_connections as u64 + crate::fd_limit::RESERVE;
+    match crate::fd_limit::raise(needed) {
+        Ok(limit) if limit.allows(needed) => {
+            if limit.now != limit.before {
+                info!(%limit, max_connections, "open-file limit raised for MQTT_MAX_CONNECTIONS");
+            }
+        }
+        Ok(limit) => warn!(
+            %limit,
+            needed,
+            max_connections,
+            "open-file limit below what MQTT_MAX_CONNECTIONS needs: connections past it fail"
+        ),
+        Err(err) => warn!(error = %err, "cannot read or raise the open-file limit"),
+    }
+}
+
+/// The ntex server with its listeners: `mqtt-<n>` (plain) and `mqtts-<n>` (TLS in front of
+/// the same MQTT service).
+fn build_server(
+    plain: Vec<std::net::TcpListener>,
+    tls: Option<TlsSockets>,
+    shared: Arc<Shared>,
+    args: &MqttArgs,
+) -> std::io::Result<ntex::server::ServerBuilder> {
+    let mut builder = ntex::server::build();
+    for (n, listener) in plain.into_iter().enumerate() {
+        let name = format!("mqtt-{n}");
+        let shared = shared.clone();
+        builder = builder
+            .listen(&name, listener, async move |_| worker(shared.clone()))?
+            .config(&name, SharedCfg::new("MQTT").add(service_config(args)));
+    }
+    let Some((sockets, tls)) = tls else {
+        return Ok(builder);
+    };
+    for (n, listener) in sockets.into_iter().enumerate() {
+        let name = format!("mqtts-{n}");
+        let (shared, tls) = (shared.clone(), tls.clone());
+        let handshake =
+            ntex_tls::TlsConfig::new().set_handshake_timeout(seconds(args.mqtt_connect_timeout));
+        builder = builder
+            .listen(&name, listener, async move |_| {
+                chain_factory(ntex_tls::rustls::TlsAcceptor::new(tls.clone()))
+                    // A failed handshake ends that connection only.
+                    .map_err(|err| {
+                        debug!(error = %err, "mqtt tls handshake failed");
+                        ntex_mqtt::MqttError::Service(Closed)
+                    })
+                    .and_then(worker(shared.clone()))
+            })?
+            .config(
+                &name,
+                SharedCfg::new("MQTTS")
+                    .add(service_config(args))
+                    .add(handshake),
+            );
+    }
+    Ok(builder)
+}
+
+/// The MQTT codec's limits and timeouts.
+fn service_config(args: &MqttArgs) -> MqttServiceConfig {
+    MqttServiceConfig::new()
+        .set_max_qos(QoS::AtLeastOnce)
+        .set_max_size(args.mqtt_max_packet_bytes)
+        .set_max_receive(args.mqtt_max_in_flight.max(1))
+        .set_max_receive_size(0)
+        .set_connect_timeout(seconds(args.mqtt_connect_timeout))
+        .set_handshake_timeout(seconds(args.mqtt_connect_timeout))
+        .protocol_version_timeout(seconds(args.mqtt_connect_timeout))
 }
 
 fn seconds(duration: Duration) -> Seconds {
@@ -349,10 +584,11 @@ impl TryFrom<Closed> for v5::PublishAck {
 
 /// Builds one worker's server: the registry of its sessions, the task that closes revoked
 /// ones, the 3.1.1 and 5 services.
-fn worker(
+/// Generic over the I/O filter: the plain listeners' sockets, or TLS over them.
+fn worker<F: ntex::io::Filter>(
     shared: Arc<Shared>,
-) -> impl ntex::service::ServiceFactory<
-    ntex::io::Io,
+) -> impl ServiceFactory<
+    ntex::io::Io<F>,
     SharedCfg,
     Response = (),
     Error = ntex_mqtt::MqttError<Closed>,

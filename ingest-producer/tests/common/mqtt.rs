@@ -13,13 +13,16 @@ pub const WAIT: Duration = Duration::from_secs(30);
 /// Listener settings of the tests (the listen address is the bound socket's).
 pub fn args() -> MqttArgs {
     MqttArgs {
-        mqtt_listen: Listen(None),
+        mqtt_listen: Listen::off(),
         mqtt_max_packet_bytes: 65_536,
         mqtt_max_keep_alive: Duration::from_secs(300),
         mqtt_connect_timeout: Duration::from_secs(10),
         mqtt_max_connections: 1000,
         mqtt_max_in_flight: 16,
         mqtt_workers: 1,
+        mqtt_tls_listen: Listen::off(),
+        mqtt_tls_cert: None,
+        mqtt_tls_key: None,
     }
 }
 
