@@ -344,7 +344,8 @@ pub(crate) async fn produce(
 
 /// Takes each device's cells; a device over its limit has all its messages refused.
 fn limit_devices(rate_limits: &RateLimits, outcomes: &mut [Result<Telemetry, Rejection>]) {
-    let mut per_device: HashMap<(&str, &str), usize> = HashMap::new();
+    let mut per_device: HashMap<(&str, &str), usize, foldhash::fast::RandomState> =
+        HashMap::default();
     for telemetry in outcomes.iter().flatten() {
         *per_device
             .entry((&telemetry.tenant_id, &telemetry.device_id))

@@ -3,12 +3,27 @@
 //! A request first takes one cell per message from its tenant's bucket (all or nothing), then
 //! each device's messages from that device's bucket. Buckets idle longer than their refill
 //! time are forgotten by [`RateLimits::forget_idle`], so memory follows active devices.
+//!
+//! Buckets are keyed by a 64-bit hash of the tenant and device, seeded per process: no
+//! allocation per check (a `(String, String)` key cost two), and a collision, which would
+//! merely share one bucket between two devices, needs about 4 billion devices to become
+//! likely and cannot be aimed at without the seed.
 
+use std::hash::{BuildHasher, Hasher};
 use std::num::NonZeroU32;
 use std::time::Duration;
 
 use governor::clock::{Clock, DefaultClock};
-use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use governor::middleware::NoOpMiddleware;
+use governor::state::keyed::HashMapStateStore;
+use governor::{Quota, RateLimiter};
+
+type Buckets = RateLimiter<
+    u64,
+    HashMapStateStore<u64, foldhash::fast::FixedState>,
+    DefaultClock,
+    NoOpMiddleware<<DefaultClock as Clock>::Instant>,
+>;
 
 /// Rate and burst of one kind of bucket.
 #[derive(Debug, Clone, Copy)]
@@ -32,9 +47,11 @@ impl Limit {
 /// The per-device and per-tenant buckets.
 #[derive(Debug)]
 pub struct RateLimits {
-    devices: DefaultKeyedRateLimiter<(String, String)>,
-    tenants: DefaultKeyedRateLimiter<String>,
+    devices: Buckets,
+    tenants: Buckets,
     clock: DefaultClock,
+    /// Seeds the bucket keys (see the module documentation).
+    keys: foldhash::quality::RandomState,
 }
 
 impl RateLimits {
@@ -45,17 +62,35 @@ impl RateLimits {
                 .allow_burst(limit.burst)
         };
         let clock = DefaultClock::default();
+        let buckets = |limit: Limit| {
+            RateLimiter::hashmap_with_clock_and_hasher(
+                quota(limit),
+                clock.clone(),
+                foldhash::fast::FixedState::default(),
+            )
+        };
         RateLimits {
-            devices: RateLimiter::keyed(quota(device)),
-            tenants: RateLimiter::keyed(quota(tenant)),
+            devices: buckets(device),
+            tenants: buckets(tenant),
             clock,
+            keys: foldhash::quality::RandomState::default(),
         }
+    }
+
+    fn key(&self, parts: &[&str]) -> u64 {
+        let mut hasher = self.keys.build_hasher();
+        for part in parts {
+            // Length-prefixed, so ("ab", "c") and ("a", "bc") differ.
+            hasher.write_usize(part.len());
+            hasher.write(part.as_bytes());
+        }
+        hasher.finish()
     }
 
     /// Takes `n` messages from the tenant's bucket, or says how long to wait.
     pub fn check_tenant(&self, tenant: &str, n: usize) -> Result<(), Duration> {
         let Some(n) = cells(n) else { return Ok(()) };
-        match self.tenants.check_key_n(&tenant.to_owned(), n) {
+        match self.tenants.check_key_n(&self.key(&[tenant]), n) {
             Ok(Ok(())) => Ok(()),
             Ok(Err(not_until)) => Err(not_until.wait_time_from(self.clock.now())),
             // More messages than the burst: they can never pass at once.
@@ -66,10 +101,7 @@ impl RateLimits {
     /// Takes `n` messages from the device's bucket, or says how long to wait.
     pub fn check_device(&self, tenant: &str, device: &str, n: usize) -> Result<(), Duration> {
         let Some(n) = cells(n) else { return Ok(()) };
-        match self
-            .devices
-            .check_key_n(&(tenant.to_owned(), device.to_owned()), n)
-        {
+        match self.devices.check_key_n(&self.key(&[tenant, device]), n) {
             Ok(Ok(())) => Ok(()),
             Ok(Err(not_until)) => Err(not_until.wait_time_from(self.clock.now())),
             Err(_) => Err(Duration::from_secs(1)),
@@ -107,6 +139,9 @@ mod tests {
         let wait = limits.check_device("t", "d", 1).unwrap_err();
         assert!(wait > Duration::ZERO && wait <= Duration::from_secs(1));
         assert!(limits.check_device("t", "other", 1).is_ok());
+        // The key separates tenant and device: ("t", "d") is not ("", "td") or ("td", "").
+        assert!(limits.check_device("", "td", 3).is_ok());
+        assert!(limits.check_device("td", "", 3).is_ok());
     }
 
     #[test]
