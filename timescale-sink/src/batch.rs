@@ -46,6 +46,8 @@ pub struct DeadLetter {
 pub struct PartitionRange {
     /// The stored `next_offset` this batch requires (`None`: no row may exist yet).
     pub expected: Option<i64>,
+    /// Offset of the batch's first message of this partition.
+    pub first: i64,
     /// Offset after the batch's last message of this partition.
     pub next: i64,
     /// The newest ingest time (`received_at`) of the partition's rows in the batch (`None`:
@@ -66,6 +68,11 @@ pub struct Batch {
     pub traceparent: Option<String>,
     /// Time spent decoding, validating and encoding the batch's messages.
     pub decode_time: std::time::Duration,
+    /// Readings stored before but not yet applied to `device_latest` (read again after an
+    /// assignment from `latest_next_offset`): for `device_latest` only, never stored again.
+    pub replayed: Vec<(i32, Telemetry)>,
+    /// Partitions whose replay ended in this batch, with the stored `next_offset` it reached.
+    pub replayed_through: BTreeMap<i32, i64>,
 }
 
 impl Batch {
@@ -79,17 +86,42 @@ impl Batch {
             opened_at: Instant::now(),
             traceparent: None,
             decode_time: std::time::Duration::ZERO,
+            replayed: Vec::new(),
+            replayed_through: BTreeMap::new(),
         }
     }
 
-    /// Messages (rows and dead letters) in the batch.
+    /// Adds one message read again for `device_latest` only (see [`Batch::replayed`]). One
+    /// that was a dead letter when it was stored is skipped again.
+    pub fn push_replayed(&mut self, partition: i32, decoded: Result<Telemetry, DecodeError>) {
+        let Ok(row) = decoded else { return };
+        if validate(&row).is_err() {
+            return;
+        }
+        let mut check = CopyEncoder::with_capacity(256);
+        if check.push_telemetry(&row).is_ok() {
+            self.replayed.push((partition, row));
+        }
+    }
+
+    /// True when the batch has nothing for `device_latest` to replay.
+    pub fn nothing_replayed(&self) -> bool {
+        self.replayed.is_empty() && self.replayed_through.is_empty()
+    }
+
+    /// Messages (rows, dead letters and readings replayed for `device_latest`) in the batch.
     pub fn messages(&self) -> usize {
-        self.rows.len() + self.dead_letters.len()
+        self.rows.len() + self.dead_letters.len() + self.replayed.len()
     }
 
     /// True when the batch covers no offsets at all.
     pub fn is_empty(&self) -> bool {
         self.partitions.is_empty()
+    }
+
+    /// True when the batch has nothing for the committer: no offsets, nothing replayed.
+    pub fn is_idle(&self) -> bool {
+        self.is_empty() && self.nothing_replayed()
     }
 
     /// Adds one message: decoded and encoded as a row, or kept as a dead letter. `expected`
@@ -106,6 +138,7 @@ impl Batch {
             .entry(message.partition)
             .or_insert(PartitionRange {
                 expected,
+                first: message.offset,
                 next: message.offset + 1,
                 stored_through: None,
             });
@@ -142,6 +175,8 @@ impl Batch {
     /// Drops everything of `partition` (it was revoked: its new owner re-reads it from the
     /// stored offset).
     pub fn remove_partition(&mut self, partition: i32) {
+        self.replayed.retain(|(p, _)| *p != partition);
+        self.replayed_through.remove(&partition);
         if self.partitions.remove(&partition).is_none() {
             return;
         }

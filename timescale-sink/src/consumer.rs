@@ -105,7 +105,10 @@ impl SinkContext {
         self.writers[writer].blocking_send(input).is_ok()
     }
 
-    fn load_offsets(&self, partitions: &[i32]) -> Option<HashMap<i32, i64>> {
+    fn load_offsets(
+        &self,
+        partitions: &[i32],
+    ) -> Option<HashMap<i32, crate::offsets::Stored>> {
         let mut backoff = Duration::from_millis(100);
         loop {
             let result = self.runtime.block_on(async {
@@ -189,11 +192,13 @@ impl ConsumerContext for SinkContext {
                     consumer,
                     &self.topic,
                     &partitions,
-                    |p| stored.get(&p).copied(),
+                    // Where `device_latest` is behind, from its offset (see migration 0017).
+                    |p| stored.get(&p).map(crate::offsets::Stored::read_from),
                     self.start_from,
                 );
                 for &partition in &partitions {
-                    let position = stored.get(&partition).copied();
+                    let position = stored.get(&partition).map(|s| s.next);
+                    let replay_from = stored.get(&partition).and_then(|s| s.latest_next);
                     match position {
                         Some(next) => self.stored.set(partition, next),
                         None => self.stored.remove(partition),
@@ -203,6 +208,7 @@ impl ConsumerContext for SinkContext {
                         Input::Assigned {
                             partition,
                             position,
+                            replay_from,
                         },
                     );
                 }

@@ -102,6 +102,14 @@ pub struct Config {
     /// Readings older than this (ingest's `received_at`) mean the writer is catching up.
     #[arg(long, env = "SINK_CATCHUP_AFTER", default_value = "5s", value_parser = plumbing::config::parse_duration)]
     pub catchup_after: Duration,
+    /// `device_latest` written behind the telemetry: each writer folds the readings it
+    /// stored into `device_latest` once per this interval, each device once, instead of with
+    /// every batch (a device reporting every 5 s is then written once per interval, not once
+    /// per reading). `device_latest` is then up to this much older than the telemetry. 0:
+    /// with every batch. Crash-safe either way: `consumer_offsets.latest_next_offset` says
+    /// from where a restart reads again for `device_latest` (migration 0017).
+    #[arg(long, env = "SINK_LATEST_INTERVAL", default_value = "0s", value_parser = plumbing::config::parse_duration)]
+    pub latest_interval: Duration,
     /// Parallel writers, each its own COPY connection (one PostgreSQL backend, one core).
     #[arg(long, env = "SINK_WRITERS", default_value_t = 2)]
     pub writers: usize,
@@ -244,6 +252,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), Error> {
             min_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(10),
             recent: recent.clone(),
+            latest: Arc::new(writer::LatestBehind::new(config.latest_interval)),
         };
         let limits = pipeline::BatchLimits {
             max_rows: config.batch_max_rows,

@@ -31,6 +31,10 @@ pub const ROLLUP_DEVICE_MINUTES_TO_SQL: &str =
     "fleetstream_sink_rollup_device_minutes_to_sql_total";
 pub const LATE_DEVICE_MINUTES: &str = "fleetstream_sink_late_device_minutes_total";
 pub const LATE_RANGES: &str = "fleetstream_sink_late_ranges_total";
+pub const LATEST_PENDING: &str = "fleetstream_sink_latest_pending_readings";
+pub const LATEST_REPLAYED: &str = "fleetstream_sink_latest_replayed_readings_total";
+pub const LATEST_FLUSH_DURATION: &str = "fleetstream_sink_latest_flush_duration_seconds";
+pub const LATEST_FLUSHED_DEVICES: &str = "fleetstream_sink_latest_flushed_devices_total";
 
 /// Registers help text for every metric of the sink.
 pub fn describe() {
@@ -157,6 +161,26 @@ pub fn describe() {
         LATE_RANGES,
         Unit::Count,
         "Batches whose many recent late readings (a sink catching up) were recorded as one range of whole minutes for the rollup."
+    );
+    describe_gauge!(
+        LATEST_PENDING,
+        Unit::Count,
+        "Stored readings waiting to be folded into device_latest (SINK_LATEST_INTERVAL), per writer: the last writer to change it."
+    );
+    describe_counter!(
+        LATEST_REPLAYED,
+        Unit::Count,
+        "Readings stored before a restart or rebalance and read again for device_latest only (latest_next_offset behind next_offset)."
+    );
+    describe_histogram!(
+        LATEST_FLUSH_DURATION,
+        Unit::Seconds,
+        "Time to fold the pending readings into device_latest (one transaction per flush)."
+    );
+    describe_counter!(
+        LATEST_FLUSHED_DEVICES,
+        Unit::Count,
+        "Device rows written to device_latest by flushes of pending readings."
     );
     describe_gauge!(
         ROLLUP_LAG,

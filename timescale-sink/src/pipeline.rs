@@ -27,9 +27,12 @@ pub enum Input {
     /// batcher is woken once per chunk, not once per message.
     Messages(Vec<RawMessage>),
     /// The partition is now ours; `position` is its stored `next_offset` (None: none stored).
+    /// `replay_from`: its `latest_next_offset` when `device_latest` is behind; the consumer
+    /// then reads from there, and the messages below `position` go to `device_latest` only.
     Assigned {
         partition: i32,
         position: Option<i64>,
+        replay_from: Option<i64>,
     },
     /// The partition is no longer ours: drop its unflushed rows, acknowledge once every
     /// batch already handed to the committer is done.
@@ -113,16 +116,41 @@ async fn committer(
     writer: BatchWriter,
     give_up: CancellationToken,
 ) {
-    while let Some(item) = rx.recv().await {
+    loop {
+        // `device_latest` written behind: flushed when due, also while no batch comes.
+        let due = writer.latest_due();
+        let item = tokio::select! {
+            biased;
+            item = rx.recv() => item,
+            _ = tokio::time::sleep_until(due.unwrap_or_else(far_future).into()), if due.is_some() => {
+                writer.flush_latest(&give_up).await;
+                continue;
+            }
+        };
+        let Some(item) = item else { break };
         match item {
             ToCommitter::Batch(batch) => {
                 writer.write(batch, &give_up).await;
+                if writer
+                    .latest_due()
+                    .is_some_and(|due| due <= std::time::Instant::now())
+                {
+                    writer.flush_latest(&give_up).await;
+                }
             }
             ToCommitter::Barrier(ack) => {
+                // A revoke or an explicit flush: what is buffered goes to `device_latest`
+                // first, so the partition's next owner has nothing to replay.
+                writer.flush_latest(&give_up).await;
                 let _ = ack.send(());
             }
         }
     }
+    writer.flush_latest(&give_up).await;
+}
+
+fn far_future() -> std::time::Instant {
+    std::time::Instant::now() + Duration::from_secs(3600)
 }
 
 async fn batcher(
@@ -137,6 +165,8 @@ async fn batcher(
     let mut stalled = false;
     // Stored-offset expectation of the next batch, per assigned partition.
     let mut positions: HashMap<i32, Option<i64>> = HashMap::new();
+    // Partitions read again for `device_latest`: from which offset, up to which.
+    let mut replays: HashMap<i32, (i64, i64)> = HashMap::new();
     let mut batch = Batch::with_capacity(limits.max_rows);
     // Whether the first reading of the last chunk was part of a backlog.
     let mut catching_up = false;
@@ -144,7 +174,7 @@ async fn batcher(
         let (max_rows, max_age) = limits.close_at(catching_up);
         let deadline = batch.opened_at + max_age;
         let full = batch.messages() >= max_rows;
-        let due = !batch.is_empty() && (full || std::time::Instant::now() >= deadline);
+        let due = !batch.is_idle() && (full || std::time::Instant::now() >= deadline);
         // A due batch goes to the committer as soon as it has room. Until then (the previous
         // batch is still being written) the batch keeps taking messages up to `max_rows`:
         // under a backlog batches grow to the size limit instead of closing at the age limit,
@@ -158,7 +188,7 @@ async fn batcher(
                 permit.send(ToCommitter::Batch(take(&mut batch, limits)));
                 continue;
             }
-            _ = tokio::time::sleep_until(deadline.into()), if !batch.is_empty() && !due => continue,
+            _ = tokio::time::sleep_until(deadline.into()), if !batch.is_idle() && !due => continue,
             input = rx.recv(), if !full => input,
         };
         match input {
@@ -181,8 +211,42 @@ async fn batcher(
                     let Some(position) = positions.get(&message.partition).copied() else {
                         continue; // not (or no longer) ours
                     };
+                    let replay = replays.get(&message.partition).copied();
                     if position.is_some_and(|p| message.offset < p) {
-                        continue; // already stored
+                        // Already stored; read again only for `device_latest`.
+                        let Some((from, until)) = replay else {
+                            continue;
+                        };
+                        if message.offset < from {
+                            continue;
+                        }
+                        let decoded = match reader.try_decode(&message.payload) {
+                            Decoded::Done(decoded) => decoded,
+                            Decoded::Lookup(_) => {
+                                match reader.decode(&message.payload, &shutdown).await {
+                                    Ok(decoded) => decoded,
+                                    Err(err) => {
+                                        tracing::warn!(error = %err, partition = message.partition, offset = message.offset, "writer stops taking messages");
+                                        stalled = true;
+                                        break;
+                                    }
+                                }
+                            }
+                        };
+                        if batch.is_idle() {
+                            batch.opened_at = tokio::time::Instant::now().into_std();
+                        }
+                        batch.push_replayed(message.partition, decoded);
+                        if message.offset + 1 >= until {
+                            batch.replayed_through.insert(message.partition, until);
+                            replays.remove(&message.partition);
+                        }
+                        continue;
+                    }
+                    if let Some((_, until)) = replay {
+                        // Past the stored offset: everything below it was read again.
+                        batch.replayed_through.insert(message.partition, until);
+                        replays.remove(&message.partition);
                     }
                     let decode_started = std::time::Instant::now();
                     let decoded = match reader.try_decode(&message.payload) {
@@ -218,11 +282,21 @@ async fn batcher(
             Some(Input::Assigned {
                 partition,
                 position,
+                replay_from,
             }) => {
                 positions.insert(partition, position);
+                match (replay_from, position) {
+                    (Some(from), Some(until)) if from < until => {
+                        replays.insert(partition, (from, until));
+                    }
+                    _ => {
+                        replays.remove(&partition);
+                    }
+                }
             }
             Some(Input::Revoked { partition, ack }) => {
                 positions.remove(&partition);
+                replays.remove(&partition);
                 batch.remove_partition(partition);
                 if to_committer.send(ToCommitter::Barrier(ack)).await.is_err() {
                     return;
@@ -244,7 +318,7 @@ async fn flush(
     to_committer: &mpsc::Sender<ToCommitter>,
     limits: BatchLimits,
 ) -> Result<(), ()> {
-    if batch.is_empty() {
+    if batch.is_idle() {
         batch.opened_at = std::time::Instant::now();
         return Ok(());
     }

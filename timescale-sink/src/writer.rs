@@ -159,6 +159,92 @@ pub struct BatchWriter {
     pub max_backoff: Duration,
     /// Points stored recently by this sink's writers (shared by them).
     pub recent: Arc<RecentPoints>,
+    /// `device_latest` written behind (`SINK_LATEST_INTERVAL`; zero: with every batch).
+    pub latest: Arc<LatestBehind>,
+}
+
+/// Stored readings not yet applied to `device_latest`, when it is written behind the
+/// telemetry (migration 0017): folded into `device_latest` once per interval, each device
+/// once, instead of with every batch.
+#[derive(Debug, Default)]
+pub struct LatestBehind {
+    /// Zero: every batch writes `device_latest` itself (only replayed readings wait here).
+    pub interval: Duration,
+    pending: std::sync::Mutex<LatestPending>,
+}
+
+#[derive(Debug, Default)]
+struct LatestPending {
+    /// Readings, with their partition.
+    rows: Vec<(i32, Telemetry)>,
+    /// Per partition, the stored `next_offset` below which every reading is in `rows` or
+    /// already in `device_latest`.
+    covered: BTreeMap<i32, i64>,
+    /// When the oldest reading in `rows` (or the first coverage) arrived.
+    since: Option<Instant>,
+}
+
+impl LatestBehind {
+    pub fn new(interval: Duration) -> Self {
+        Self {
+            interval,
+            pending: std::sync::Mutex::default(),
+        }
+    }
+
+    fn pending(&self) -> std::sync::MutexGuard<'_, LatestPending> {
+        // A panic while holding it cannot leave it half-updated in a way that matters: at
+        // worst a flush applies a reading twice, which the merge makes harmless.
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// When the pending readings are due (None: nothing pending).
+    pub fn due(&self) -> Option<Instant> {
+        self.pending().since.map(|since| since + self.interval)
+    }
+
+    /// Readings stored (or replayed) and the coverage they complete. A flush becomes due
+    /// when readings wait, or when `replay_ended` (a replay's end must clear
+    /// `latest_next_offset` even if it read no valid reading).
+    fn add(
+        &self,
+        rows: impl IntoIterator<Item = (i32, Telemetry)>,
+        covered: impl IntoIterator<Item = (i32, i64)>,
+        replay_ended: bool,
+    ) {
+        let mut pending = self.pending();
+        let before = pending.rows.len();
+        pending.rows.extend(rows);
+        let touched = pending.rows.len() > before || replay_ended;
+        for (partition, next) in covered {
+            let entry = pending.covered.entry(partition).or_insert(next);
+            *entry = (*entry).max(next);
+        }
+        if touched && pending.since.is_none() {
+            pending.since = Some(Instant::now());
+        }
+        metrics::gauge!(m::LATEST_PENDING).set(pending.rows.len() as f64);
+    }
+
+    fn take(&self) -> LatestPending {
+        std::mem::take(&mut *self.pending())
+    }
+
+    /// Puts back what a failed flush took, ahead of what arrived meanwhile.
+    fn restore(&self, mut taken: LatestPending) {
+        let mut pending = self.pending();
+        taken.rows.append(&mut pending.rows);
+        pending.rows = taken.rows;
+        for (partition, next) in std::mem::take(&mut pending.covered) {
+            let entry = taken.covered.entry(partition).or_insert(next);
+            *entry = (*entry).max(next);
+        }
+        pending.covered = taken.covered;
+        pending.since = match (taken.since, pending.since) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+    }
 }
 
 impl std::fmt::Debug for BatchWriter {
@@ -215,9 +301,19 @@ impl BatchWriter {
     /// `give_up` is cancelled.
     pub async fn write(
         &self,
-        batch: Batch,
+        mut batch: Batch,
         give_up: &tokio_util::sync::CancellationToken,
     ) -> Outcome {
+        if !batch.nothing_replayed() {
+            // Stored before: they only wait for `device_latest` (see `LatestBehind`).
+            metrics::counter!(m::LATEST_REPLAYED).increment(batch.replayed.len() as u64);
+            let replay_ended = !batch.replayed_through.is_empty();
+            self.latest.add(
+                std::mem::take(&mut batch.replayed),
+                std::mem::take(&mut batch.replayed_through),
+                replay_ended,
+            );
+        }
         if batch.is_empty() {
             return Outcome::Committed {
                 rows: 0,
@@ -260,6 +356,110 @@ impl BatchWriter {
                 }
             }
         }
+    }
+
+    /// When pending `device_latest` readings are due (None: nothing pending).
+    pub fn latest_due(&self) -> Option<Instant> {
+        self.latest.due()
+    }
+
+    /// Applies the pending readings to `device_latest` (each device once) and clears
+    /// `latest_next_offset` where they complete it; retries transient failures until it
+    /// succeeds or `give_up` is cancelled (then nothing is lost: `latest_next_offset` still
+    /// says where a restart reads again).
+    pub async fn flush_latest(&self, give_up: &tokio_util::sync::CancellationToken) {
+        let pending = self.latest.take();
+        if pending.rows.is_empty() && pending.since.is_none() {
+            self.latest.restore(pending);
+            return;
+        }
+        let span = info_span!(
+            "flush_device_latest",
+            topic = %self.topic,
+            readings = pending.rows.len(),
+            partitions = pending.covered.len(),
+        );
+        let mut backoff = self.min_backoff;
+        loop {
+            let started = Instant::now();
+            match self.try_flush_latest(&pending).instrument(span.clone()).await {
+                Ok((devices, dropped)) => {
+                    metrics::histogram!(m::LATEST_FLUSH_DURATION)
+                        .record(started.elapsed().as_secs_f64());
+                    metrics::counter!(m::LATEST_FLUSHED_DEVICES).increment(devices as u64);
+                    if dropped > 0 {
+                        warn!(parent: &span, dropped, "device_latest states the database refused were left out (their readings were dead-lettered when stored)");
+                    }
+                    // Coverage carries on: later batches extend it.
+                    self.latest.restore(LatestPending {
+                        rows: Vec::new(),
+                        covered: pending.covered,
+                        since: None,
+                    });
+                    return;
+                }
+                Err(err) => {
+                    metrics::counter!(m::DB_RETRIES).increment(1);
+                    let delay = backoff.mul_f64(rand::rng().random_range(0.5..1.5));
+                    warn!(parent: &span, error = %err, retry_in_ms = delay.as_millis() as u64, "device_latest flush failed; retrying");
+                    tokio::select! {
+                        _ = give_up.cancelled() => {
+                            warn!(parent: &span, "shutdown deadline passed; device_latest flush abandoned (replayed on restart)");
+                            self.latest.restore(pending);
+                            return;
+                        }
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                    backoff = (backoff * 2).min(self.max_backoff);
+                }
+            }
+        }
+    }
+
+    /// One flush transaction. Returns the device states written and those left out.
+    async fn try_flush_latest(&self, pending: &LatestPending) -> Result<(usize, usize), sqlx::Error> {
+        let rows: Vec<&Telemetry> = pending.rows.iter().map(|(_, r)| r).collect();
+        let states = crate::merge::latest_per_device(&rows);
+        let mut tx = self.pool.begin().await?;
+        let mut dropped = 0;
+        if !states.is_empty() {
+            sqlx::query("SAVEPOINT flush_latest").execute(&mut *tx).await?;
+            match upsert_latest_states(&mut tx, &states).await {
+                Ok(()) => {}
+                Err(err) if is_data_error(&err) => {
+                    // A replayed reading the database refused when it was stored: states one
+                    // at a time, leaving out those refused again.
+                    sqlx::query("ROLLBACK TO SAVEPOINT flush_latest")
+                        .execute(&mut *tx)
+                        .await?;
+                    for state in &states {
+                        sqlx::query("SAVEPOINT flush_one").execute(&mut *tx).await?;
+                        match upsert_latest_states(&mut tx, std::slice::from_ref(state)).await {
+                            Ok(()) => {
+                                // Staging is emptied at commit only; the next state alone.
+                                sqlx::query("DELETE FROM device_latest_staging")
+                                    .execute(&mut *tx)
+                                    .await?;
+                                sqlx::query("RELEASE SAVEPOINT flush_one")
+                                    .execute(&mut *tx)
+                                    .await?;
+                            }
+                            Err(err) if is_data_error(&err) => {
+                                sqlx::query("ROLLBACK TO SAVEPOINT flush_one")
+                                    .execute(&mut *tx)
+                                    .await?;
+                                dropped += 1;
+                            }
+                            Err(err) => return Err(err),
+                        }
+                    }
+                }
+                Err(err) => return Err(err),
+            }
+        }
+        offsets::mark_latest_written(&mut tx, &self.group, &self.topic, &pending.covered).await?;
+        tx.commit().await?;
+        Ok((states.len() - dropped, dropped))
     }
 
     fn record(&self, batch: &Batch, outcome: &Outcome, started: Instant) {
@@ -324,8 +524,15 @@ impl BatchWriter {
         }
         let mut tx = self.pool.begin().await?;
         let offsets_started = Instant::now();
-        let matched =
-            offsets::store_fenced(&mut tx, &self.group, &self.topic, &batch.partitions).await?;
+        let behind = !self.latest.interval.is_zero();
+        let matched = offsets::store_fenced(
+            &mut tx,
+            &self.group,
+            &self.topic,
+            &batch.partitions,
+            !behind,
+        )
+        .await?;
         stage_done("offsets", offsets_started);
         if matched != batch.partitions.len() {
             tx.rollback().await?;
@@ -333,6 +540,8 @@ impl BatchWriter {
         }
         let mut account = Account::default();
         let mut rejected: Vec<DeadLetter> = Vec::new();
+        // Stored readings waiting for `device_latest` (when it is written behind).
+        let mut pending_latest: Vec<(i32, Telemetry)> = Vec::new();
         if !batch.rows.is_empty() {
             // Readings of one point are merged in memory first, so the COPY never meets a key
             // twice; it only meets keys stored by earlier batches.
@@ -456,7 +665,17 @@ impl BatchWriter {
                 .filter(|(i, _)| !bad_readings.contains(i))
                 .map(|(_, r)| &r.row)
                 .collect();
-            upsert_latest(&mut tx, &stored).await?;
+            if behind {
+                pending_latest = batch
+                    .rows
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| !bad_readings.contains(i))
+                    .map(|(_, r)| (r.partition, r.row.clone()))
+                    .collect();
+            } else {
+                upsert_latest(&mut tx, &stored).await?;
+            }
             stage_done("latest", latest_started);
             // Late readings (older than the database clock minus the rollup settle time) mark
             // their device minutes for the rollup to recompute; live batches record nothing.
@@ -467,6 +686,14 @@ impl BatchWriter {
         let commit_started = Instant::now();
         tx.commit().await?;
         stage_done("commit", commit_started);
+        // Stored: the partitions' coverage moves on (every reading below `next` is in
+        // `device_latest` or pending). With every batch writing `device_latest` only the
+        // coverage moves, which lets a flush of replayed readings clear `latest_next_offset`.
+        self.latest.add(
+            pending_latest,
+            batch.partitions.iter().map(|(&p, range)| (p, range.next)),
+            false,
+        );
         Ok(Outcome::Committed {
             rows: account.new_points,
             merged: account.merged,
@@ -704,9 +931,19 @@ async fn upsert_latest(conn: &mut PgConnection, rows: &[&Telemetry]) -> Result<(
     if rows.is_empty() {
         return Ok(());
     }
-    let states = crate::merge::latest_per_device(rows);
+    upsert_latest_states(conn, &crate::merge::latest_per_device(rows)).await
+}
+
+/// Stages `states` and upserts (or merges) them into `device_latest`.
+async fn upsert_latest_states(
+    conn: &mut PgConnection,
+    states: &[crate::merge::LatestState<'_>],
+) -> Result<(), sqlx::Error> {
+    if states.is_empty() {
+        return Ok(());
+    }
     let mut encoder = CopyEncoder::with_capacity(states.len() * 180);
-    for state in &states {
+    for state in states {
         // Every row in a batch was encodable when it was added; the extra columns are a
         // timestamp and a map of names to integers.
         let _ = encoder.push_latest(state);

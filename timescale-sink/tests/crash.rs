@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -40,6 +41,16 @@ impl std::ops::DerefMut for Sink {
 }
 
 fn spawn_sink(db: &TestDb, topics: &TestTopics, group: &str, instance: &str) -> Result<Sink> {
+    spawn_sink_with(db, topics, group, instance, &[])
+}
+
+fn spawn_sink_with(
+    db: &TestDb,
+    topics: &TestTopics,
+    group: &str,
+    instance: &str,
+    env: &[(&str, &str)],
+) -> Result<Sink> {
     // A free port for the admin endpoint, so the test can tell when the process is up.
     let admin_port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
@@ -62,6 +73,7 @@ fn spawn_sink(db: &TestDb, topics: &TestTopics, group: &str, instance: &str) -> 
                 "RUST_LOG",
                 std::env::var("SINK_TEST_LOG").unwrap_or_else(|_| "warn".to_owned()),
             )
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(match std::env::var("SINK_TEST_LOG_DIR") {
@@ -245,4 +257,142 @@ async fn split_sensor_readings_merge_exactly_across_sigkills() -> Result<()> {
         fleet.assert_stored(&db.pool).await?;
     }
     Ok(())
+}
+
+/// `device_latest` as the telemetry says it must be, per device and metric the newest value:
+/// (devices missing, devices differing, rows in `device_latest`).
+async fn latest_against_telemetry(pool: &sqlx::PgPool) -> Result<(i64, i64, i64)> {
+    Ok(sqlx::query_as(
+        "WITH newest AS ( \
+             SELECT DISTINCT ON (tenant_id, device_id, key) tenant_id, device_id, key, value \
+             FROM telemetry, jsonb_each(metrics) ORDER BY tenant_id, device_id, key, time DESC \
+         ), expected AS ( \
+             SELECT tenant_id, device_id, jsonb_object_agg(key, value) AS metrics \
+             FROM newest GROUP BY tenant_id, device_id \
+         ) \
+         SELECT count(*) FILTER (WHERE d.metrics IS NULL), \
+                count(*) FILTER (WHERE d.metrics <> e.metrics), \
+                (SELECT count(*) FROM device_latest) \
+         FROM expected e LEFT JOIN device_latest d USING (tenant_id, device_id)",
+    )
+    .fetch_one(pool)
+    .await?)
+}
+
+/// Partitions of `group` whose `device_latest` is behind (`latest_next_offset` set), with it.
+async fn latest_behind(pool: &sqlx::PgPool, group: &str) -> Result<BTreeMap<i32, i64>> {
+    let rows: Vec<(i32, i64)> = sqlx::query_as(
+        "SELECT partition, latest_next_offset FROM consumer_offsets \
+         WHERE consumer_group = $1 AND latest_next_offset IS NOT NULL",
+    )
+    .bind(group)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().collect())
+}
+
+/// `SINK_LATEST_INTERVAL` (migration 0017): a sink writing `device_latest` behind is SIGKILLed
+/// before its first flush; the next sink reads the partitions again from
+/// `latest_next_offset`, applies those readings to `device_latest` only (nothing is stored
+/// twice), and flushes on its timer, also for readings that carry only some metrics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_latest_written_behind_is_exact_after_a_sigkill_and_its_timer() -> Result<()> {
+    const PARTITIONS: i32 = 6;
+    const DEVICES: usize = 2_000;
+    const FIRST: i64 = 20_000;
+    let db = TestDb::new(LayoutChoice::Postgres).await?;
+    let topics = TestTopics::new(PARTITIONS).await?;
+    let producer = producer(&topics)?;
+    assert_eq!(
+        produce(&producer, &topics.args.telemetry_topic, fleet(4, DEVICES, 10)).await? as i64,
+        FIRST
+    );
+    let group = format!("latest-{}", db.name);
+
+    // An hour's interval: nothing reaches device_latest before the kill.
+    let mut victim = spawn_sink_with(
+        &db,
+        &topics,
+        &group,
+        "latest-victim",
+        &[("SINK_LATEST_INTERVAL", "1h")],
+    )?;
+    wait_for_stored(&db.pool, &group, FIRST, Duration::from_secs(120)).await?;
+    victim.kill()?; // SIGKILL
+    victim.wait()?;
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM telemetry")
+        .fetch_one(&db.pool)
+        .await?;
+    assert_eq!(rows, FIRST);
+    assert_eq!(
+        latest_against_telemetry(&db.pool).await?,
+        (DEVICES as i64, 0, 0),
+        "no device_latest row before the first flush"
+    );
+    assert_eq!(
+        latest_behind(&db.pool, &group).await?,
+        (0..PARTITIONS).map(|p| (p, 0)).collect::<BTreeMap<_, _>>(),
+        "every partition's readings wait for device_latest from offset 0"
+    );
+
+    // A sink with a 1-second interval replays them for device_latest and flushes on its timer.
+    let mut survivor = spawn_sink_with(
+        &db,
+        &topics,
+        &group,
+        "latest-survivor",
+        &[("SINK_LATEST_INTERVAL", "1s")],
+    )?;
+    let caught_up = || async {
+        let behind = latest_behind(&db.pool, &group).await.map_err(|e| e.to_string())?;
+        let check = latest_against_telemetry(&db.pool)
+            .await
+            .map_err(|e| e.to_string())?;
+        if behind.is_empty() && check == (0, 0, DEVICES as i64) {
+            Ok(())
+        } else {
+            Err(format!("behind {behind:?}, (missing, differing, rows) {check:?}"))
+        }
+    };
+    eventually(
+        "device_latest exact after the replay",
+        Duration::from_secs(120),
+        caught_up,
+    )
+    .await?;
+
+    // Newer readings carrying only the temperature: merged per metric by the timer flush.
+    let codec = schemas::telemetry_codec()?;
+    let now = chrono::Utc::now();
+    let partial = (0..DEVICES).map(|device| {
+        let mut r = reading(&format!("tenant-{}", device % 4), device, 10, now);
+        r.metrics.retain(|name, _| name == "temperature");
+        (r.key(), codec.encode(&r).unwrap(), None)
+    });
+    assert_eq!(
+        produce(&producer, &topics.args.telemetry_topic, partial).await?,
+        DEVICES
+    );
+    wait_for_stored(
+        &db.pool,
+        &group,
+        FIRST + DEVICES as i64,
+        Duration::from_secs(120),
+    )
+    .await?;
+    eventually(
+        "device_latest exact after the timer flush",
+        Duration::from_secs(60),
+        caught_up,
+    )
+    .await?;
+    let merged: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM device_latest \
+         WHERE seq = 10 AND metrics ?& array['temperature', 'battery', 'door_open']",
+    )
+    .fetch_one(&db.pool)
+    .await?;
+    assert_eq!(merged, DEVICES as i64, "new temperature, older metrics kept");
+    terminate(&mut survivor).await?;
+    assert_exactly_once(&db, &topics, &group, PARTITIONS, FIRST + DEVICES as i64).await
 }

@@ -59,6 +59,7 @@ pub fn batch_writer(
             min_backoff: Duration::from_millis(10),
             max_backoff: Duration::from_millis(100),
             recent: Default::default(),
+            latest: Default::default(),
         },
         stats,
     ))

@@ -1,0 +1,15 @@
+-- device_latest may be written behind the telemetry (issue 18, SINK_LATEST_INTERVAL).
+--
+-- Upserting each device's latest row with every batch costs the sink's backends about 10 µs
+-- per reading, although a device reporting every 5 s appears once per batch anyway. A sink
+-- with SINK_LATEST_INTERVAL > 0 keeps the readings it stored and folds them into
+-- device_latest once per interval, each device once.
+--
+-- latest_next_offset records how far device_latest is behind the stored rows: every reading
+-- of the partition below it has been applied to device_latest; NULL means all of them below
+-- next_offset. A batch that leaves device_latest for later sets it to the batch's first
+-- offset if it was NULL; a flush sets it back to NULL where next_offset is still what the
+-- flush covered. After a crash the new owner reads the partition from latest_next_offset and
+-- applies the readings between it and next_offset to device_latest only: the per-metric
+-- newest-wins merge of device_latest is idempotent, so applying a reading twice is harmless.
+ALTER TABLE consumer_offsets ADD COLUMN latest_next_offset bigint;
