@@ -165,7 +165,7 @@ pub fn describe() {
     describe_gauge!(
         LATEST_PENDING,
         Unit::Count,
-        "Stored readings waiting to be folded into device_latest (SINK_LATEST_INTERVAL), per writer: the last writer to change it."
+        "Stored (or replayed) readings waiting to be folded into device_latest, over all writers (SINK_LATEST_INTERVAL)."
     );
     describe_counter!(
         LATEST_REPLAYED,

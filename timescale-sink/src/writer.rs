@@ -223,7 +223,8 @@ impl LatestBehind {
         if touched && pending.since.is_none() {
             pending.since = Some(Instant::now());
         }
-        metrics::gauge!(m::LATEST_PENDING).set(pending.rows.len() as f64);
+        // Summed over the writers: each adds what it buffers and takes away what it flushed.
+        metrics::gauge!(m::LATEST_PENDING).increment((pending.rows.len() - before) as f64);
     }
 
     fn take(&self) -> LatestPending {
@@ -387,6 +388,7 @@ impl BatchWriter {
                     metrics::histogram!(m::LATEST_FLUSH_DURATION)
                         .record(started.elapsed().as_secs_f64());
                     metrics::counter!(m::LATEST_FLUSHED_DEVICES).increment(devices as u64);
+                    metrics::gauge!(m::LATEST_PENDING).decrement(pending.rows.len() as f64);
                     if dropped > 0 {
                         warn!(parent: &span, dropped, "device_latest states the database refused were left out (their readings were dead-lettered when stored)");
                     }
