@@ -105,10 +105,7 @@ impl SinkContext {
         self.writers[writer].blocking_send(input).is_ok()
     }
 
-    fn load_offsets(
-        &self,
-        partitions: &[i32],
-    ) -> Option<HashMap<i32, crate::offsets::Stored>> {
+    fn load_offsets(&self, partitions: &[i32]) -> Option<HashMap<i32, crate::offsets::Stored>> {
         let mut backoff = Duration::from_millis(100);
         loop {
             let result = self.runtime.block_on(async {

@@ -383,7 +383,11 @@ impl BatchWriter {
         let mut backoff = self.min_backoff;
         loop {
             let started = Instant::now();
-            match self.try_flush_latest(&pending).instrument(span.clone()).await {
+            match self
+                .try_flush_latest(&pending)
+                .instrument(span.clone())
+                .await
+            {
                 Ok((devices, dropped)) => {
                     metrics::histogram!(m::LATEST_FLUSH_DURATION)
                         .record(started.elapsed().as_secs_f64());
@@ -419,13 +423,18 @@ impl BatchWriter {
     }
 
     /// One flush transaction. Returns the device states written and those left out.
-    async fn try_flush_latest(&self, pending: &LatestPending) -> Result<(usize, usize), sqlx::Error> {
+    async fn try_flush_latest(
+        &self,
+        pending: &LatestPending,
+    ) -> Result<(usize, usize), sqlx::Error> {
         let rows: Vec<&Telemetry> = pending.rows.iter().map(|(_, r)| r).collect();
         let states = crate::merge::latest_per_device(&rows);
         let mut tx = self.pool.begin().await?;
         let mut dropped = 0;
         if !states.is_empty() {
-            sqlx::query("SAVEPOINT flush_latest").execute(&mut *tx).await?;
+            sqlx::query("SAVEPOINT flush_latest")
+                .execute(&mut *tx)
+                .await?;
             match upsert_latest_states(&mut tx, &states).await {
                 Ok(()) => {}
                 Err(err) if is_data_error(&err) => {

@@ -304,7 +304,12 @@ async fn device_latest_written_behind_is_exact_after_a_sigkill_and_its_timer() -
     let topics = TestTopics::new(PARTITIONS).await?;
     let producer = producer(&topics)?;
     assert_eq!(
-        produce(&producer, &topics.args.telemetry_topic, fleet(4, DEVICES, 10)).await? as i64,
+        produce(
+            &producer,
+            &topics.args.telemetry_topic,
+            fleet(4, DEVICES, 10)
+        )
+        .await? as i64,
         FIRST
     );
     let group = format!("latest-{}", db.name);
@@ -344,14 +349,18 @@ async fn device_latest_written_behind_is_exact_after_a_sigkill_and_its_timer() -
         &[("SINK_LATEST_INTERVAL", "1s")],
     )?;
     let caught_up = || async {
-        let behind = latest_behind(&db.pool, &group).await.map_err(|e| e.to_string())?;
+        let behind = latest_behind(&db.pool, &group)
+            .await
+            .map_err(|e| e.to_string())?;
         let check = latest_against_telemetry(&db.pool)
             .await
             .map_err(|e| e.to_string())?;
         if behind.is_empty() && check == (0, 0, DEVICES as i64) {
             Ok(())
         } else {
-            Err(format!("behind {behind:?}, (missing, differing, rows) {check:?}"))
+            Err(format!(
+                "behind {behind:?}, (missing, differing, rows) {check:?}"
+            ))
         }
     };
     eventually(
@@ -392,7 +401,10 @@ async fn device_latest_written_behind_is_exact_after_a_sigkill_and_its_timer() -
     )
     .fetch_one(&db.pool)
     .await?;
-    assert_eq!(merged, DEVICES as i64, "new temperature, older metrics kept");
+    assert_eq!(
+        merged, DEVICES as i64,
+        "new temperature, older metrics kept"
+    );
     terminate(&mut survivor).await?;
     assert_exactly_once(&db, &topics, &group, PARTITIONS, FIRST + DEVICES as i64).await
 }
