@@ -9,7 +9,7 @@
 -- of the partition below it has been applied to device_latest; NULL means all of them below
 -- next_offset. A batch that leaves device_latest for later sets it to the batch's first
 -- offset if it was NULL; a flush sets it back to NULL where next_offset is still what the
--- flush covered. After a crash the new owner reads the partition from latest_next_offset and
+-- flush covered, else up to what the flush covered. After a crash the new owner reads the partition from latest_next_offset and
 -- applies the readings between it and next_offset to device_latest only: the per-metric
 -- newest-wins merge of device_latest is idempotent, so applying a reading twice is harmless.
 ALTER TABLE consumer_offsets ADD COLUMN latest_next_offset bigint;

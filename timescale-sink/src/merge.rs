@@ -378,6 +378,34 @@ pub fn latest_per_device<'a>(rows: &[&'a Telemetry]) -> Vec<LatestState<'a>> {
     states
 }
 
+/// Which of `rows` (in partition order) can still change [`latest_per_device`]'s outcome:
+/// of a device whose readings all carry the same metric names, only its newest (largest
+/// time; at equal times the later); of any other device, all. Lets readings that wait for
+/// `device_latest` be thinned out without changing what it gets.
+pub fn needed_for_latest(rows: &[&Telemetry]) -> Vec<bool> {
+    let mut newest: HashMap<(&str, &str), (usize, bool), foldhash::fast::RandomState> =
+        HashMap::with_capacity_and_hasher(rows.len() / 2, Default::default());
+    for (i, row) in rows.iter().enumerate() {
+        newest
+            .entry((row.tenant_id.as_str(), row.device_id.as_str()))
+            .and_modify(|(best, uniform)| {
+                let current = rows[*best];
+                *uniform = *uniform && row.metrics.keys().eq(current.metrics.keys());
+                if row.time >= current.time {
+                    *best = i;
+                }
+            })
+            .or_insert((i, true));
+    }
+    rows.iter()
+        .enumerate()
+        .map(|(i, row)| {
+            let (best, uniform) = newest[&(row.tenant_id.as_str(), row.device_id.as_str())];
+            !uniform || best == i
+        })
+        .collect()
+}
+
 /// Per metric, its newest value and that value's time (µs).
 type Folded<'a> = BTreeMap<&'a str, (&'a MetricValue, i64)>;
 
@@ -502,6 +530,30 @@ mod tests {
         assert_eq!(states[0].merged, None);
         assert_eq!(states[1].newest.seq, 3);
         assert_eq!(states[1].merged, None);
+    }
+
+    #[test]
+    fn thinning_keeps_what_device_latest_needs() {
+        let rows = [
+            reading("a", 5, 1, &[("temperature", d(20.0))]),
+            reading("b", 3, 2, &[("temperature", d(1.0))]),
+            reading("a", 5, 3, &[("temperature", d(21.0))]),
+            reading("a", 4, 4, &[("temperature", d(22.0))]),
+            reading("c", 1, 5, &[("temperature", d(1.0)), ("humidity", d(2.0))]),
+            reading("c", 2, 6, &[("temperature", d(3.0))]),
+            reading("b", 6, 7, &[("temperature", d(2.0))]),
+        ];
+        let refs: Vec<&Telemetry> = rows.iter().map(|r| &r.row).collect();
+        let keep = needed_for_latest(&refs);
+        // a: the later of the two at second 5; b: the newest; c: both (not the same metrics).
+        assert_eq!(keep, [false, false, true, false, true, true, true]);
+        let kept: Vec<&Telemetry> = refs
+            .iter()
+            .zip(&keep)
+            .filter(|(_, k)| **k)
+            .map(|(r, _)| *r)
+            .collect();
+        assert_eq!(latest_per_device(&kept), latest_per_device(&refs));
     }
 
     #[test]

@@ -110,8 +110,9 @@ pub async fn store_fenced(
 }
 
 /// After `device_latest` took every reading below `covered[p]` of each partition: clears
-/// `latest_next_offset` where `next_offset` is still `covered[p]` (where it moved on, a
-/// newer owner's readings are not all applied yet, so it stays). Returns the rows cleared.
+/// `latest_next_offset` where `next_offset` is still `covered[p]`; where it moved on (a newer
+/// owner stored more), moves it up to `covered[p]` at most, as the readings above are not all
+/// applied yet. Returns the rows changed.
 pub async fn mark_latest_written(
     conn: &mut PgConnection,
     group: &str,
@@ -121,10 +122,12 @@ pub async fn mark_latest_written(
     let partitions: Vec<i32> = covered.keys().copied().collect();
     let next: Vec<i64> = covered.values().copied().collect();
     Ok(sqlx::query(
-        "UPDATE consumer_offsets c SET latest_next_offset = NULL \
+        "UPDATE consumer_offsets c SET latest_next_offset = CASE \
+             WHEN c.next_offset = u.next_offset THEN NULL \
+             ELSE greatest(c.latest_next_offset, u.next_offset) END \
          FROM unnest($3::int[], $4::int8[]) AS u(partition, next_offset) \
          WHERE c.consumer_group = $1 AND c.topic = $2 AND c.partition = u.partition \
-           AND c.next_offset = u.next_offset AND c.latest_next_offset IS NOT NULL",
+           AND c.next_offset >= u.next_offset AND c.latest_next_offset IS NOT NULL",
     )
     .bind(group)
     .bind(topic)

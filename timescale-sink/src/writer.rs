@@ -182,6 +182,29 @@ struct LatestPending {
     covered: BTreeMap<i32, i64>,
     /// When the oldest reading in `rows` (or the first coverage) arrived.
     since: Option<Instant>,
+    /// `rows` are thinned out (see [`LatestPending::thin`]) when they reach this many.
+    thin_at: usize,
+}
+
+/// `rows` are thinned out at this many at the least, then at twice what the last thinning
+/// left: memory stays near one reading per device, for a little hashing per reading.
+const THIN_AT_LEAST: usize = 50_000;
+
+impl LatestPending {
+    /// Drops the readings that cannot change what `device_latest` gets (each device's older
+    /// readings when they carry the same metrics as its newest).
+    fn thin(&mut self) {
+        if self.rows.len() < self.thin_at.max(THIN_AT_LEAST) {
+            return;
+        }
+        let keep = {
+            let refs: Vec<&Telemetry> = self.rows.iter().map(|(_, r)| r).collect();
+            crate::merge::needed_for_latest(&refs)
+        };
+        let mut keep = keep.into_iter();
+        self.rows.retain(|_| keep.next().unwrap_or(true));
+        self.thin_at = self.rows.len() * 2;
+    }
 }
 
 impl LatestBehind {
@@ -216,6 +239,7 @@ impl LatestBehind {
         let before = pending.rows.len();
         pending.rows.extend(rows);
         let touched = pending.rows.len() > before || replay_ended;
+        pending.thin();
         for (partition, next) in covered {
             let entry = pending.covered.entry(partition).or_insert(next);
             *entry = (*entry).max(next);
@@ -224,7 +248,7 @@ impl LatestBehind {
             pending.since = Some(Instant::now());
         }
         // Summed over the writers: each adds what it buffers and takes away what it flushed.
-        metrics::gauge!(m::LATEST_PENDING).increment((pending.rows.len() - before) as f64);
+        metrics::gauge!(m::LATEST_PENDING).increment(pending.rows.len() as f64 - before as f64);
     }
 
     fn take(&self) -> LatestPending {
@@ -241,6 +265,7 @@ impl LatestBehind {
             *entry = (*entry).max(next);
         }
         pending.covered = taken.covered;
+        pending.thin_at = pending.thin_at.max(taken.thin_at);
         pending.since = match (taken.since, pending.since) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -401,6 +426,7 @@ impl BatchWriter {
                         rows: Vec::new(),
                         covered: pending.covered,
                         since: None,
+                        thin_at: 0,
                     });
                     return;
                 }

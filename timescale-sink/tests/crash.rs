@@ -408,3 +408,93 @@ async fn device_latest_written_behind_is_exact_after_a_sigkill_and_its_timer() -
     terminate(&mut survivor).await?;
     assert_exactly_once(&db, &topics, &group, PARTITIONS, FIRST + DEVICES as i64).await
 }
+
+/// `SINK_LATEST_INTERVAL` far longer than the test: what a sink holds for `device_latest` is
+/// written when its partitions are revoked (a second member joins) and when it stops on
+/// SIGTERM, so no partition is left behind for a new owner to read again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_latest_written_behind_is_flushed_at_a_rebalance_and_on_sigterm() -> Result<()> {
+    const PARTITIONS: i32 = 6;
+    const DEVICES: usize = 1_000;
+    const FIRST: i64 = 10_000;
+    let db = TestDb::new(LayoutChoice::Postgres).await?;
+    let topics = TestTopics::new(PARTITIONS).await?;
+    let producer = producer(&topics)?;
+    assert_eq!(
+        produce(
+            &producer,
+            &topics.args.telemetry_topic,
+            fleet(2, DEVICES, 10)
+        )
+        .await? as i64,
+        FIRST
+    );
+    let group = format!("latest-rebalance-{}", db.name);
+    let hour = [("SINK_LATEST_INTERVAL", "1h")];
+    let mut a = spawn_sink_with(&db, &topics, &group, "latest-a", &hour)?;
+    wait_for_stored(&db.pool, &group, FIRST, Duration::from_secs(120)).await?;
+    assert_eq!(
+        latest_against_telemetry(&db.pool).await?,
+        (DEVICES as i64, 0, 0),
+        "nothing in device_latest before a flush"
+    );
+
+    // A second member: the eager rebalance revokes all of a's partitions, and a writes what
+    // it holds before it lets them go.
+    let mut b = spawn_sink_with(&db, &topics, &group, "latest-b", &hour)?;
+    eventually(
+        "device_latest written at the rebalance",
+        Duration::from_secs(120),
+        || async {
+            let behind = latest_behind(&db.pool, &group)
+                .await
+                .map_err(|e| e.to_string())?;
+            let check = latest_against_telemetry(&db.pool)
+                .await
+                .map_err(|e| e.to_string())?;
+            if behind.is_empty() && check == (0, 0, DEVICES as i64) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "behind {behind:?}, (missing, differing, rows) {check:?}"
+                ))
+            }
+        },
+    )
+    .await?;
+
+    // Newer readings for both members; SIGTERM writes them to device_latest.
+    let codec = schemas::telemetry_codec()?;
+    let now = chrono::Utc::now();
+    let newer = (0..DEVICES).map(|device| {
+        let r = reading(&format!("tenant-{}", device % 2), device, 10, now);
+        (r.key(), codec.encode(&r).unwrap(), None)
+    });
+    assert_eq!(
+        produce(&producer, &topics.args.telemetry_topic, newer).await?,
+        DEVICES
+    );
+    wait_for_stored(
+        &db.pool,
+        &group,
+        FIRST + DEVICES as i64,
+        Duration::from_secs(120),
+    )
+    .await?;
+    assert!(
+        !latest_behind(&db.pool, &group).await?.is_empty(),
+        "the newer readings wait for device_latest"
+    );
+    terminate(&mut b).await?;
+    terminate(&mut a).await?;
+    assert_eq!(latest_behind(&db.pool, &group).await?, BTreeMap::new());
+    assert_eq!(
+        latest_against_telemetry(&db.pool).await?,
+        (0, 0, DEVICES as i64)
+    );
+    let newest: i64 = sqlx::query_scalar("SELECT count(*) FROM device_latest WHERE seq = 10")
+        .fetch_one(&db.pool)
+        .await?;
+    assert_eq!(newest, DEVICES as i64, "every device at its newest reading");
+    assert_exactly_once(&db, &topics, &group, PARTITIONS, FIRST + DEVICES as i64).await
+}

@@ -121,6 +121,11 @@ pub struct Options {
     /// minute).
     #[arg(long, default_value = "2m", value_parser = parse_duration)]
     pub compress_after: Duration,
+    /// The sink's `SINK_LATEST_INTERVAL`: `device_latest` written behind the telemetry, once
+    /// per this interval (0: with every batch). The drain then also waits for every
+    /// partition's `device_latest` to catch up (`latest_next_offset` NULL).
+    #[arg(long, default_value = "0s", value_parser = parse_duration)]
+    pub sink_latest_interval: Duration,
     /// Partitions of the run's telemetry topic.
     #[arg(long, default_value_t = 12)]
     pub partitions: i32,
@@ -277,6 +282,8 @@ pub struct Report {
     pub tenants: u32,
     pub auth: AuthMode,
     pub layout: String,
+    /// The sink's `SINK_LATEST_INTERVAL` (s; 0: `device_latest` with every batch).
+    pub sink_latest_interval_s: f64,
     pub offered_per_s: f64,
     /// The simulator's own summary line.
     pub simulator: String,
@@ -544,6 +551,10 @@ pub async fn run(opts: Options) -> Result<Report> {
     let admin = crate::free_addr()?;
     let mut env = common("sink", admin);
     env.push(("SINK_GROUP_ID".into(), sink_group.clone()));
+    env.push((
+        "SINK_LATEST_INTERVAL".into(),
+        format!("{}ms", opts.sink_latest_interval.as_millis()),
+    ));
     specs.push(ServiceSpec {
         name: "sink",
         binary: bin_dir.join("timescale-sink"),
@@ -853,14 +864,24 @@ pub async fn run(opts: Options) -> Result<Report> {
         // Read after the stored offsets, every round: a request whose client gave up during
         // a fault may still have been written since.
         let ends = end_offsets(&watermarks, &kafka.telemetry_topic, opts.partitions).await?;
+        let latest_behind = latest_behind(&db.pool, &sink_group, &kafka.telemetry_topic).await?;
         offsets_detail = (0..opts.partitions as usize)
-            .filter(|p| sink.get(*p) != ends.get(*p) || evaluator.get(*p) != ends.get(*p))
+            .filter(|p| {
+                sink.get(*p) != ends.get(*p)
+                    || evaluator.get(*p) != ends.get(*p)
+                    || latest_behind.contains(&(*p as i32))
+            })
             .map(|p| {
                 format!(
-                    "partition {p}: end {:?}, sink {:?}, evaluator {:?}",
+                    "partition {p}: end {:?}, sink {:?}, evaluator {:?}{}",
                     ends.get(p),
                     sink.get(p),
-                    evaluator.get(p)
+                    evaluator.get(p),
+                    if latest_behind.contains(&(p as i32)) {
+                        ", device_latest behind"
+                    } else {
+                        ""
+                    }
                 )
             })
             .collect();
@@ -976,6 +997,7 @@ pub async fn run(opts: Options) -> Result<Report> {
         tenants: opts.tenants,
         auth: opts.auth,
         layout: db.layout.to_string(),
+        sink_latest_interval_s: opts.sink_latest_interval.as_secs_f64(),
         offered_per_s: f64::from(opts.devices) / opts.interval.as_secs_f64(),
         simulator: simulator_summary,
         accepted_per_s: accounting.accepted as f64 / send_s.max(1e-9),
@@ -1264,6 +1286,19 @@ async fn stored_offsets(
     Ok(out)
 }
 
+/// Partitions whose `device_latest` is behind their stored rows (`latest_next_offset` set,
+/// migration 0017).
+async fn latest_behind(pool: &sqlx::PgPool, group: &str, topic: &str) -> Result<Vec<i32>> {
+    Ok(sqlx::query_scalar(
+        "SELECT partition FROM consumer_offsets \
+         WHERE consumer_group = $1 AND topic = $2 AND latest_next_offset IS NOT NULL",
+    )
+    .bind(group)
+    .bind(topic)
+    .fetch_all(pool)
+    .await?)
+}
+
 async fn postmaster_pid(pool: &sqlx::PgPool) -> Result<u32> {
     let row = sqlx::query("SELECT pg_backend_pid()")
         .fetch_one(pool)
@@ -1468,7 +1503,7 @@ fn write_report(report: &Report, samples: &[Sample], faults: &[Fault], dir: &Pat
     let mut md = String::new();
     let _ = writeln!(
         md,
-        "# fleet_e2e: {} devices every {} s for {} s ({} auth, {} layout)\n",
+        "# fleet_e2e: {} devices every {} s for {} s ({} auth, {} layout, device_latest {})\n",
         report.devices,
         report.interval_s,
         report.duration_s,
@@ -1476,7 +1511,12 @@ fn write_report(report: &Report, samples: &[Sample], faults: &[Fault], dir: &Pat
             AuthMode::Device => "device",
             AuthMode::Gateway => "gateway",
         },
-        report.layout
+        report.layout,
+        if report.sink_latest_interval_s > 0.0 {
+            format!("every {} s", report.sink_latest_interval_s)
+        } else {
+            "with every batch".to_owned()
+        }
     );
     let _ = writeln!(
         md,
