@@ -123,6 +123,11 @@ pub async fn load_open_alerts(pool: &PgPool) -> Result<Vec<OpenAlertRow>, sqlx::
 }
 
 /// Active devices of `tenants` with the time of their last stored reading.
+///
+/// From `device_latest`, unless a sink writes it behind the telemetry (`SINK_LATEST_INTERVAL`:
+/// some partition's `consumer_offsets.latest_next_offset` is set, migration 0017). Then
+/// readings stored since are looked up in `telemetry` too (one backward primary-key probe
+/// per device), so a restart never mistakes a device that reported for a silent one.
 pub async fn load_last_seen(
     pool: &PgPool,
     tenants: &[String],
@@ -130,14 +135,28 @@ pub async fn load_last_seen(
     if tenants.is_empty() {
         return Ok(Vec::new());
     }
-    let rows: Vec<(String, String, Option<String>, DateTime<Utc>)> = sqlx::query_as(
+    let behind: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM consumer_offsets WHERE latest_next_offset IS NOT NULL)",
+    )
+    .fetch_one(pool)
+    .await?;
+    let sql = if behind {
+        "SELECT * FROM ( \
+             SELECT d.tenant_id::text, d.device_id::text, d.site_id::text, \
+                    greatest(l.time, (SELECT t.time FROM telemetry t \
+                        WHERE t.tenant_id = d.tenant_id AND t.device_id = d.device_id \
+                          AND t.time > coalesce(l.time, '-infinity') \
+                        ORDER BY t.time DESC LIMIT 1)) AS time \
+             FROM devices d LEFT JOIN device_latest l USING (tenant_id, device_id) \
+             WHERE d.status = 'active' AND d.tenant_id = ANY($1) \
+         ) s WHERE time IS NOT NULL"
+    } else {
         "SELECT d.tenant_id::text, d.device_id::text, d.site_id::text, l.time \
          FROM devices d JOIN device_latest l USING (tenant_id, device_id) \
-         WHERE d.status = 'active' AND d.tenant_id = ANY($1)",
-    )
-    .bind(tenants)
-    .fetch_all(pool)
-    .await?;
+         WHERE d.status = 'active' AND d.tenant_id = ANY($1)"
+    };
+    let rows: Vec<(String, String, Option<String>, DateTime<Utc>)> =
+        sqlx::query_as(sql).bind(tenants).fetch_all(pool).await?;
     Ok(rows
         .into_iter()
         .map(|(t, d, s, time)| (t, d, s, time.timestamp_micros()))

@@ -762,3 +762,71 @@ async fn a_transition_of_a_rule_deleted_before_its_commit_does_not_block_the_oth
     assert_eq!(stored_total(&db.pool, "g").await?, 2);
     Ok(())
 }
+
+/// A restart's last-seen times of no-data rules: from `device_latest` while it keeps up with
+/// the telemetry; where a sink writes it behind (`latest_next_offset` set, migration 0017),
+/// the newer stored readings count too, also of a device not in `device_latest` yet.
+#[tokio::test]
+async fn last_seen_counts_readings_device_latest_does_not_hold_yet() -> Result<()> {
+    let db = TestDb::new(LayoutChoice::Postgres).await?;
+    provision(&db.pool, &[A], &[(A, "behind"), (A, "absent"), (A, "even")]).await?;
+    let t0 = Utc::now() - chrono::Duration::minutes(10);
+    let s = |i: i64| t0 + chrono::Duration::seconds(i);
+    store_telemetry(
+        &db.pool,
+        &[
+            reading(A, "behind", s(1), &[("temp", 20.0)]),
+            reading(A, "behind", s(2), &[("temp", 21.0)]),
+            reading(A, "absent", s(3), &[("temp", 22.0)]),
+            reading(A, "even", s(4), &[("temp", 23.0)]),
+        ],
+    )
+    .await?;
+    for (device, second) in [("behind", 1), ("even", 4)] {
+        sqlx::query(
+            "INSERT INTO device_latest (tenant_id, device_id, time, msg_type, seq, metrics) \
+             VALUES ($1, $2, $3, 'telemetry', 0, '{\"temp\": 1}')",
+        )
+        .bind(A)
+        .bind(device)
+        .bind(s(second))
+        .execute(&db.pool)
+        .await?;
+    }
+    let seen = |tenants: Vec<String>| {
+        let pool = db.pool.clone();
+        async move {
+            let mut out: Vec<(String, i64)> =
+                evaluator_stream::store::load_last_seen(&pool, &tenants)
+                    .await?
+                    .into_iter()
+                    .map(|(_, device, _, at)| (device, at))
+                    .collect();
+            out.sort();
+            anyhow::Ok(out)
+        }
+    };
+    let us = |i: i64| s(i).timestamp_micros();
+    assert_eq!(
+        seen(vec![A.to_owned()]).await?,
+        [("behind".to_owned(), us(1)), ("even".to_owned(), us(4))],
+        "device_latest as it is"
+    );
+    sqlx::query(
+        "INSERT INTO consumer_offsets (consumer_group, topic, partition, next_offset, \
+                                       latest_next_offset) \
+         VALUES ('sink', 'telemetry', 0, 4, 1)",
+    )
+    .execute(&db.pool)
+    .await?;
+    assert_eq!(
+        seen(vec![A.to_owned()]).await?,
+        [
+            ("absent".to_owned(), us(3)),
+            ("behind".to_owned(), us(2)),
+            ("even".to_owned(), us(4))
+        ],
+        "device_latest behind: the telemetry's newer readings"
+    );
+    Ok(())
+}
