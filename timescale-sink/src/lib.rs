@@ -145,11 +145,17 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), Error> {
     metrics::describe();
     let health = Health::new(&["database", "kafka", "assigned"]);
     let mut pool_args = config.database.clone();
-    // Each writer holds one connection for its transaction; probes, offsets and upkeep share
+    // Each writer holds one connection for its transaction (and one more for its
+    // `device_latest` flush when that is written behind); probes, offsets and upkeep share
     // the rest.
+    let per_writer = if config.latest_interval.is_zero() {
+        1
+    } else {
+        2
+    };
     pool_args.database_max_connections = pool_args
         .database_max_connections
-        .max(config.writers as u32 + 3);
+        .max(config.writers as u32 * per_writer + 3);
     let pool = plumbing::db::pool(&pool_args, SERVICE)?;
     let (listener, addr) = admin::bind(config.observability.admin_listen).await?;
     info!(%addr, "admin endpoints listening");

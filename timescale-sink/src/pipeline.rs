@@ -116,14 +116,22 @@ async fn committer(
     writer: BatchWriter,
     give_up: CancellationToken,
 ) {
+    // `device_latest` written behind: flushed when due, on its own connection while the
+    // batches go on (a flush of every device takes a while; batches waiting for it would add
+    // that to their latency). One flush at a time per writer.
+    let mut flushes = tokio::task::JoinSet::new();
+    let spawn_flush = |flushes: &mut tokio::task::JoinSet<()>| {
+        let (writer, give_up) = (writer.clone(), give_up.clone());
+        flushes.spawn(async move { writer.flush_latest(&give_up).await });
+    };
     loop {
-        // `device_latest` written behind: flushed when due, also while no batch comes.
-        let due = writer.latest_due();
+        let due = flushes.is_empty().then(|| writer.latest_due()).flatten();
         let item = tokio::select! {
             biased;
             item = rx.recv() => item,
+            _ = flushes.join_next(), if !flushes.is_empty() => continue,
             _ = tokio::time::sleep_until(due.unwrap_or_else(far_future).into()), if due.is_some() => {
-                writer.flush_latest(&give_up).await;
+                spawn_flush(&mut flushes);
                 continue;
             }
         };
@@ -131,21 +139,24 @@ async fn committer(
         match item {
             ToCommitter::Batch(batch) => {
                 writer.write(batch, &give_up).await;
-                if writer
-                    .latest_due()
-                    .is_some_and(|due| due <= std::time::Instant::now())
+                if flushes.is_empty()
+                    && writer
+                        .latest_due()
+                        .is_some_and(|due| due <= std::time::Instant::now())
                 {
-                    writer.flush_latest(&give_up).await;
+                    spawn_flush(&mut flushes);
                 }
             }
             ToCommitter::Barrier(ack) => {
                 // A revoke or an explicit flush: what is buffered goes to `device_latest`
                 // first, so the partition's next owner has nothing to replay.
+                while flushes.join_next().await.is_some() {}
                 writer.flush_latest(&give_up).await;
                 let _ = ack.send(());
             }
         }
     }
+    while flushes.join_next().await.is_some() {}
     writer.flush_latest(&give_up).await;
 }
 
