@@ -21,6 +21,11 @@
 //! 127.0.0.2, …, never shared between ingest processes) and its simulator spreads the
 //! devices over them.
 //!
+//! msg/s, ingest's PUBACK histogram, CPU and memory are taken over the steady window: from the
+//! first sample with every device connected and readings stored to the sample before the
+//! last (the last may catch a simulator winding down). The client-side PUBACK percentiles
+//! are over every attempt of every simulator (`--latencies` files, merged).
+//!
 //! Settings (environment): `MQTT_BENCH_DEVICES` (default 100000), `MQTT_BENCH_PROCESSES`
 //! (default devices / 18,000 rounded up), `MQTT_BENCH_INTERVAL` (default 5s: 20,000 msg/s for
 //! 100,000 devices), `MQTT_BENCH_SECONDS` (default 300), `MQTT_BENCH_WORKERS` (each ingest's
@@ -482,6 +487,7 @@ async fn bench() -> Result<()> {
     let mut samples: Vec<Sample> = Vec::new();
     let mut all_connected_at: Option<f64> = None;
     let mut first_publish: Option<usize> = None;
+    let mut all_connected: Option<usize> = None;
     let mut max_connections = 0.0f64;
     let mut sim_nofile = vec![String::new(); sims.len()];
     // Until the first simulator ends: every sample before has all of them publishing.
@@ -526,6 +532,7 @@ async fn bench() -> Result<()> {
             max_connections = max_connections.max(s.connections);
             if all_connected_at.is_none() && s.connections >= f64::from(devices) {
                 all_connected_at = Some(t);
+                all_connected = Some(samples.len());
             }
             if first_publish.is_none() && s.stored > 0.0 {
                 first_publish = Some(samples.len());
@@ -573,13 +580,15 @@ async fn bench() -> Result<()> {
     }
     let ingest_nofile: Vec<String> = ingests.iter().map(|i| nofile(i.proc.pid())).collect();
 
-    // The steady window: from the first sample with readings stored to the sample before the
-    // last. The last one may have caught a simulator winding down (past its `--duration` it
-    // stops publishing, then disconnects: a second or so before it exits); the one before was
-    // taken 5 s earlier, while every simulator was publishing.
+    // The steady window: from the first sample with every device connected and readings
+    // stored (without all connected: the first with readings stored) to the sample before
+    // the last. The last one may have caught a simulator winding down (past its `--duration`
+    // it stops publishing, then disconnects: a second or so before it exits); the one before
+    // was taken 5 s earlier, while every simulator was publishing.
     let Some(first) = first_publish else {
         bail!("nothing was stored; logs in {}", dir.display());
     };
+    let first = all_connected.map_or(first, |all| all.max(first));
     let last = samples.len().saturating_sub(2);
     if last <= first {
         bail!("no steady window (fewer than three samples with readings stored): run longer");
@@ -653,7 +662,7 @@ async fn bench() -> Result<()> {
         ),
     }
     println!(
-        "connecting: ingest {:.1} s CPU, simulator {:.1} s CPU until the first stored reading",
+        "connecting: ingest {:.1} s CPU, simulator {:.1} s CPU until the window",
         a.ingest_cpu, a.sim_cpu
     );
     println!(
