@@ -32,6 +32,13 @@
 //! (needs `--api-url` and an `operator_admin` `--api-key`); `--device-tokens FILE` keeps those
 //! tokens for later runs without `--provision`. Gateway tokens are derived from
 //! `--token-secret`: for demos and load tests, not for production tenants.
+//!
+//! `--first-device K` makes this run devices `K` to `K + devices - 1` (ids `<prefix>-dNNNNNN`,
+//! tenant `number mod tenants`, tokens read from the file's lines of those numbers), so
+//! several simulator processes can drive one fleet, each a disjoint slice of it (the MQTT
+//! connection benchmark runs one per ingest process: a process holds at most ~20,000
+//! connections here). `--latencies FILE` writes every attempt's latency, so their
+//! percentiles can be computed over all the processes.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
@@ -96,6 +103,11 @@ pub struct SimulateArgs {
     /// Number of virtual devices.
     #[arg(long, default_value_t = 100_000)]
     pub devices: u32,
+    /// Number of the first device: this run drives devices `first-device` to
+    /// `first-device + devices - 1` (ids, tenants, tokens and MQTT client ids follow the
+    /// number), so several simulators can share one fleet, each its own slice.
+    #[arg(long, default_value_t = 0)]
+    pub first_device: u32,
     /// Each device sends one reading per interval.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub interval: Duration,
@@ -133,9 +145,14 @@ pub struct SimulateArgs {
     /// A reading not accepted is retried for at most this long after its first attempt.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     pub give_up_after: Duration,
-    /// Record every reading sent and its final outcome in this file.
+    /// Record every reading sent and its final outcome in this file (whole fleets only: not
+    /// with `--first-device`).
     #[arg(long)]
     pub manifest: Option<PathBuf>,
+    /// Write every attempt's latency (µs, one a line, ascending) to this file at the end, so
+    /// the latencies of several simulators can be merged.
+    #[arg(long)]
+    pub latencies: Option<PathBuf>,
     /// Create tenants, devices, tokens and demo alert rules first.
     #[arg(long)]
     pub provision: bool,
@@ -149,7 +166,8 @@ pub struct SimulateArgs {
     #[arg(long, env = "FLEETSTREAM_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
     /// With `--auth device`: where device tokens are written by `--provision`, and read from
-    /// without it (`device<TAB>token` lines).
+    /// without it (`device<TAB>token` lines, by device number; lines of devices outside this
+    /// run's `--first-device` slice are skipped).
     #[arg(long)]
     pub device_tokens: Option<PathBuf>,
     /// Prefix of simulated tenant and device ids.
@@ -183,8 +201,15 @@ impl SimulateArgs {
         manifest::tenant_id(&self.prefix, tenant)
     }
 
+    /// Id of simulated device number `device` (a number, not the index in this run: see
+    /// [`SimulateArgs::number`]).
     fn device_id(&self, device: u32) -> String {
         manifest::device_id(&self.prefix, device)
+    }
+
+    /// Number of this run's device `index` (`--first-device` plus the index).
+    pub fn number(&self, index: u32) -> u32 {
+        self.first_device.saturating_add(index)
     }
 
     /// The gateway token of a simulated tenant.
@@ -221,6 +246,8 @@ pub enum SimulateError {
     },
     #[error("device tokens file {path}: {reason}")]
     Tokens { path: String, reason: String },
+    #[error("latencies file {path}: {reason}")]
+    Latencies { path: String, reason: String },
     #[error(transparent)]
     Manifest(#[from] manifest::ManifestError),
     #[error(transparent)]
@@ -325,7 +352,7 @@ impl Counters {
 enum Tokens {
     /// By tenant number.
     Gateway(HashMap<u32, String>),
-    /// By device number.
+    /// By device index in this run.
     Device(Vec<String>),
 }
 
@@ -364,7 +391,8 @@ struct Ctx {
     in_flight: Mutex<Option<tokio::sync::mpsc::Sender<()>>>,
 }
 
-/// A reading on its way: device number, tenant number, the reading, its metrics digest.
+/// A reading on its way: device index in this run (its number less `--first-device`), tenant
+/// number, the reading.
 pub(crate) struct Pending {
     pub(crate) device: u32,
     pub(crate) tenant: u32,
@@ -410,11 +438,12 @@ pub async fn provision(args: &SimulateArgs, pool: &sqlx::PgPool) -> Result<(), S
         sqlx::query(
             "INSERT INTO devices (tenant_id, device_id) \
              SELECT $1 || '-t' || (j % $2), $1 || '-d' || lpad(j::text, 6, '0') \
-             FROM generate_series(0, $3 - 1) j ON CONFLICT DO NOTHING",
+             FROM generate_series($4, $4 + $3 - 1) j ON CONFLICT DO NOTHING",
         )
         .bind(&args.prefix)
         .bind(i64::from(args.tenants))
         .bind(i64::from(args.devices))
+        .bind(i64::from(args.first_device))
         .execute(&mut *tx)
         .await?;
     }
@@ -457,7 +486,7 @@ pub async fn provision(args: &SimulateArgs, pool: &sqlx::PgPool) -> Result<(), S
 
 /// Creates every simulated device through query-api (`POST /v1/devices`; an existing one
 /// gets a new token from `POST /v1/devices/{id}/rotate-token`) and returns the device tokens
-/// by device number.
+/// by index in this run.
 pub async fn provision_devices(
     args: &SimulateArgs,
     client: &reqwest::Client,
@@ -477,7 +506,11 @@ pub async fn provision_devices(
             .await
             .map_err(|_| SimulateError::Settings("provisioning interrupted"))?;
         let (client, key, base) = (client.clone(), key.to_owned(), base.clone());
-        let (tenant, device) = (args.tenant_id(d % args.tenants), args.device_id(d));
+        let number = args.number(d);
+        let (tenant, device) = (
+            args.tenant_id(number % args.tenants),
+            args.device_id(number),
+        );
         tasks.spawn(async move {
             let _permit = permit;
             create_device(&client, &base, &key, &tenant, &device)
@@ -542,19 +575,31 @@ async fn create_device(
     }
 }
 
-fn write_device_tokens(path: &std::path::Path, tokens: &[String]) -> Result<(), SimulateError> {
+/// Writes `device<TAB>token` lines, the device by number (`first` is the number of
+/// `tokens[0]`).
+fn write_device_tokens(
+    path: &std::path::Path,
+    first: u32,
+    tokens: &[String],
+) -> Result<(), SimulateError> {
     let err = |e: std::io::Error| SimulateError::Tokens {
         path: path.display().to_string(),
         reason: e.to_string(),
     };
     let mut out = std::io::BufWriter::new(std::fs::File::create(path).map_err(err)?);
     for (d, token) in tokens.iter().enumerate() {
-        writeln!(out, "{d}\t{token}").map_err(err)?;
+        writeln!(out, "{}\t{token}", u64::from(first) + d as u64).map_err(err)?;
     }
     out.flush().map_err(err)
 }
 
-fn read_device_tokens(path: &std::path::Path, devices: u32) -> Result<Vec<String>, SimulateError> {
+/// The tokens of devices `first` to `first + devices - 1` (by index in this run) from a
+/// `device<TAB>token` file; other devices' lines are skipped.
+fn read_device_tokens(
+    path: &std::path::Path,
+    first: u32,
+    devices: u32,
+) -> Result<Vec<String>, SimulateError> {
     let fail = |reason: String| SimulateError::Tokens {
         path: path.display().to_string(),
         reason,
@@ -564,17 +609,39 @@ fn read_device_tokens(path: &std::path::Path, devices: u32) -> Result<Vec<String
     for (n, line) in text.lines().enumerate() {
         let parsed = line
             .split_once('\t')
-            .and_then(|(d, t)| Some((d.parse::<usize>().ok()?, t)));
+            .and_then(|(d, t)| Some((d.parse::<u64>().ok()?, t)));
         match parsed {
-            Some((d, token)) if d < tokens.len() => tokens[d] = token.to_owned(),
-            Some(_) => {}
+            Some((d, token)) => {
+                let slot = d
+                    .checked_sub(u64::from(first))
+                    .and_then(|i| tokens.get_mut(usize::try_from(i).ok()?));
+                if let Some(slot) = slot {
+                    token.clone_into(slot);
+                }
+            }
             None => return Err(fail(format!("line {}: expected device<TAB>token", n + 1))),
         }
     }
     if let Some(missing) = tokens.iter().position(String::is_empty) {
-        return Err(fail(format!("no token for device {missing}")));
+        return Err(fail(format!(
+            "no token for device {}",
+            u64::from(first) + missing as u64
+        )));
     }
     Ok(tokens)
+}
+
+/// Writes the latencies (µs, ascending), one a line.
+fn write_latencies(path: &std::path::Path, latencies_us: &[u32]) -> Result<(), SimulateError> {
+    let err = |e: std::io::Error| SimulateError::Latencies {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    };
+    let mut out = std::io::BufWriter::new(std::fs::File::create(path).map_err(err)?);
+    for us in latencies_us {
+        writeln!(out, "{us}").map_err(err)?;
+    }
+    out.flush().map_err(err)
 }
 
 /// Runs the simulation until `--duration` passed or `shutdown`, and returns what it achieved.
@@ -586,6 +653,16 @@ pub async fn run(args: SimulateArgs, shutdown: Shutdown) -> Result<Summary, Simu
     }
     if args.interval.is_zero() {
         return Err(SimulateError::Settings("interval must be positive"));
+    }
+    if args.first_device.checked_add(args.devices).is_none() {
+        return Err(SimulateError::Settings(
+            "--first-device plus --devices must stay below 2^32",
+        ));
+    }
+    if args.first_device > 0 && args.manifest.is_some() {
+        return Err(SimulateError::Settings(
+            "--manifest records a whole fleet: not with --first-device",
+        ));
     }
     if args.auth == Auth::Device && args.via == Via::Kafka {
         return Err(SimulateError::Settings(
@@ -624,12 +701,14 @@ pub async fn run(args: SimulateArgs, shutdown: Shutdown) -> Result<Summary, Simu
                 Auth::Device if args.provision => {
                     let tokens = provision_devices(&args, &client).await?;
                     if let Some(path) = &args.device_tokens {
-                        write_device_tokens(path, &tokens)?;
+                        write_device_tokens(path, args.first_device, &tokens)?;
                     }
                     Tokens::Device(tokens)
                 }
                 Auth::Device => match &args.device_tokens {
-                    Some(path) => Tokens::Device(read_device_tokens(path, args.devices)?),
+                    Some(path) => {
+                        Tokens::Device(read_device_tokens(path, args.first_device, args.devices)?)
+                    }
                     None => {
                         return Err(SimulateError::Settings(
                             "--auth device needs --provision or --device-tokens FILE",
@@ -655,11 +734,11 @@ pub async fn run(args: SimulateArgs, shutdown: Shutdown) -> Result<Summary, Simu
                         .build()?;
                     let tokens = provision_devices(&args, &client).await?;
                     if let Some(path) = &args.device_tokens {
-                        write_device_tokens(path, &tokens)?;
+                        write_device_tokens(path, args.first_device, &tokens)?;
                     }
                     tokens
                 }
-                Some(path) => read_device_tokens(path, args.devices)?,
+                Some(path) => read_device_tokens(path, args.first_device, args.devices)?,
                 None => {
                     return Err(SimulateError::Settings(
                         "--auth device needs --provision or --device-tokens FILE",
@@ -708,7 +787,7 @@ pub async fn run(args: SimulateArgs, shutdown: Shutdown) -> Result<Summary, Simu
     let interval_us = args.interval.as_micros().max(1) as u64;
     let mut devices: Vec<DeviceState> = (0..args.devices)
         .map(|d| DeviceState {
-            tenant: d % args.tenants,
+            tenant: args.number(d) % args.tenants,
             seq: 0,
             temperature: rng.random_range(18.0..26.0),
             humidity: rng.random_range(35.0..65.0),
@@ -765,7 +844,7 @@ pub async fn run(args: SimulateArgs, shutdown: Shutdown) -> Result<Summary, Simu
                 device.silent_until = Some(now + Duration::from_secs(rng.random_range(30..120)));
                 continue;
             }
-            let reading = next_reading(&args, d, device, &mut rng);
+            let reading = next_reading(&args, args.number(d), device, &mut rng);
             let key = match args.auth {
                 Auth::Gateway => device.tenant,
                 Auth::Device => d,
@@ -813,7 +892,7 @@ pub async fn run(args: SimulateArgs, shutdown: Shutdown) -> Result<Summary, Simu
     let (connections, reconnects) = match &ctx.target {
         Target::Mqtt(fleet) => {
             let counts = fleet.connections();
-            fleet.disconnect().await;
+            fleet.disconnect();
             counts
         }
         _ => (0, 0),
@@ -824,6 +903,9 @@ pub async fn run(args: SimulateArgs, shutdown: Shutdown) -> Result<Summary, Simu
         Err(poisoned) => std::mem::take(&mut *poisoned.into_inner()),
     };
     latencies_us.sort_unstable();
+    if let Some(path) = &args.latencies {
+        write_latencies(path, &latencies_us)?;
+    }
     let summary = Summary {
         accepted: counters.accepted.load(Ordering::Relaxed),
         failed: counters.failed.load(Ordering::Relaxed),
@@ -933,6 +1015,7 @@ pub fn print_summary(args: &SimulateArgs, summary: &Summary) -> std::io::Result<
     )
 }
 
+/// The next reading of device number `d`.
 fn next_reading(
     args: &SimulateArgs,
     d: u32,
@@ -1309,6 +1392,48 @@ mod tests {
         assert_eq!(args.duration, Some(Duration::from_secs(60)));
         assert_eq!(args.device_id(7), "sim-d000007");
         assert_eq!(args.tenant_id(1), "sim-t1");
+    }
+
+    #[test]
+    fn a_slice_reads_its_own_tokens_and_names_its_devices_by_number() {
+        let dir = std::env::temp_dir().join(format!("sim_tokens_{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("tokens.tsv");
+        let all: Vec<String> = (0..10).map(|d| format!("tok-{d}")).collect();
+        write_device_tokens(&path, 0, &all).unwrap();
+        assert_eq!(
+            read_device_tokens(&path, 6, 3).unwrap(),
+            ["tok-6", "tok-7", "tok-8"]
+        );
+        let err = read_device_tokens(&path, 8, 3).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "device tokens file {}: no token for device 10",
+                path.display()
+            )
+        );
+        // A slice written by number reads back the same.
+        write_device_tokens(&path, 4, &all[4..6]).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            "4\ttok-4\n5\ttok-5\n"
+        );
+        assert_eq!(read_device_tokens(&path, 4, 2).unwrap(), ["tok-4", "tok-5"]);
+        std::fs::remove_dir_all(&dir).unwrap();
+
+        let args = SimulateArgs::try_parse_from(["simulate", "--first-device", "1000"]).unwrap();
+        let mut rng = StdRng::seed_from_u64(1);
+        let mut device = DeviceState {
+            tenant: 0,
+            seq: 0,
+            temperature: 20.0,
+            humidity: 50.0,
+            battery: 50.0,
+            silent_until: None,
+        };
+        let reading = next_reading(&args, args.number(7), &mut device, &mut rng);
+        assert_eq!(reading.device_id, "sim-d001007");
     }
 
     #[test]

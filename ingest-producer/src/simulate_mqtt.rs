@@ -13,6 +13,10 @@
 //! (Linux's default 32768–60999), so for more devices `--mqtt` takes several addresses
 //! (`127.0.0.1:1883,127.0.0.2:1883,…`, all of them ingest's `MQTT_LISTEN`) and device `d`
 //! connects to address `d mod n`.
+//!
+//! Every reading's wait is bounded by `--give-up-after`: for its turn on the connection, for
+//! room in the client's queue (a device that cannot connect fills it) and for its PUBACK, so
+//! devices that cannot connect do not hold the simulator's permits for longer.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,7 +24,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use plumbing::Shutdown;
-use rumqttc::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS};
+use rumqttc::{
+    AsyncClient, ClientError, ConnectionError, Event, EventLoop, MqttOptions, Outgoing, Packet,
+    QoS, Request,
+};
 use tokio::sync::{oneshot, Semaphore};
 use tracing::{debug, info, warn};
 
@@ -116,7 +123,9 @@ impl Fleet {
         let mut connected = Vec::with_capacity(tokens.len());
         for (d, token) in tokens.into_iter().enumerate() {
             let (host, port) = &servers[d % servers.len()];
-            let mut options = MqttOptions::new(format!("{}-{d}", args.prefix), host.clone(), *port);
+            let number = args.number(u32::try_from(d).unwrap_or(u32::MAX));
+            let client_id = format!("{}-{number}", args.prefix);
+            let mut options = MqttOptions::new(client_id, host.clone(), *port);
             options.set_credentials(token, "");
             options.set_keep_alive(Duration::from_secs(60));
             options.set_inflight(IN_FLIGHT);
@@ -173,7 +182,8 @@ impl Fleet {
     }
 
     /// Publishes each reading on its device's connection and waits for its acknowledgement,
-    /// at most `give_up` (the client keeps re-sending on its own meanwhile).
+    /// at most `give_up` from the start of each (the client keeps re-sending on its own
+    /// meanwhile).
     pub(crate) async fn send(
         &self,
         batch: &[Pending],
@@ -193,32 +203,74 @@ impl Fleet {
         let Ok(payload) = serde_json::to_vec(&post_message(&p.reading)) else {
             return Verdict::Refused(400);
         };
+        // Everything below, the wait for the client's queue included, is bounded by
+        // `give_up`: a device that cannot connect fills its client's queue (16 requests), and
+        // its readings must not hold the simulator's permits past that.
+        let deadline = tokio::time::Instant::now() + give_up;
         let acked = {
-            let _order = device.order.lock().await;
+            let Ok(_order) = tokio::time::timeout_at(deadline, device.order.lock()).await else {
+                return Verdict::Refused(0);
+            };
             let (tx, rx) = oneshot::channel();
             lock(&device.waiters).unassigned.push_back(tx);
-            if device
-                .client
-                .publish(FLEET_TOPIC, self.qos, false, payload)
-                .await
-                .is_err()
-            {
+            if !self.enqueue(device, payload, deadline).await {
+                // Not queued (no other publish of this device got in meanwhile: the order
+                // lock), so the waiter last in line is this one.
                 lock(&device.waiters).unassigned.pop_back();
                 return Verdict::Refused(0);
             }
             rx
         };
-        match tokio::time::timeout(give_up, acked).await {
+        match tokio::time::timeout_at(deadline, acked).await {
             Ok(Ok(())) => Verdict::Accepted,
             // Not acknowledged in time: final for the simulator (it may still arrive).
             _ => Verdict::Refused(0),
         }
     }
 
-    /// Sends DISCONNECT on every connection and stops their tasks.
-    pub(crate) async fn disconnect(&self) {
+    /// Hands a publish to the device's client, waiting while its queue is full until
+    /// `deadline`; false if it could not. `try_publish` either queues the publish or not, so
+    /// giving up leaves no doubt about it (a cancelled `publish().await` may or may not have
+    /// queued it, and the waiters would then no longer match the packets).
+    async fn enqueue(
+        &self,
+        device: &Device,
+        payload: Vec<u8>,
+        deadline: tokio::time::Instant,
+    ) -> bool {
+        let mut payload = payload;
+        let mut wait = Duration::from_millis(10);
+        loop {
+            match device
+                .client
+                .try_publish(FLEET_TOPIC, self.qos, false, payload)
+            {
+                Ok(()) => return true,
+                // Full (the connection is down, or its in-flight window and queue are full),
+                // or closed (stopping): the publish comes back.
+                Err(ClientError::TryRequest(Request::Publish(publish))) => {
+                    payload = publish.payload.to_vec();
+                }
+                Err(_) => return false,
+            }
+            let now = tokio::time::Instant::now();
+            if self.stop.is_cancelled() || now >= deadline {
+                return false;
+            }
+            tokio::select! {
+                _ = self.stop.cancelled() => return false,
+                _ = tokio::time::sleep(wait.min(deadline - now)) => {}
+            }
+            wait = (wait * 2).min(Duration::from_millis(500));
+        }
+    }
+
+    /// Sends DISCONNECT on every connection and stops their tasks. A client whose queue is
+    /// full (its connection is down, or its in-flight window is full) gets none: waiting for
+    /// room there could wait for ever; stopping its task closes its socket.
+    pub(crate) fn disconnect(&self) {
         for device in &self.devices {
-            let _ = device.client.disconnect().await;
+            let _ = device.client.try_disconnect();
         }
         self.stop.cancel();
     }

@@ -154,7 +154,25 @@ fn simulate_args(
     tokens: &Path,
     manifest: &Path,
 ) -> SimulateArgs {
-    SimulateArgs::try_parse_from([
+    mqtt_args(
+        devices,
+        duration,
+        &mqtt.to_string(),
+        tokens,
+        &["--manifest", manifest.to_str().unwrap()],
+    )
+}
+
+/// `simulate --via mqtt` at one reading a second per device, with `extra` arguments.
+fn mqtt_args(
+    devices: u32,
+    duration: &str,
+    mqtt: &str,
+    tokens: &Path,
+    extra: &[&str],
+) -> SimulateArgs {
+    let devices = devices.to_string();
+    let mut argv = vec![
         "simulate",
         "--via",
         "mqtt",
@@ -163,7 +181,7 @@ fn simulate_args(
         "--qos",
         "1",
         "--devices",
-        &devices.to_string(),
+        &devices,
         "--interval",
         "1s",
         "--duration",
@@ -173,15 +191,25 @@ fn simulate_args(
         "--concurrency",
         "2000",
         "--mqtt",
-        &mqtt.to_string(),
+        mqtt,
         "--device-tokens",
         tokens.to_str().unwrap(),
-        "--manifest",
-        manifest.to_str().unwrap(),
         "--silence-probability",
         "0",
-    ])
-    .unwrap()
+    ];
+    argv.extend_from_slice(extra);
+    SimulateArgs::try_parse_from(argv).unwrap()
+}
+
+/// The latencies a `--latencies` file lists, checked ascending.
+fn latencies(path: &Path) -> Vec<u32> {
+    let list: Vec<u32> = std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| l.parse().unwrap())
+        .collect();
+    assert!(list.windows(2).all(|w| w[0] <= w[1]), "not ascending");
+    list
 }
 
 /// The readings the manifest lists as accepted (PUBACKed).
@@ -244,5 +272,135 @@ async fn simulated_mqtt_devices_are_puback_exactly_what_is_on_the_topic() -> Res
     let acked = acknowledged(&manifest);
     assert_eq!(acked.len() as u64, summary.accepted);
     assert_eq!(topic_readings(&topics.args).await, acked);
+    Ok(())
+}
+
+/// Two simulators share one fleet of 20 devices, each its slice (`--first-device`): every
+/// device publishes under its own id and token, the readings on the topic are exactly those
+/// each simulator saw PUBACKed, and each writes one latency per attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simulators_drive_disjoint_slices_of_one_fleet() -> Result<()> {
+    let dir = scratch();
+    let tokens = dir.0.join("tokens.tsv");
+    let db = TestDb::new(LayoutChoice::Postgres).await?;
+    seed(&db, 20, &tokens).await?;
+    let topics = TestTopics::new(PARTITIONS).await?;
+    let mqtt = free_port();
+    let _ingest = ingest(&db, &topics.args, mqtt).await?;
+    // Uneven slices, so that an index mistaken for a number shows.
+    let slices = [(0u32, 12u32), (12, 8)];
+    let runs: Vec<_> = slices
+        .iter()
+        .map(|&(first, devices)| {
+            let latencies = dir.0.join(format!("latencies-{first}.txt"));
+            let args = mqtt_args(
+                devices,
+                "5s",
+                &mqtt.to_string(),
+                &tokens,
+                &[
+                    "--first-device",
+                    &first.to_string(),
+                    "--latencies",
+                    latencies.to_str().unwrap(),
+                ],
+            );
+            (
+                tokio::spawn(simulate::run(args, plumbing::Shutdown::new())),
+                latencies,
+            )
+        })
+        .collect();
+    let mut summaries = Vec::new();
+    for (run, latencies_file) in runs {
+        let summary: Summary = run.await??;
+        assert_eq!(summary.failed, 0, "{summary:?}");
+        assert_eq!(
+            latencies(&latencies_file).len() as u64,
+            summary.accepted + summary.failed + summary.retries,
+            "{summary:?}"
+        );
+        summaries.push(summary);
+    }
+    assert_eq!(summaries[0].connections, 12);
+    assert_eq!(summaries[1].connections, 8);
+    let on_topic = topic_readings(&topics.args).await;
+    let mut per_device = std::collections::BTreeMap::<u32, u64>::new();
+    for (device, _, _) in &on_topic {
+        *per_device.entry(*device).or_default() += 1;
+    }
+    assert_eq!(
+        per_device.keys().copied().collect::<Vec<_>>(),
+        (0..20).collect::<Vec<_>>()
+    );
+    let in_slice = |range: std::ops::Range<u32>| -> u64 {
+        per_device
+            .iter()
+            .filter(|(d, _)| range.contains(d))
+            .map(|(_, n)| n)
+            .sum()
+    };
+    assert_eq!(in_slice(0..12), summaries[0].accepted);
+    assert_eq!(in_slice(12..20), summaries[1].accepted);
+    Ok(())
+}
+
+/// A manifest lists a whole fleet's devices by number from 0: a slice cannot write one.
+#[tokio::test]
+async fn a_slice_cannot_write_a_manifest() {
+    let dir = scratch();
+    let args = mqtt_args(
+        2,
+        "1s",
+        "127.0.0.1:1",
+        &dir.0.join("tokens.tsv"),
+        &[
+            "--first-device",
+            "5",
+            "--manifest",
+            dir.0.join("m.bin").to_str().unwrap(),
+        ],
+    );
+    let err = simulate::run(args, plumbing::Shutdown::new())
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "invalid settings: --manifest records a whole fleet: not with --first-device"
+    );
+}
+
+/// Devices that never connect: their clients' queues (16 publishes each) fill, and the
+/// readings after that are given up after `--give-up-after` like the others instead of
+/// waiting for room for ever (the run then never ended: it waits for every reading sent).
+/// The connection wait at the start takes its minute first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readings_of_devices_that_cannot_connect_are_given_up() -> Result<()> {
+    let dir = scratch();
+    let (tokens, latencies_file) = (dir.0.join("tokens.tsv"), dir.0.join("latencies.txt"));
+    std::fs::write(&tokens, "0\ttok-0\n1\ttok-1\n2\ttok-2\n")?;
+    // A port nobody listens on.
+    let closed = free_port();
+    let mut args = mqtt_args(
+        3,
+        "3s",
+        &closed.to_string(),
+        &tokens,
+        &["--latencies", latencies_file.to_str().unwrap()],
+    );
+    // 300 readings a second, many more than the 3 × 16 the clients' queues hold.
+    args.interval = Duration::from_millis(10);
+    args.give_up_after = Duration::from_secs(1);
+    let summary = tokio::time::timeout(
+        Duration::from_secs(180),
+        simulate::run(args, plumbing::Shutdown::new()),
+    )
+    .await
+    .expect("the simulator ended")?;
+    assert_eq!(summary.accepted, 0, "{summary:?}");
+    assert_eq!(summary.connections, 0, "{summary:?}");
+    assert_eq!(summary.retries, 0, "{summary:?}");
+    assert_eq!(latencies(&latencies_file).len() as u64, summary.failed);
+    assert!(summary.failed > 3 * 16, "{summary:?}");
     Ok(())
 }
