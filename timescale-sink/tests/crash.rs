@@ -291,6 +291,28 @@ async fn latest_behind(pool: &sqlx::PgPool, group: &str) -> Result<BTreeMap<i32,
     Ok(rows.into_iter().collect())
 }
 
+/// Ok once no partition of `group` waits for `device_latest` and it holds exactly the newest
+/// reading per metric of `devices` devices; else what is still off (for `eventually`).
+async fn latest_caught_up(
+    pool: &sqlx::PgPool,
+    group: &str,
+    devices: i64,
+) -> std::result::Result<(), String> {
+    let behind = latest_behind(pool, group)
+        .await
+        .map_err(|e| e.to_string())?;
+    let check = latest_against_telemetry(pool)
+        .await
+        .map_err(|e| e.to_string())?;
+    if behind.is_empty() && check == (0, 0, devices) {
+        Ok(())
+    } else {
+        Err(format!(
+            "behind {behind:?}, (missing, differing, rows) {check:?}"
+        ))
+    }
+}
+
 /// `SINK_LATEST_INTERVAL` (migration 0017): a sink writing `device_latest` behind is SIGKILLed
 /// before its first flush; the next sink reads the partitions again from
 /// `latest_next_offset`, applies those readings to `device_latest` only (nothing is stored
@@ -348,21 +370,7 @@ async fn device_latest_written_behind_is_exact_after_a_sigkill_and_its_timer() -
         "latest-survivor",
         &[("SINK_LATEST_INTERVAL", "1s")],
     )?;
-    let caught_up = || async {
-        let behind = latest_behind(&db.pool, &group)
-            .await
-            .map_err(|e| e.to_string())?;
-        let check = latest_against_telemetry(&db.pool)
-            .await
-            .map_err(|e| e.to_string())?;
-        if behind.is_empty() && check == (0, 0, DEVICES as i64) {
-            Ok(())
-        } else {
-            Err(format!(
-                "behind {behind:?}, (missing, differing, rows) {check:?}"
-            ))
-        }
-    };
+    let caught_up = || latest_caught_up(&db.pool, &group, DEVICES as i64);
     eventually(
         "device_latest exact after the replay",
         Duration::from_secs(120),
@@ -445,21 +453,7 @@ async fn device_latest_written_behind_is_flushed_at_a_rebalance_and_on_sigterm()
     eventually(
         "device_latest written at the rebalance",
         Duration::from_secs(120),
-        || async {
-            let behind = latest_behind(&db.pool, &group)
-                .await
-                .map_err(|e| e.to_string())?;
-            let check = latest_against_telemetry(&db.pool)
-                .await
-                .map_err(|e| e.to_string())?;
-            if behind.is_empty() && check == (0, 0, DEVICES as i64) {
-                Ok(())
-            } else {
-                Err(format!(
-                    "behind {behind:?}, (missing, differing, rows) {check:?}"
-                ))
-            }
-        },
+        || latest_caught_up(&db.pool, &group, DEVICES as i64),
     )
     .await?;
 
