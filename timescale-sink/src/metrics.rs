@@ -175,7 +175,7 @@ pub fn describe() {
     describe_histogram!(
         LATEST_FLUSH_DURATION,
         Unit::Seconds,
-        "Time to fold the pending readings into device_latest (one transaction per flush)."
+        "Time to fold the pending readings into device_latest, from its first transaction to its last (a timed flush writes slices of 5,000 devices spread over at most half of SINK_LATEST_INTERVAL, pauses included)."
     );
     describe_counter!(
         LATEST_FLUSHED_DEVICES,

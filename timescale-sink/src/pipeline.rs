@@ -120,9 +120,12 @@ async fn committer(
     // batches go on (a flush of every device takes a while; batches waiting for it would add
     // that to their latency). One flush at a time per writer.
     let mut flushes = tokio::task::JoinSet::new();
-    let spawn_flush = |flushes: &mut tokio::task::JoinSet<()>| {
-        let (writer, give_up) = (writer.clone(), give_up.clone());
-        flushes.spawn(async move { writer.flush_latest(&give_up).await });
+    // Cancelled when the running flush must finish at once (its slices unpaced).
+    let mut pace = CancellationToken::new();
+    let spawn_flush = |flushes: &mut tokio::task::JoinSet<()>, pace: &mut CancellationToken| {
+        *pace = CancellationToken::new();
+        let (writer, give_up, pace) = (writer.clone(), give_up.clone(), pace.clone());
+        flushes.spawn(async move { writer.flush_latest(&give_up, Some(&pace)).await });
     };
     loop {
         let due = flushes.is_empty().then(|| writer.latest_due()).flatten();
@@ -131,7 +134,7 @@ async fn committer(
             item = rx.recv() => item,
             _ = flushes.join_next(), if !flushes.is_empty() => continue,
             _ = tokio::time::sleep_until(due.unwrap_or_else(far_future).into()), if due.is_some() => {
-                spawn_flush(&mut flushes);
+                spawn_flush(&mut flushes, &mut pace);
                 continue;
             }
         };
@@ -144,20 +147,22 @@ async fn committer(
                         .latest_due()
                         .is_some_and(|due| due <= std::time::Instant::now())
                 {
-                    spawn_flush(&mut flushes);
+                    spawn_flush(&mut flushes, &mut pace);
                 }
             }
             ToCommitter::Barrier(ack) => {
                 // A revoke or an explicit flush: what is buffered goes to `device_latest`
                 // first, so the partition's next owner has nothing to replay.
+                pace.cancel();
                 while flushes.join_next().await.is_some() {}
-                writer.flush_latest(&give_up).await;
+                writer.flush_latest(&give_up, None).await;
                 let _ = ack.send(());
             }
         }
     }
+    pace.cancel();
     while flushes.join_next().await.is_some() {}
-    writer.flush_latest(&give_up).await;
+    writer.flush_latest(&give_up, None).await;
 }
 
 fn far_future() -> std::time::Instant {

@@ -190,6 +190,14 @@ struct LatestPending {
 /// left: memory stays near one reading per device, for a little hashing per reading.
 const THIN_AT_LEAST: usize = 50_000;
 
+/// Devices per `device_latest` transaction of a flush (written behind): about 0.1 s of one
+/// core on the machine of BENCHMARKS.md, where 50,000 devices at once took over a second and
+/// showed as once-a-flush spikes in every batch's ingest-to-commit latency.
+pub const LATEST_SLICE: usize = 500_000;
+
+/// The longest pause between two slices of a timed flush.
+const LATEST_SLICE_GAP: Duration = Duration::from_secs(1);
+
 impl LatestPending {
     /// Drops the readings that cannot change what `device_latest` gets (each device's older
     /// readings when they carry the same metrics as its newest).
@@ -393,7 +401,19 @@ impl BatchWriter {
     /// `latest_next_offset` where they complete it; retries transient failures until it
     /// succeeds or `give_up` is cancelled (then nothing is lost: `latest_next_offset` still
     /// says where a restart reads again).
-    pub async fn flush_latest(&self, give_up: &tokio_util::sync::CancellationToken) {
+    ///
+    /// The devices go in slices of at most [`LATEST_SLICE`], each its own transaction; the
+    /// last one also clears `latest_next_offset`. With `pace` (a timed flush), the slices are
+    /// spread over at most half the interval (at most [`LATEST_SLICE_GAP`] apart) so that a
+    /// flush of the whole fleet never takes a core from the batches for a second or more;
+    /// cancelling `pace` (a revoke, a shutdown) writes the remaining slices at once. A crash
+    /// between slices is safe: the replay from `latest_next_offset` applies them again, and
+    /// the newest-wins merge makes that harmless.
+    pub async fn flush_latest(
+        &self,
+        give_up: &tokio_util::sync::CancellationToken,
+        pace: Option<&tokio_util::sync::CancellationToken>,
+    ) {
         let pending = self.latest.take();
         if pending.rows.is_empty() && pending.since.is_none() {
             self.latest.restore(pending);
@@ -405,63 +425,102 @@ impl BatchWriter {
             readings = pending.rows.len(),
             partitions = pending.covered.len(),
         );
-        let mut backoff = self.min_backoff;
-        loop {
-            let started = Instant::now();
-            match self
-                .try_flush_latest(&pending)
-                .instrument(span.clone())
-                .await
-            {
-                Ok((devices, dropped)) => {
-                    metrics::histogram!(m::LATEST_FLUSH_DURATION)
-                        .record(started.elapsed().as_secs_f64());
-                    metrics::counter!(m::LATEST_FLUSHED_DEVICES).increment(devices as u64);
-                    metrics::gauge!(m::LATEST_PENDING).decrement(pending.rows.len() as f64);
-                    if dropped > 0 {
-                        warn!(parent: &span, dropped, "device_latest states the database refused were left out (their readings were dead-lettered when stored)");
-                    }
-                    // Coverage carries on: later batches extend it.
-                    self.latest.restore(LatestPending {
-                        rows: Vec::new(),
-                        covered: pending.covered,
-                        since: None,
-                        thin_at: 0,
-                    });
-                    return;
+        let started = Instant::now();
+        match self
+            .write_latest(&pending, give_up, pace)
+            .instrument(span.clone())
+            .await
+        {
+            Some((devices, dropped)) => {
+                metrics::histogram!(m::LATEST_FLUSH_DURATION)
+                    .record(started.elapsed().as_secs_f64());
+                metrics::counter!(m::LATEST_FLUSHED_DEVICES).increment(devices as u64);
+                metrics::gauge!(m::LATEST_PENDING).decrement(pending.rows.len() as f64);
+                if dropped > 0 {
+                    warn!(parent: &span, dropped, "device_latest states the database refused were left out (their readings were dead-lettered when stored)");
                 }
-                Err(err) => {
-                    metrics::counter!(m::DB_RETRIES).increment(1);
-                    let delay = backoff.mul_f64(rand::rng().random_range(0.5..1.5));
-                    warn!(parent: &span, error = %err, retry_in_ms = delay.as_millis() as u64, "device_latest flush failed; retrying");
-                    tokio::select! {
-                        _ = give_up.cancelled() => {
-                            warn!(parent: &span, "shutdown deadline passed; device_latest flush abandoned (replayed on restart)");
-                            self.latest.restore(pending);
-                            return;
-                        }
-                        _ = tokio::time::sleep(delay) => {}
-                    }
-                    backoff = (backoff * 2).min(self.max_backoff);
-                }
+                // Coverage carries on: later batches extend it.
+                self.latest.restore(LatestPending {
+                    rows: Vec::new(),
+                    covered: pending.covered,
+                    since: None,
+                    thin_at: 0,
+                });
+            }
+            None => {
+                warn!(parent: &span, "shutdown deadline passed; device_latest flush abandoned (replayed on restart)");
+                self.latest.restore(pending);
             }
         }
     }
 
-    /// One flush transaction. Returns the device states written and those left out.
-    async fn try_flush_latest(
+    /// Writes `pending` slice by slice (see [`BatchWriter::flush_latest`]). Returns the device
+    /// states written and those left out, or None when `give_up` was cancelled first.
+    async fn write_latest(
         &self,
         pending: &LatestPending,
-    ) -> Result<(usize, usize), sqlx::Error> {
+        give_up: &tokio_util::sync::CancellationToken,
+        pace: Option<&tokio_util::sync::CancellationToken>,
+    ) -> Option<(usize, usize)> {
         let rows: Vec<&Telemetry> = pending.rows.iter().map(|(_, r)| r).collect();
         let states = crate::merge::latest_per_device(&rows);
+        let slices: Vec<&[crate::merge::LatestState<'_>]> = if states.is_empty() {
+            // Nothing to write, but the coverage still goes in.
+            vec![&[]]
+        } else {
+            states.chunks(LATEST_SLICE).collect()
+        };
+        let gap = (self.latest.interval / 2)
+            .checked_div(slices.len() as u32)
+            .unwrap_or_default()
+            .min(LATEST_SLICE_GAP);
+        let mut dropped = 0;
+        for (i, slice) in slices.iter().enumerate() {
+            if let Some(pace) = pace.filter(|_| i > 0 && !gap.is_zero()) {
+                tokio::select! {
+                    _ = pace.cancelled() => {}
+                    _ = give_up.cancelled() => return None,
+                    _ = tokio::time::sleep(gap) => {}
+                }
+            }
+            let covered = (i + 1 == slices.len()).then_some(&pending.covered);
+            let mut backoff = self.min_backoff;
+            loop {
+                match self.try_flush_latest(slice, covered).await {
+                    Ok(left_out) => {
+                        dropped += left_out;
+                        break;
+                    }
+                    Err(err) => {
+                        metrics::counter!(m::DB_RETRIES).increment(1);
+                        let delay = backoff.mul_f64(rand::rng().random_range(0.5..1.5));
+                        warn!(error = %err, slice = i, retry_in_ms = delay.as_millis() as u64, "device_latest flush failed; retrying");
+                        tokio::select! {
+                            _ = give_up.cancelled() => return None,
+                            _ = tokio::time::sleep(delay) => {}
+                        }
+                        backoff = (backoff * 2).min(self.max_backoff);
+                    }
+                }
+            }
+        }
+        Some((states.len() - dropped, dropped))
+    }
+
+    /// One slice's transaction (with `covered`: the last, which also clears
+    /// `latest_next_offset`). Returns the states left out (refused by the database).
+    async fn try_flush_latest(
+        &self,
+        states: &[crate::merge::LatestState<'_>],
+        covered: Option<&BTreeMap<i32, i64>>,
+    ) -> Result<usize, sqlx::Error> {
         let mut tx = self.pool.begin().await?;
         let mut dropped = 0;
         if !states.is_empty() {
             sqlx::query("SAVEPOINT flush_latest")
                 .execute(&mut *tx)
                 .await?;
-            match upsert_latest_states(&mut tx, &states).await {
+            match upsert_latest_states(&mut tx, states).await {
                 Ok(()) => {}
                 Err(err) if is_data_error(&err) => {
                     // A replayed reading the database refused when it was stored: states one
@@ -469,7 +528,7 @@ impl BatchWriter {
                     sqlx::query("ROLLBACK TO SAVEPOINT flush_latest")
                         .execute(&mut *tx)
                         .await?;
-                    for state in &states {
+                    for state in states {
                         sqlx::query("SAVEPOINT flush_one").execute(&mut *tx).await?;
                         match upsert_latest_states(&mut tx, std::slice::from_ref(state)).await {
                             Ok(()) => {
@@ -494,9 +553,11 @@ impl BatchWriter {
                 Err(err) => return Err(err),
             }
         }
-        offsets::mark_latest_written(&mut tx, &self.group, &self.topic, &pending.covered).await?;
+        if let Some(covered) = covered {
+            offsets::mark_latest_written(&mut tx, &self.group, &self.topic, covered).await?;
+        }
         tx.commit().await?;
-        Ok((states.len() - dropped, dropped))
+        Ok(dropped)
     }
 
     fn record(&self, batch: &Batch, outcome: &Outcome, started: Instant) {

@@ -417,6 +417,90 @@ async fn device_latest_written_behind_is_exact_after_a_sigkill_and_its_timer() -
     assert_exactly_once(&db, &topics, &group, PARTITIONS, FIRST + DEVICES as i64).await
 }
 
+/// A timed flush of more devices than one slice (`writer::LATEST_SLICE`, 5,000) commits them
+/// slice by slice, a second apart at this interval: the test sees `device_latest` partly
+/// written, SIGKILLs the sink between two slices, and the next sink completes it exactly from
+/// `latest_next_offset` (the slices already written are applied again, harmlessly). A flush in
+/// one transaction would never show the partial state and the test would time out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_latest_flush_goes_in_slices_and_a_sigkill_between_them_loses_nothing() -> Result<()>
+{
+    const DEVICES: usize = 12_000;
+    let db = TestDb::new(LayoutChoice::Postgres).await?;
+    // One partition: one writer holds every device.
+    let topics = TestTopics::new(1).await?;
+    let producer = producer(&topics)?;
+    assert_eq!(
+        produce(
+            &producer,
+            &topics.args.telemetry_topic,
+            fleet(4, DEVICES, 1)
+        )
+        .await?,
+        DEVICES
+    );
+    let group = format!("slices-{}", db.name);
+    // 10 s: three slices spread over 5 s at most, at most 1 s apart.
+    let mut victim = spawn_sink_with(
+        &db,
+        &topics,
+        &group,
+        "slices-victim",
+        &[("SINK_LATEST_INTERVAL", "10s")],
+    )?;
+    wait_for_stored(&db.pool, &group, DEVICES as i64, Duration::from_secs(120)).await?;
+    let written = || async {
+        let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM device_latest")
+            .fetch_one(&db.pool)
+            .await
+            .map_err(|e| e.to_string())?;
+        if rows > 0 && rows < DEVICES as i64 {
+            Ok(rows)
+        } else {
+            Err(format!("{rows} device_latest rows"))
+        }
+    };
+    let partly = eventually(
+        "device_latest partly written",
+        Duration::from_secs(60),
+        written,
+    )
+    .await?;
+    victim.kill()?; // SIGKILL, between two slices
+    victim.wait()?;
+    let (missing, differing, rows) = latest_against_telemetry(&db.pool).await?;
+    assert!(
+        rows >= partly
+            && rows < DEVICES as i64
+            && missing == DEVICES as i64 - rows
+            && differing == 0,
+        "slices written before the kill are exact, the rest missing: {partly} seen, then \
+         (missing, differing, rows) = {:?}",
+        (missing, differing, rows)
+    );
+    assert_eq!(
+        latest_behind(&db.pool, &group).await?,
+        BTreeMap::from([(0, 0)]),
+        "the partition still waits for device_latest from offset 0"
+    );
+
+    let mut survivor = spawn_sink_with(
+        &db,
+        &topics,
+        &group,
+        "slices-survivor",
+        &[("SINK_LATEST_INTERVAL", "1s")],
+    )?;
+    eventually(
+        "device_latest exact after the replay",
+        Duration::from_secs(120),
+        || latest_caught_up(&db.pool, &group, DEVICES as i64),
+    )
+    .await?;
+    terminate(&mut survivor).await?;
+    assert_exactly_once(&db, &topics, &group, 1, DEVICES as i64).await
+}
+
 /// `SINK_LATEST_INTERVAL` far longer than the test: what a sink holds for `device_latest` is
 /// written when its partitions are revoked (a second member joins) and when it stops on
 /// SIGTERM, so no partition is left behind for a new owner to read again.
