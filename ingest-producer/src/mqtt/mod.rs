@@ -43,8 +43,9 @@
 //! credentials reload, which a NOTIFY triggers within a second.
 //!
 //! The server is `ntex-mqtt` on its own threads (an ntex `System` with `MQTT_WORKERS`
-//! workers, each a single-threaded runtime); the ingest steps run on the service's tokio
-//! runtime.
+//! workers, default one per core, each a single-threaded tokio runtime); a publish's ingest
+//! steps (validation, Avro, the Kafka produce and its acknowledgement) run on the worker that
+//! holds its connection.
 //!
 //! **TLS.** With `MQTT_TLS_LISTEN` set, a second listener serves the same MQTT inside TLS 1.2
 //! or 1.3 (rustls through ntex-tls, certificate chain and key from the PEM files
@@ -112,8 +113,8 @@ pub struct MqttArgs {
     /// Publishes of one connection handled at once (MQTT 5 receive maximum).
     #[arg(long, env = "MQTT_MAX_IN_FLIGHT", default_value_t = 16)]
     pub mqtt_max_in_flight: u16,
-    /// Threads serving MQTT connections.
-    #[arg(long, env = "MQTT_WORKERS", default_value_t = 1)]
+    /// Threads serving MQTT connections and their publishes (default: one per core).
+    #[arg(long, env = "MQTT_WORKERS", default_value_t = default_workers())]
     pub mqtt_workers: usize,
     /// Address of the MQTT-over-TLS listener (e.g. `0.0.0.0:8883`), or several separated by
     /// commas; `off` disables it. Needs `MQTT_TLS_CERT` and `MQTT_TLS_KEY`.
@@ -224,6 +225,11 @@ pub fn tls_config(args: &MqttArgs) -> Result<Arc<rustls::ServerConfig>, MqttErro
     Ok(Arc::new(config))
 }
 
+/// One MQTT worker per core the process may use.
+fn default_workers() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from)
+}
+
 fn bind(setting: &'static str, addr: SocketAddr) -> Result<std::net::TcpListener, MqttError> {
     std::net::TcpListener::bind(addr).map_err(|source| MqttError::Bind {
         setting,
@@ -236,7 +242,6 @@ fn bind(setting: &'static str, addr: SocketAddr) -> Result<std::net::TcpListener
 #[derive(Debug)]
 struct Shared {
     app: App,
-    runtime: tokio::runtime::Handle,
     args: MqttArgs,
     connections: AtomicUsize,
     next_id: AtomicU64,
@@ -256,7 +261,7 @@ type TlsSockets = (Vec<std::net::TcpListener>, Arc<rustls::ServerConfig>);
 
 impl MqttListener {
     /// Binds `MQTT_LISTEN` and `MQTT_TLS_LISTEN` and starts serving; `None` when both are
-    /// disabled. Call from the service's tokio runtime: publishes are handled on it.
+    /// disabled.
     pub fn start(app: App, args: &MqttArgs) -> Result<Option<Self>, MqttError> {
         // The certificate and key first: a bad path fails before anything is bound.
         let tls = if args.mqtt_tls_listen.0.is_empty() {
@@ -323,7 +328,6 @@ impl MqttListener {
             .collect::<Result<Vec<_>, _>>()?;
         let shared = Arc::new(Shared {
             app,
-            runtime: tokio::runtime::Handle::current(),
             args: args.clone(),
             connections: AtomicUsize::new(0),
             next_id: AtomicU64::new(0),
@@ -856,20 +860,11 @@ async fn handle(
             warn!(error = %err, "cannot read an mqtt payload");
             Err(Rejection::bad_request("cannot read the payload"))
         }
-        Ok(bytes) => {
-            let app = conn.shared.app.clone();
-            let principal = conn.principal.clone();
-            let topic = topic.to_owned();
-            match conn
-                .shared
-                .runtime
-                .spawn(async move { ingest(&app, &principal, &topic, &bytes).await })
-                .await
-            {
-                Ok(outcome) => outcome,
-                Err(_) => Err(Rejection::internal()),
-            }
-        }
+        // On this worker's own runtime: handing each publish to the service's runtime and
+        // back cost two cross-thread wake-ups and a task per reading (about 10 % of ingest's
+        // CPU per MQTT reading, BENCHMARKS.md); Kafka's acknowledgement wakes this worker
+        // directly.
+        Ok(bytes) => ingest(&conn.shared.app, &conn.principal, topic, &bytes).await,
     };
     if let Some(previous) = previous {
         let _ = previous.await;
@@ -910,7 +905,7 @@ async fn handle(
     result
 }
 
-/// The ingest steps of one publish, on the service's runtime: the readings of the payload,
+/// The ingest steps of one publish, on its MQTT worker: the readings of the payload,
 /// authorized, rate limited and produced together, as `POST /v1/telemetry?atomic=true` does.
 /// Returns the number of readings Kafka acknowledged.
 pub(crate) async fn ingest(
