@@ -54,6 +54,18 @@ pub trait AvroRecord: Sized {
     fn to_avro(&self) -> Value;
     /// The record from an Avro value already resolved to the newest schema version.
     fn from_avro(value: Value) -> Result<Self, DecodeError>;
+    /// A hand-written encoder's hook: writes the record's body for the schema named
+    /// `schema_name` straight into `out` and returns `true`, or returns `false` having written
+    /// nothing when it has no fast path for that schema (the default), and the codec then
+    /// writes [`AvroRecord::to_avro`] with the generic writer.
+    ///
+    /// An implementation must write exactly the generic writer's bytes for `to_avro()` (map
+    /// entries may come in another order: the generic order is a `HashMap`'s) and may only
+    /// take records the generic writer would take. See [`crate::fast_encode`].
+    fn write_body_fast(&self, schema_name: &str, out: &mut Vec<u8>) -> bool {
+        let _ = (schema_name, out);
+        false
+    }
 }
 
 /// The writer schema of registry-framed data, prepared for reading into the codec's record
@@ -360,6 +372,9 @@ impl<T: AvroRecord> Codec<T> {
     }
 
     fn body(&self, record: &T, out: &mut Vec<u8>) -> Result<(), EncodeError> {
+        if record.write_body_fast(&self.current_name, out) {
+            return Ok(());
+        }
         self.writer
             .write_value(out, record.to_avro())
             .map(|_| ())

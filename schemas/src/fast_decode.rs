@@ -19,8 +19,8 @@ use std::collections::BTreeMap;
 use crate::{Codec, DecodeError, MetricValue, Telemetry};
 use chrono::{DateTime, Utc};
 
-/// Name of the schema whose body layout the fast path knows.
-const FAST_SCHEMA: &str = "telemetry.v1";
+// The schema whose body layout the fast path knows: the one the encoder writes.
+use crate::fast_encode::FAST_SCHEMA;
 
 /// Single-object framing: `C3 01`, then the 8-byte little-endian schema fingerprint.
 const SINGLE_OBJECT_MAGIC: [u8; 2] = [0xC3, 0x01];
@@ -234,7 +234,7 @@ fn decode_v1_body(bytes: &[u8]) -> Option<Telemetry> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use rand::{Rng, SeedableRng};
 
     use super::*;
@@ -254,19 +254,59 @@ mod tests {
             .collect()
     }
 
+    fn random_long(rng: &mut impl Rng) -> i64 {
+        match rng.random_range(0..8) {
+            0 => *[i64::MIN, i64::MAX, 0, -1, 63, -64, 64, -65]
+                .get(rng.random_range(0..8))
+                .expect("in range"),
+            1 => rng.random_range(-1000..1000),
+            _ => rng.random(),
+        }
+    }
+
+    fn random_double(rng: &mut impl Rng) -> f64 {
+        match rng.random_range(0..8) {
+            0 => *[
+                f64::NAN,
+                f64::INFINITY,
+                f64::NEG_INFINITY,
+                -0.0,
+                f64::MIN_POSITIVE,
+                f64::MAX,
+                f64::MIN,
+                5e-324,
+            ]
+            .get(rng.random_range(0..8))
+            .expect("in range"),
+            _ => rng.random_range(-1e12..1e12),
+        }
+    }
+
     fn random_time(rng: &mut impl Rng) -> DateTime<Utc> {
+        if rng.random_range(0..50) == 0 {
+            // chrono's extremes, at the microsecond Avro's timestamp-micros carries.
+            let edge = if rng.random() {
+                DateTime::<Utc>::MIN_UTC
+            } else {
+                DateTime::<Utc>::MAX_UTC
+            };
+            return DateTime::from_timestamp_micros(edge.timestamp_micros())
+                .expect("chrono's own range");
+        }
         DateTime::from_timestamp_micros(rng.random_range(-62_000_000_000_000_000..i64::MAX / 2))
             .expect("in chrono's range by construction")
     }
 
-    fn random_reading(rng: &mut impl Rng) -> Telemetry {
+    /// A random reading: every metric kind, edge values (NaN and infinite doubles, extreme
+    /// longs and timestamps), empty and non-ASCII strings. Shared with `fast_encode`'s tests.
+    pub(crate) fn random_reading(rng: &mut impl Rng) -> Telemetry {
         let metrics = (0..rng.random_range(0..12))
             .map(|_| {
                 let value = match rng.random_range(0..5) {
                     0 => MetricValue::Null,
                     1 => MetricValue::Bool(rng.random()),
-                    2 => MetricValue::Long(rng.random()),
-                    3 => MetricValue::Double(rng.random_range(-1e12..1e12)),
+                    2 => MetricValue::Long(random_long(rng)),
+                    3 => MetricValue::Double(random_double(rng)),
                     _ => MetricValue::String(random_string(rng, 20)),
                 };
                 (random_string(rng, 12), value)
@@ -277,7 +317,7 @@ mod tests {
             device_id: random_string(rng, 16),
             site_id: rng.random_bool(0.7).then(|| random_string(rng, 8)),
             msg_type: random_string(rng, 10),
-            seq: rng.random(),
+            seq: random_long(rng),
             time: random_time(rng),
             received_at: random_time(rng),
             metrics,
@@ -285,7 +325,7 @@ mod tests {
     }
 
     /// Doubles compared by bits, so the check is exact.
-    fn same(a: &Telemetry, b: &Telemetry) -> bool {
+    pub(crate) fn same(a: &Telemetry, b: &Telemetry) -> bool {
         let bits = |t: &Telemetry| -> Vec<(String, String)> {
             t.metrics
                 .iter()

@@ -199,6 +199,15 @@ impl AvroRecord for Telemetry {
             metrics: metrics.ok_or_else(|| missing("metrics"))?,
         })
     }
+
+    /// `telemetry.v1` bodies are written by [`crate::fast_encode`], metrics in key order.
+    fn write_body_fast(&self, schema_name: &str, out: &mut Vec<u8>) -> bool {
+        if schema_name != crate::fast_encode::FAST_SCHEMA {
+            return false;
+        }
+        crate::fast_encode::write_v1_body(self, out);
+        true
+    }
 }
 
 static TELEMETRY_CODEC: LazyLock<Result<Codec<Telemetry>, String>> = LazyLock::new(|| {
