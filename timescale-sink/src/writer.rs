@@ -193,7 +193,7 @@ const THIN_AT_LEAST: usize = 50_000;
 /// Devices per `device_latest` transaction of a flush (written behind): about 0.1 s of one
 /// core on the machine of BENCHMARKS.md, where 50,000 devices at once took over a second and
 /// showed as once-a-flush spikes in every batch's ingest-to-commit latency.
-pub const LATEST_SLICE: usize = 500_000;
+pub const LATEST_SLICE: usize = 5_000;
 
 /// The longest pause between two slices of a timed flush.
 const LATEST_SLICE_GAP: Duration = Duration::from_secs(1);
