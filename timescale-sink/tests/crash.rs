@@ -12,6 +12,7 @@ use anyhow::Result;
 use common::*;
 use plumbing::testing::{eventually, TestDb, TestTopics};
 use rand::Rng;
+use rdkafka::producer::FutureProducer;
 use schemas::LayoutChoice;
 
 const BIN: &str = env!("CARGO_BIN_EXE_timescale-sink");
@@ -313,6 +314,26 @@ async fn latest_caught_up(
     }
 }
 
+/// A fresh database and `partitions`-partition topic holding `fleet(tenants, devices,
+/// per_device)`, every reading produced.
+async fn seeded(
+    partitions: i32,
+    tenants: usize,
+    devices: usize,
+    per_device: i64,
+) -> Result<(TestDb, TestTopics, FutureProducer)> {
+    let db = TestDb::new(LayoutChoice::Postgres).await?;
+    let topics = TestTopics::new(partitions).await?;
+    let producer = producer(&topics)?;
+    let readings = fleet(tenants, devices, per_device);
+    let expected = devices * per_device as usize;
+    assert_eq!(
+        produce(&producer, &topics.args.telemetry_topic, readings).await?,
+        expected
+    );
+    Ok((db, topics, producer))
+}
+
 /// `SINK_LATEST_INTERVAL` (migration 0017): a sink writing `device_latest` behind is SIGKILLed
 /// before its first flush; the next sink reads the partitions again from
 /// `latest_next_offset`, applies those readings to `device_latest` only (nothing is stored
@@ -322,18 +343,7 @@ async fn device_latest_written_behind_is_exact_after_a_sigkill_and_its_timer() -
     const PARTITIONS: i32 = 6;
     const DEVICES: usize = 2_000;
     const FIRST: i64 = 20_000;
-    let db = TestDb::new(LayoutChoice::Postgres).await?;
-    let topics = TestTopics::new(PARTITIONS).await?;
-    let producer = producer(&topics)?;
-    assert_eq!(
-        produce(
-            &producer,
-            &topics.args.telemetry_topic,
-            fleet(4, DEVICES, 10)
-        )
-        .await? as i64,
-        FIRST
-    );
+    let (db, topics, producer) = seeded(PARTITIONS, 4, DEVICES, 10).await?;
     let group = format!("latest-{}", db.name);
 
     // An hour's interval: nothing reaches device_latest before the kill.
@@ -426,19 +436,8 @@ async fn device_latest_written_behind_is_exact_after_a_sigkill_and_its_timer() -
 async fn device_latest_flush_goes_in_slices_and_a_sigkill_between_them_loses_nothing() -> Result<()>
 {
     const DEVICES: usize = 12_000;
-    let db = TestDb::new(LayoutChoice::Postgres).await?;
     // One partition: one writer holds every device.
-    let topics = TestTopics::new(1).await?;
-    let producer = producer(&topics)?;
-    assert_eq!(
-        produce(
-            &producer,
-            &topics.args.telemetry_topic,
-            fleet(4, DEVICES, 1)
-        )
-        .await?,
-        DEVICES
-    );
+    let (db, topics, _producer) = seeded(1, 4, DEVICES, 1).await?;
     let group = format!("slices-{}", db.name);
     // 10 s: three slices spread over 5 s at most, at most 1 s apart.
     let mut victim = spawn_sink_with(
@@ -509,18 +508,7 @@ async fn device_latest_written_behind_is_flushed_at_a_rebalance_and_on_sigterm()
     const PARTITIONS: i32 = 6;
     const DEVICES: usize = 1_000;
     const FIRST: i64 = 10_000;
-    let db = TestDb::new(LayoutChoice::Postgres).await?;
-    let topics = TestTopics::new(PARTITIONS).await?;
-    let producer = producer(&topics)?;
-    assert_eq!(
-        produce(
-            &producer,
-            &topics.args.telemetry_topic,
-            fleet(2, DEVICES, 10)
-        )
-        .await? as i64,
-        FIRST
-    );
+    let (db, topics, producer) = seeded(PARTITIONS, 2, DEVICES, 10).await?;
     let group = format!("latest-rebalance-{}", db.name);
     let hour = [("SINK_LATEST_INTERVAL", "1h")];
     let mut a = spawn_sink_with(&db, &topics, &group, "latest-a", &hour)?;

@@ -861,7 +861,7 @@ async fn handle(
             Err(Rejection::bad_request("cannot read the payload"))
         }
         // On this worker's own runtime: handing each publish to the service's runtime and
-        // back cost two cross-thread wake-ups and a task per reading (about 10 % of ingest's
+        // back cost two cross-thread wake-ups and a task per reading (about 3 µs, 7 % of ingest's
         // CPU per MQTT reading, BENCHMARKS.md); Kafka's acknowledgement wakes this worker
         // directly.
         Ok(bytes) => ingest(&conn.shared.app, &conn.principal, topic, &bytes).await,
