@@ -131,6 +131,13 @@ pub struct Config {
     /// show in rollup-served series.
     #[arg(long, env = "SINK_ROLLUP_INTERVAL", default_value = "10s", value_parser = plumbing::config::parse_duration)]
     pub rollup_interval: Duration,
+    /// Niceness (0-19) of the thread that aggregates a rollup step's new minutes (parses the
+    /// minute's readings, sums, sorts and encodes the rollup rows: ~1.6 µs per reading, in a
+    /// burst once a minute). Above 0 the step gives way to the sink's batches and takes
+    /// longer instead; on a machine without CPU to spare the rollups can then fall behind
+    /// for good (BENCHMARKS.md, run m), so only for machines with headroom.
+    #[arg(long, env = "SINK_ROLLUP_NICE", default_value_t = 0, value_parser = clap::value_parser!(i8).range(0..=19))]
+    pub rollup_nice: i8,
     /// Plain PostgreSQL layout: daily partitions kept ahead of today.
     #[arg(long, env = "PARTITIONS_AHEAD_DAYS", default_value_t = 3)]
     pub partitions_ahead_days: u32,
@@ -205,6 +212,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), Error> {
         maintenance::Intervals {
             partitions: config.maintenance_interval,
             rollup: config.rollup_interval,
+            rollup_nice: config.rollup_nice,
         },
         stats.clone(),
         // The signal itself, not `background`: a rollup step in progress is cancelled

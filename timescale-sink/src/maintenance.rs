@@ -64,8 +64,9 @@ pub struct Refresh {
 }
 
 /// One rollup step, one transaction.
+/// At normal priority (see [`refresh_rollup_until_done`] for the sink's steps).
 pub async fn refresh_rollup(pool: &PgPool) -> Result<Refresh, RollupError> {
-    refresh_rollup_on(&mut *pool.acquire().await?).await
+    refresh_rollup_on(&mut *pool.acquire().await?, 0).await
 }
 
 /// The step's plan (migration 0016): everything but the new minutes, and their range.
@@ -77,7 +78,7 @@ struct Plan {
     new_to: Option<DateTime<Utc>>,
 }
 
-async fn refresh_rollup_on(conn: &mut PgConnection) -> Result<Refresh, RollupError> {
+async fn refresh_rollup_on(conn: &mut PgConnection, nice: i8) -> Result<Refresh, RollupError> {
     let mut tx = sqlx::Connection::begin(&mut *conn).await?;
     let plan: Plan = sqlx::query_as(
         "SELECT watermark, rows_written, minutes_recomputed, device_minutes_recomputed, \
@@ -92,7 +93,7 @@ async fn refresh_rollup_on(conn: &mut PgConnection) -> Result<Refresh, RollupErr
     if let (Some(from), Some(to)) = (plan.new_from, plan.new_to) {
         if from < to {
             let started = Instant::now();
-            let new = rollup::aggregate_new_minutes(&mut tx, from, to)
+            let new = rollup::aggregate_new_minutes(&mut tx, from, to, nice)
                 .instrument(info_span!("rollup_new_minutes", %from, %to))
                 .await?;
             metrics::counter!(m::ROLLUP_READINGS_AGGREGATED).increment(new.readings);
@@ -152,12 +153,13 @@ async fn log_rejected(pool: &PgPool, count: i32) {
 async fn refresh_rollup_or_stop(
     pool: &PgPool,
     shutdown: &CancellationToken,
+    nice: i8,
 ) -> Result<Option<Refresh>, RollupError> {
     let mut conn = pool.acquire().await?;
     let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
         .fetch_one(&mut *conn)
         .await?;
-    let step = refresh_rollup_on(&mut conn);
+    let step = refresh_rollup_on(&mut conn, nice);
     tokio::pin!(step);
     tokio::select! {
         result = &mut step => result.map(Some),
@@ -193,11 +195,13 @@ async fn refresh_rollup_or_stop(
 
 /// Refreshes until no work is left (or `MAX_CALLS_PER_TICK` calls, or `shutdown`: no step
 /// starts after it, and a step in progress is cancelled), recording metrics and the rollup
-/// lag. Returns the last completed call's answer (`None`: none completed).
+/// lag; the new minutes are aggregated at niceness `nice`. Returns the last completed call's
+/// answer (`None`: none completed).
 pub async fn refresh_rollup_until_done(
     pool: &PgPool,
     stats: &Stats,
     shutdown: &CancellationToken,
+    nice: i8,
 ) -> Result<Option<Refresh>, RollupError> {
     let span = info_span!("refresh_rollup");
     async {
@@ -208,7 +212,7 @@ pub async fn refresh_rollup_until_done(
                 return Ok(last);
             }
             let started = Instant::now();
-            let result = refresh_rollup_or_stop(pool, shutdown).await;
+            let result = refresh_rollup_or_stop(pool, shutdown, nice).await;
             metrics::histogram!(m::ROLLUP_REFRESH_DURATION).record(started.elapsed().as_secs_f64());
             let refresh = match result {
                 Ok(Some(refresh)) => refresh,
@@ -266,6 +270,9 @@ pub struct Intervals {
     pub partitions: Duration,
     /// Rollup refresh.
     pub rollup: Duration,
+    /// Niceness of the thread aggregating a rollup step's new minutes (0: normal priority;
+    /// `SINK_ROLLUP_NICE`).
+    pub rollup_nice: i8,
 }
 
 /// Runs partition upkeep and the rollup refresh now and then every interval until `shutdown`
@@ -287,7 +294,7 @@ pub async fn run(
             _ = shutdown.cancelled() => return,
             _ = partitions.tick() => maintain_partitions(&pool, days_ahead).await,
             _ = rollup.tick() => {
-                if let Err(err) = refresh_rollup_until_done(&pool, &stats, &shutdown).await {
+                if let Err(err) = refresh_rollup_until_done(&pool, &stats, &shutdown, intervals.rollup_nice).await {
                     warn!(error = %err, "rollup refresh failed");
                 }
             }

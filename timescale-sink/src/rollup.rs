@@ -5,7 +5,7 @@
 //!
 //! 1. reads the range's readings with one binary `COPY … TO STDOUT` (per tenant, an index
 //!    range scan on `(tenant_id, time)`, as the SQL aggregation did);
-//! 2. aggregates them here, per (tenant, device, metric, minute), exactly as the SQL of
+//! 2. aggregates them here (on a thread of its own: see [`aggregate_new_minutes`]), per (tenant, device, metric, minute), exactly as the SQL of
 //!    migration 0014 does: numbers and booleans (1/0) count, `sum` is the exact decimal sum
 //!    of the values as stored (a jsonb number is a decimal), `min`, `max` and `last` (the
 //!    value at the newest time) are those values rounded once to double precision;
@@ -542,10 +542,16 @@ pub struct NewMinutes {
 
 /// Aggregates the readings of `[from, to)` into `telemetry_1m`, in the caller's transaction
 /// (which must have planned the step: see migration 0016).
+///
+/// The readings are parsed, aggregated, sorted and encoded on a thread of its own, so the
+/// seconds a minute's step needs never hold one of the runtime's threads (the sink's
+/// batches); the COPY streams wait for it (PostgreSQL's side waits on the socket). `nice`
+/// above 0 lowers that thread's priority (`SINK_ROLLUP_NICE`).
 pub async fn aggregate_new_minutes(
     conn: &mut PgConnection,
     from: DateTime<Utc>,
     to: DateTime<Utc>,
+    nice: i8,
 ) -> Result<NewMinutes, RollupError> {
     // COPY takes no parameters. Literals would make each step's statement text new, and
     // pg_stat_statements would keep one entry per step (evicting real ones); the range goes
@@ -558,47 +564,82 @@ pub async fn aggregate_new_minutes(
         .bind(to.to_rfc3339())
         .execute(&mut *conn)
         .await?;
-    let mut aggregator = RangeAggregator::default();
-    let mut parser = CopyRows::default();
-    {
+    let (chunks_tx, chunks_rx) = tokio::sync::mpsc::channel::<Vec<u8>>(AGGREGATOR_QUEUE);
+    let (text_tx, mut text_rx) = tokio::sync::mpsc::channel::<Vec<u8>>(AGGREGATOR_QUEUE);
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("rollup-aggregate".into())
+        .spawn(move || {
+            if nice > 0 {
+                lower_thread_priority(nice);
+            }
+            let _ = done_tx.send(aggregate_on_thread(chunks_rx, text_tx));
+        })
+        .map_err(|e| RollupError::Format(format!("cannot start the aggregation thread: {e}")))?;
+
+    let streamed = async {
+        // PostgreSQL sends a COPY row per message: they go to the thread in batches, as a
+        // hand-over per row (a wake-up of the thread) cost more than parsing the row.
         let mut stream = conn.copy_out_raw(COPY_READINGS_SQL).await?;
+        let mut batch = Vec::with_capacity(AGGREGATOR_BATCH_BYTES);
         while let Some(chunk) = stream.try_next().await? {
-            parser.feed(&chunk, &mut aggregator)?;
-        }
-    }
-    if !parser.trailer_seen {
-        return Err(RollupError::Format(
-            "COPY stream ended before its trailer".into(),
-        ));
-    }
-    // Sorting a step's ~800,000 rows takes a few hundred ms: off the runtime's workers where
-    // it can be, so the sink's batches on the same runtime are not held up.
-    let multi_thread = tokio::runtime::Handle::current().runtime_flavor()
-        == tokio::runtime::RuntimeFlavor::MultiThread;
-    let (rows, inexact) = if multi_thread {
-        tokio::task::block_in_place(|| aggregator.finish())
-    } else {
-        aggregator.finish()
-    };
-    let mut out = NewMinutes {
-        readings: aggregator.readings(),
-        device_minutes_to_sql: inexact.tenants.len(),
-        ..NewMinutes::default()
-    };
-    if !rows.is_empty() {
-        // Encoded and sent a slice at a time: a step's rows are ~100 MB of text.
-        let mut sink = conn.copy_in_raw(COPY_ROLLUP_SQL).await?;
-        let mut text = String::with_capacity(COPY_SLICE_ROWS * 128);
-        for slice in rows.chunks(COPY_SLICE_ROWS) {
-            text.clear();
-            encode_rows(slice, &mut text);
-            if let Err(err) = sink.send(text.as_bytes()).await {
-                let _ = sink.abort("send failed").await;
-                return Err(err.into());
+            batch.extend_from_slice(&chunk);
+            if batch.len() >= AGGREGATOR_BATCH_BYTES {
+                let full =
+                    std::mem::replace(&mut batch, Vec::with_capacity(AGGREGATOR_BATCH_BYTES));
+                if chunks_tx.send(full).await.is_err() {
+                    // The thread stopped (a malformed stream): its error is the step's.
+                    return Ok(());
+                }
             }
         }
-        out.rows_written = i64::try_from(sink.finish().await?).unwrap_or(i64::MAX);
+        if !batch.is_empty() {
+            let _ = chunks_tx.send(batch).await;
+        }
+        Ok::<_, RollupError>(())
     }
+    .await;
+    drop(chunks_tx);
+    if let Err(err) = streamed {
+        drop(text_rx);
+        return Err(err);
+    }
+
+    let answer = |done: tokio::sync::oneshot::Receiver<Result<_, RollupError>>| async move {
+        done.await.unwrap_or_else(|_| {
+            Err(RollupError::Format(
+                "the aggregation thread ended without an answer".into(),
+            ))
+        })
+    };
+    let mut out = NewMinutes::default();
+    // The rollup rows' COPY opens with the first rows (a range without readings has none).
+    let (readings, inexact) = match text_rx.recv().await {
+        Some(first) => {
+            let mut copy = conn.copy_in_raw(COPY_ROLLUP_SQL).await?;
+            let mut next = Some(first);
+            while let Some(text) = next {
+                if let Err(err) = copy.send(text).await {
+                    let _ = copy.abort("send failed").await;
+                    return Err(err.into());
+                }
+                next = text_rx.recv().await;
+            }
+            match answer(done_rx).await {
+                Ok(aggregated) => {
+                    out.rows_written = i64::try_from(copy.finish().await?).unwrap_or(i64::MAX);
+                    aggregated
+                }
+                Err(err) => {
+                    let _ = copy.abort("aggregation failed").await;
+                    return Err(err);
+                }
+            }
+        }
+        None => answer(done_rx).await?,
+    };
+    out.readings = readings;
+    out.device_minutes_to_sql = inexact.tenants.len();
     if !inexact.tenants.is_empty() {
         let (written, rejected): (i64, i32) = sqlx::query_as(
             "SELECT rows_written, rejected FROM fleet_rollup_1m_write_device_minutes($1, $2, $3)",
@@ -612,6 +653,63 @@ pub async fn aggregate_new_minutes(
         out.device_minutes_rejected = rejected;
     }
     Ok(out)
+}
+
+/// Batches queued between the step's connection and its aggregation thread, each way.
+const AGGREGATOR_QUEUE: usize = 8;
+/// Bytes of the readings' COPY stream handed to the aggregation thread at a time.
+const AGGREGATOR_BATCH_BYTES: usize = 256 * 1024;
+
+/// The aggregation thread: parses the readings' COPY stream into an aggregator, then sends
+/// the rollup rows back as COPY text in key order. Returns the readings read and the device
+/// minutes left to SQL.
+fn aggregate_on_thread(
+    mut chunks: tokio::sync::mpsc::Receiver<Vec<u8>>,
+    text: tokio::sync::mpsc::Sender<Vec<u8>>,
+) -> Result<(u64, DeviceMinutes), RollupError> {
+    let mut aggregator = RangeAggregator::default();
+    let mut parser = CopyRows::default();
+    while let Some(chunk) = chunks.blocking_recv() {
+        parser.feed(&chunk, &mut aggregator)?;
+    }
+    if !parser.trailer_seen {
+        return Err(RollupError::Format(
+            "COPY stream ended before its trailer".into(),
+        ));
+    }
+    let (rows, inexact) = aggregator.finish();
+    for slice in rows.chunks(COPY_SLICE_ROWS) {
+        let mut encoded = String::with_capacity(slice.len() * 128);
+        encode_rows(slice, &mut encoded);
+        if text.blocking_send(encoded.into_bytes()).is_err() {
+            // The step gave up (its error is reported there).
+            break;
+        }
+    }
+    Ok((aggregator.readings(), inexact))
+}
+
+/// Lowers the calling thread's scheduling priority to niceness `nice` (Linux: niceness is
+/// per thread). Best effort: a failure is logged, the work goes on at normal priority.
+pub fn lower_thread_priority(nice: i8) {
+    use thread_priority::{set_current_thread_priority, ThreadPriority, ThreadPriorityValue};
+    // thread-priority maps its portable 0-99 scale onto niceness 19..-20 (reversed); the
+    // value that lands on `nice` is found by the same formula (checked by a test through
+    // /proc).
+    let target = (0u8..=99).find(|p| {
+        let ratio = 1f32 - f32::from(*p) / 99f32;
+        ((39f32 * ratio) as i8).saturating_sub(20) == nice
+    });
+    let result = target
+        .and_then(|p| ThreadPriorityValue::try_from(p).ok())
+        .ok_or_else(|| format!("niceness {nice} out of range"))
+        .and_then(|value| {
+            set_current_thread_priority(ThreadPriority::Crossplatform(value))
+                .map_err(|e| format!("{e:?}"))
+        });
+    if let Err(err) = result {
+        tracing::debug!(nice, error = %err, "could not lower the thread's priority");
+    }
 }
 
 #[cfg(test)]
@@ -699,6 +797,31 @@ mod tests {
         assert_eq!(inexact.tenants, ["t"]);
         assert_eq!(inexact.devices, ["f"]);
         assert_eq!(agg.readings(), 7);
+    }
+
+    /// The calling thread's niceness, from /proc (field 19 of its stat line).
+    #[cfg(target_os = "linux")]
+    fn thread_nice() -> i64 {
+        let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
+        let rest = &stat[stat.rfind(')').unwrap() + 2..];
+        rest.split_whitespace().nth(16).unwrap().parse().unwrap()
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn the_aggregation_thread_runs_at_the_niceness_asked_for() {
+        for nice in [1, 10, 19] {
+            let seen = std::thread::spawn(move || {
+                let before = thread_nice();
+                lower_thread_priority(nice);
+                (before, thread_nice())
+            })
+            .join()
+            .unwrap();
+            assert_eq!(seen, (0, i64::from(nice)), "niceness {nice}");
+        }
+        // The caller's thread is untouched.
+        assert_eq!(thread_nice(), 0);
     }
 
     #[test]

@@ -184,6 +184,7 @@ fn maintenance(
         timescale_sink::maintenance::Intervals {
             partitions: Duration::from_secs(3600),
             rollup: Duration::from_millis(20),
+            rollup_nice: 10,
         },
         stats,
         shutdown.clone(),
@@ -399,6 +400,7 @@ async fn shutdown_cancels_a_rollup_step_in_progress_and_starts_none() -> Result<
         timescale_sink::maintenance::Intervals {
             partitions: Duration::from_secs(3600),
             rollup: Duration::from_millis(20),
+            rollup_nice: 10,
         },
         Default::default(),
         shutdown.clone(),

@@ -777,7 +777,7 @@ pub async fn run(opts: Options) -> Result<Report> {
             sample.commit_p99_ms = delta.and_then(|d| d.quantile(0.99)).map(|s| s * 1000.0);
         }
         simulator_cpu.sample(simulator_pid, true);
-        sample_postgres_cpu(&db.pool, postmaster, &mut postgres_cpu).await;
+        sample_postgres_cpu(&db.pool, postmaster, &mut postgres_cpu, false).await;
         sample_postgres_waits(&db.pool, &mut postgres_waits).await;
         // Stored offsets first, end offsets after: the other order could see a commit of
         // offsets past the end read a moment earlier.
@@ -922,32 +922,49 @@ pub async fn run(opts: Options) -> Result<Report> {
             kafka_cpu.sample(pid, false);
         }
     }
-    sample_postgres_cpu(&db.pool, postmaster, &mut postgres_cpu).await;
+    sample_postgres_cpu(&db.pool, postmaster, &mut postgres_cpu, false).await;
 
-    // The account.
-    let accounting = check::account(&db.pool, &manifest).await?;
-    let rules = crate::reference::load_rules(&db.pool).await?;
-    let no_data: Vec<i64> = rules
-        .iter()
-        .filter(|r| r.kind == "no_data")
-        .map(|r| r.rule_id)
-        .collect();
-    let mut reference = crate::reference::Reference::new(rules, EVALUATOR_LATENESS);
-    let replay_args = kafka.clone();
-    let topic = kafka.telemetry_topic.clone();
-    let reference = tokio::task::spawn_blocking(move || {
-        crate::reference::replay_topic(&replay_args, &topic, &mut reference).map(|_| reference)
-    })
-    .await
-    .map_err(|e| anyhow!("reference task: {e}"))??;
-    let expected = reference.episodes();
-    let actual = crate::reference::load_alert_episodes(&db.pool, &no_data).await?;
-    let comparison = crate::reference::compare(&expected, &actual);
-    let storage = match storage_figures(&db.pool, db.layout).await {
-        Ok(storage) => storage,
-        Err(err) => {
-            eprintln!("[fleet_e2e] storage figures unavailable: {err:#}");
-            StorageFigures::default()
+    // The account. TimescaleDB's job workers go on after the fleet stopped (a chunk is often
+    // compressed while the account runs), and the storage figures count the readings they
+    // compressed, so their CPU is sampled until those figures are read.
+    let checks = async {
+        let accounting = check::account(&db.pool, &manifest).await?;
+        let rules = crate::reference::load_rules(&db.pool).await?;
+        let no_data: Vec<i64> = rules
+            .iter()
+            .filter(|r| r.kind == "no_data")
+            .map(|r| r.rule_id)
+            .collect();
+        let mut reference = crate::reference::Reference::new(rules, EVALUATOR_LATENESS);
+        let replay_args = kafka.clone();
+        let topic = kafka.telemetry_topic.clone();
+        let reference = tokio::task::spawn_blocking(move || {
+            crate::reference::replay_topic(&replay_args, &topic, &mut reference).map(|_| reference)
+        })
+        .await
+        .map_err(|e| anyhow!("reference task: {e}"))??;
+        let expected = reference.episodes();
+        let actual = crate::reference::load_alert_episodes(&db.pool, &no_data).await?;
+        let comparison = crate::reference::compare(&expected, &actual);
+        let storage = match storage_figures(&db.pool, db.layout).await {
+            Ok(storage) => storage,
+            Err(err) => {
+                eprintln!("[fleet_e2e] storage figures unavailable: {err:#}");
+                StorageFigures::default()
+            }
+        };
+        Ok::<_, anyhow::Error>((accounting, comparison, storage))
+    };
+    let (accounting, comparison, storage) = {
+        tokio::pin!(checks);
+        let mut jobs_tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                out = &mut checks => break out?,
+                _ = jobs_tick.tick() => {
+                    sample_postgres_cpu(&db.pool, postmaster, &mut postgres_cpu, true).await;
+                }
+            }
         }
     };
 
@@ -1311,11 +1328,12 @@ async fn postmaster_pid(pool: &sqlx::PgPool) -> Result<u32> {
 
 /// CPU of every PostgreSQL process, by what it serves: the service (application_name) of a
 /// client backend, or the backend type (TimescaleDB jobs, autovacuum, checkpointer, WAL
-/// writer, ...).
+/// writer, ...). With `jobs_only`, of TimescaleDB's job workers only.
 async fn sample_postgres_cpu(
     pool: &sqlx::PgPool,
     postmaster: u32,
     accounts: &mut BTreeMap<String, CpuAccount>,
+    jobs_only: bool,
 ) {
     let roles: BTreeMap<u32, String> = match sqlx::query(
         "SELECT pid, coalesce(nullif(application_name, ''), backend_type) FROM pg_stat_activity",
@@ -1340,6 +1358,8 @@ async fn sample_postgres_cpu(
             || role.starts_with("Compression")
         {
             "timescaledb jobs"
+        } else if jobs_only {
+            continue;
         } else {
             role
         };
