@@ -63,8 +63,8 @@ pub struct Refresh {
     pub more: bool,
 }
 
-/// One rollup step, one transaction.
-/// At normal priority (see [`refresh_rollup_until_done`] for the sink's steps).
+/// One rollup step, one transaction, aggregated at normal priority (the sink's steps:
+/// [`refresh_rollup_until_done`]).
 pub async fn refresh_rollup(pool: &PgPool) -> Result<Refresh, RollupError> {
     refresh_rollup_on(&mut *pool.acquire().await?, 0).await
 }

@@ -5,8 +5,8 @@
 //!
 //! 1. reads the range's readings with one binary `COPY … TO STDOUT` (per tenant, an index
 //!    range scan on `(tenant_id, time)`, as the SQL aggregation did);
-//! 2. aggregates them here (on a thread of its own: see [`aggregate_new_minutes`]), per (tenant, device, metric, minute), exactly as the SQL of
-//!    migration 0014 does: numbers and booleans (1/0) count, `sum` is the exact decimal sum
+//! 2. aggregates them here (on a thread of its own: see [`aggregate_new_minutes`]), per
+//!    (tenant, device, metric, minute), exactly as the SQL of migration 0014 does: numbers and booleans (1/0) count, `sum` is the exact decimal sum
 //!    of the values as stored (a jsonb number is a decimal), `min`, `max` and `last` (the
 //!    value at the newest time) are those values rounded once to double precision;
 //! 3. writes the rollup rows with one text `COPY telemetry_1m`, in key order;
@@ -600,10 +600,7 @@ pub async fn aggregate_new_minutes(
     }
     .await;
     drop(chunks_tx);
-    if let Err(err) = streamed {
-        drop(text_rx);
-        return Err(err);
-    }
+    streamed?;
 
     let answer = |done: tokio::sync::oneshot::Receiver<Result<_, RollupError>>| async move {
         done.await.unwrap_or_else(|_| {
@@ -612,7 +609,7 @@ pub async fn aggregate_new_minutes(
             ))
         })
     };
-    let mut out = NewMinutes::default();
+    let mut rows_written = 0;
     // The rollup rows' COPY opens with the first rows (a range without readings has none).
     let (readings, inexact) = match text_rx.recv().await {
         Some(first) => {
@@ -627,7 +624,7 @@ pub async fn aggregate_new_minutes(
             }
             match answer(done_rx).await {
                 Ok(aggregated) => {
-                    out.rows_written = i64::try_from(copy.finish().await?).unwrap_or(i64::MAX);
+                    rows_written = i64::try_from(copy.finish().await?).unwrap_or(i64::MAX);
                     aggregated
                 }
                 Err(err) => {
@@ -638,8 +635,12 @@ pub async fn aggregate_new_minutes(
         }
         None => answer(done_rx).await?,
     };
-    out.readings = readings;
-    out.device_minutes_to_sql = inexact.tenants.len();
+    let mut out = NewMinutes {
+        readings,
+        rows_written,
+        device_minutes_to_sql: inexact.tenants.len(),
+        device_minutes_rejected: 0,
+    };
     if !inexact.tenants.is_empty() {
         let (written, rejected): (i64, i32) = sqlx::query_as(
             "SELECT rows_written, rejected FROM fleet_rollup_1m_write_device_minutes($1, $2, $3)",
@@ -690,7 +691,8 @@ fn aggregate_on_thread(
 }
 
 /// Lowers the calling thread's scheduling priority to niceness `nice` (Linux: niceness is
-/// per thread). Best effort: a failure is logged, the work goes on at normal priority.
+/// per thread). Best effort: a failure is logged as a warning, the work goes on at normal
+/// priority.
 pub fn lower_thread_priority(nice: i8) {
     use thread_priority::{set_current_thread_priority, ThreadPriority, ThreadPriorityValue};
     // thread-priority maps its portable 0-99 scale onto niceness 19..-20 (reversed); the
@@ -708,7 +710,7 @@ pub fn lower_thread_priority(nice: i8) {
                 .map_err(|e| format!("{e:?}"))
         });
     if let Err(err) = result {
-        tracing::debug!(nice, error = %err, "could not lower the thread's priority");
+        tracing::warn!(nice, error = %err, "SINK_ROLLUP_NICE: could not lower the aggregation thread's priority");
     }
 }
 
@@ -802,9 +804,10 @@ mod tests {
     /// The calling thread's niceness, from /proc (field 19 of its stat line).
     #[cfg(target_os = "linux")]
     fn thread_nice() -> i64 {
-        let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
-        let rest = &stat[stat.rfind(')').unwrap() + 2..];
-        rest.split_whitespace().nth(16).unwrap().parse().unwrap()
+        let stat = std::fs::read_to_string("/proc/thread-self/stat").expect("readable stat");
+        let rest = &stat[stat.rfind(')').expect("a command name") + 2..];
+        let nice = rest.split_whitespace().nth(16).expect("a nice field");
+        nice.parse().expect("a number")
     }
 
     #[cfg(target_os = "linux")]
@@ -817,7 +820,7 @@ mod tests {
                 (before, thread_nice())
             })
             .join()
-            .unwrap();
+            .expect("the thread ends");
             assert_eq!(seen, (0, i64::from(nice)), "niceness {nice}");
         }
         // The caller's thread is untouched.
