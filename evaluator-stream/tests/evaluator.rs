@@ -830,3 +830,236 @@ async fn last_seen_counts_readings_device_latest_does_not_hold_yet() -> Result<(
     );
     Ok(())
 }
+
+/// An alert as the answers of `apply_raw` name it: rule, device, start of its episode.
+type AlertKey = (i64, String, DateTime<Utc>);
+
+/// An `alerts` row's columns that the transitions write.
+type AlertColumns = (
+    i64,
+    String,
+    String,
+    String,
+    Option<f64>,
+    DateTime<Utc>,
+    Option<DateTime<Utc>>,
+    Option<DateTime<Utc>>,
+);
+
+/// One transition as `fleet_apply_alert_transitions` takes it (its columns, not the engine's
+/// `Transition`), for the function's own test below.
+#[derive(Debug, Clone)]
+struct RawTransition {
+    tenant: &'static str,
+    rule: i64,
+    device: String,
+    from: Option<&'static str>,
+    to: &'static str,
+    value: Option<f64>,
+    started: DateTime<Utc>,
+    time: DateTime<Utc>,
+}
+
+/// Calls `function` with `calls` one after another (a transaction each); returns what each call
+/// returned with every alert id replaced by its alert's (rule, device, started_at), so two
+/// databases' answers compare whatever identity values they assigned.
+async fn apply_raw(
+    pool: &sqlx::PgPool,
+    function: &str,
+    calls: &[Vec<RawTransition>],
+) -> Result<Vec<Vec<Option<AlertKey>>>> {
+    let sql = format!("SELECT {function}($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)");
+    let mut answers = Vec::new();
+    for call in calls {
+        let ids: Vec<Option<i64>> = sqlx::query_scalar(&sql)
+            .bind(call.iter().map(|t| t.tenant).collect::<Vec<_>>())
+            .bind(call.iter().map(|t| t.rule).collect::<Vec<_>>())
+            .bind(call.iter().map(|t| t.device.as_str()).collect::<Vec<_>>())
+            .bind(call.iter().map(|_| None::<String>).collect::<Vec<_>>())
+            .bind(call.iter().map(|t| t.from).collect::<Vec<_>>())
+            .bind(call.iter().map(|t| t.to).collect::<Vec<_>>())
+            .bind(call.iter().map(|_| "warning").collect::<Vec<_>>())
+            .bind(call.iter().map(|_| "temp").collect::<Vec<_>>())
+            .bind(call.iter().map(|t| t.value).collect::<Vec<_>>())
+            .bind(call.iter().map(|_| Some(30.0)).collect::<Vec<_>>())
+            .bind(call.iter().map(|t| t.started).collect::<Vec<_>>())
+            .bind(call.iter().map(|t| t.time).collect::<Vec<_>>())
+            .fetch_one(pool)
+            .await?;
+        assert_eq!(
+            ids.len(),
+            call.len(),
+            "{function}: one answer per transition"
+        );
+        answers.push(ids);
+    }
+    let rows: Vec<(i64, i64, String, DateTime<Utc>)> =
+        sqlx::query_as("SELECT alert_id, rule_id, device_id, started_at FROM alerts")
+            .fetch_all(pool)
+            .await?;
+    let by_id: std::collections::HashMap<i64, AlertKey> = rows
+        .into_iter()
+        .map(|(id, rule, device, started)| (id, (rule, device, started)))
+        .collect();
+    Ok(answers
+        .into_iter()
+        .map(|ids| {
+            ids.into_iter()
+                .map(|id| id.map(|id| by_id[&id].clone()))
+                .collect()
+        })
+        .collect())
+}
+
+/// Issue 18: `fleet_apply_alert_transitions` (migration 0019, set-based in rounds) against
+/// the one-by-one PL/pgSQL loop of migration 0008, on the same random calls: several
+/// transitions of one alert within a call (and all their orders), transitions whose alert is
+/// not in the expected state, whole calls sent again (a replay after a crash). Both must
+/// answer the same for every transition and leave the same `alerts` rows.
+#[tokio::test]
+async fn set_based_alert_transitions_answer_as_the_one_by_one_loop() -> Result<()> {
+    use rand::{Rng, SeedableRng};
+
+    let reference = TestDb::new(LayoutChoice::Postgres).await?;
+    let candidate = TestDb::new(LayoutChoice::Postgres).await?;
+    let loop_0008 = include_str!("../../schemas/migrations/0008_alert_transitions.sql").replace(
+        "fleet_apply_alert_transitions",
+        "fleet_apply_alert_transitions_0008",
+    );
+    sqlx::raw_sql(&loop_0008).execute(&reference.pool).await?;
+    let mut rules = Vec::new();
+    for db in [&reference, &candidate] {
+        provision(&db.pool, &[A, B], &[]).await?;
+        let mut ids = Vec::new();
+        for (tenant, name) in [(A, "a1"), (A, "a2"), (B, "b1"), (B, "b2")] {
+            let hot = "kind='threshold'; metric='temp'; op='>'; threshold=30";
+            ids.push((tenant, rule(&db.pool, tenant, name, hot).await?));
+        }
+        rules.push(ids);
+    }
+    assert_eq!(rules[0], rules[1], "both databases number the rules alike");
+    let rules = rules.remove(0);
+
+    let mut rng = rand::rngs::StdRng::seed_from_u64(18);
+    let t0 = Utc::now() - chrono::Duration::hours(1);
+    // Each alert key's state as the engine would see it: None (no open alert), pending, firing.
+    let keys: Vec<(&'static str, i64, String)> = rules
+        .iter()
+        .flat_map(|&(tenant, rule)| (0..3).map(move |d| (tenant, rule, format!("d{d}"))))
+        .collect();
+    let mut state: Vec<(Option<&'static str>, DateTime<Utc>)> = vec![(None, t0); keys.len()];
+    let mut stream = Vec::new();
+    for step in 0..600 {
+        let k = rng.random_range(0..keys.len());
+        let (tenant, rule, device) = keys[k].clone();
+        let time = t0 + chrono::Duration::seconds(step);
+        let (from, to) = match state[k].0 {
+            None if rng.random_bool(0.5) => (None, "pending"),
+            None => (None, "firing"),
+            Some("pending") if rng.random_bool(0.5) => (Some("pending"), "firing"),
+            Some(from) => (Some(from), "resolved"),
+        };
+        if from.is_none() {
+            state[k].1 = time;
+        }
+        let started = state[k].1;
+        state[k].0 = (to != "resolved").then_some(to);
+        stream.push(RawTransition {
+            tenant,
+            rule,
+            device,
+            from,
+            to,
+            value: rng.random_bool(0.8).then(|| rng.random_range(0.0..100.0)),
+            started,
+            time,
+        });
+        // Now and then one the table does not expect: a firing of an alert that is not
+        // pending, or a resolution of one that is not open.
+        if rng.random_bool(0.1) {
+            let (tenant, rule, device) = keys[rng.random_range(0..keys.len())].clone();
+            let (from, to) = if rng.random_bool(0.5) {
+                (Some("pending"), "firing")
+            } else {
+                (Some("firing"), "resolved")
+            };
+            stream.push(RawTransition {
+                tenant,
+                rule,
+                device,
+                from,
+                to,
+                value: None,
+                started: time,
+                time,
+            });
+        }
+    }
+    let mut calls = Vec::new();
+    let mut rest = stream.as_slice();
+    while !rest.is_empty() {
+        let size = rng.random_range(1..=60).min(rest.len());
+        let (call, tail) = rest.split_at(size);
+        calls.push(call.to_vec());
+        if rng.random_bool(0.2) {
+            calls.push(call.to_vec());
+        }
+        rest = tail;
+    }
+    let repeated_keys = calls
+        .iter()
+        .filter(|call| {
+            let mut seen = std::collections::HashSet::new();
+            !call.iter().all(|t| seen.insert((t.rule, t.device.clone())))
+        })
+        .count();
+    assert!(
+        repeated_keys > 10,
+        "calls with an alert twice: {repeated_keys}"
+    );
+
+    let expected = apply_raw(
+        &reference.pool,
+        "fleet_apply_alert_transitions_0008",
+        &calls,
+    )
+    .await?;
+    let actual = apply_raw(&candidate.pool, "fleet_apply_alert_transitions", &calls).await?;
+    let (touched, untouched) =
+        expected.iter().flatten().fold(
+            (0, 0),
+            |(t, u), id| if id.is_some() { (t + 1, u) } else { (t, u + 1) },
+        );
+    assert!(
+        touched > 300 && untouched > 100,
+        "touched {touched}, untouched {untouched}"
+    );
+    for (i, (e, a)) in expected.iter().zip(&actual).enumerate() {
+        assert_eq!(e, a, "call {i}: {:?}", calls[i]);
+    }
+    let table = |pool: sqlx::PgPool| async move {
+        sqlx::query_as::<_, AlertColumns>(
+            "SELECT rule_id, tenant_id, device_id, status, value, started_at, fired_at, \
+             resolved_at FROM alerts \
+             ORDER BY rule_id, device_id, started_at, status, value, fired_at, resolved_at",
+        )
+        .fetch_all(&pool)
+        .await
+    };
+    let expected_rows = table(reference.pool.clone()).await?;
+    assert!(expected_rows.len() > 100, "alerts: {}", expected_rows.len());
+    let actual_rows = table(candidate.pool.clone()).await?;
+    let first_difference = expected_rows
+        .iter()
+        .zip(&actual_rows)
+        .position(|(e, a)| e != a);
+    assert!(
+        first_difference.is_none() && expected_rows.len() == actual_rows.len(),
+        "alerts differ from row {first_difference:?} (rows: {} expected, {} actual): {:?} against {:?}",
+        expected_rows.len(),
+        actual_rows.len(),
+        first_difference.map(|i| &expected_rows[i]),
+        first_difference.map(|i| &actual_rows[i]),
+    );
+    Ok(())
+}

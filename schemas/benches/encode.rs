@@ -1,7 +1,8 @@
 //! Avro encoding of `telemetry.v1` readings (issue 18): the generic writer (a `Value` tree
 //! through `apache_avro`'s `GenericDatumWriter`, what `Codec::encode` did before) against the
 //! hand-written body writer (`schemas::fast_encode`, what `Codec::encode` does now). Prints
-//! ns per reading for each and the ratio; asserts nothing.
+//! ns per reading for each and the ratio, and for scale what a `Telemetry::clone` costs;
+//! asserts nothing.
 //!
 //! `cargo bench -p schemas --bench encode`. Settings: `ENCODE_BENCH_READINGS` (200,000
 //! distinct readings, encoded `ENCODE_BENCH_ROUNDS` = 5 times each way, the best round is
@@ -120,6 +121,15 @@ fn main() {
         bytes
     });
     assert_eq!(generic_bytes, fast_bytes, "same sizes either way");
+    // For scale: a copy of a decoded reading, which the sink made of every stored reading
+    // while `device_latest` is written behind, until it moved them instead (issue 18).
+    let (cloned, _) = best_of(rounds, || {
+        let mut metrics = 0;
+        for r in &readings {
+            metrics += black_box(r.clone()).metrics.len();
+        }
+        metrics
+    });
 
     let per = |d: Duration| d.as_nanos() as f64 / count as f64;
     println!(
@@ -136,4 +146,8 @@ fn main() {
         per(fast)
     );
     println!("generic / fast: {:.1}x", per(generic) / per(fast));
+    println!(
+        "for scale, Telemetry::clone:           {:>8.1} ns per reading",
+        per(cloned)
+    );
 }

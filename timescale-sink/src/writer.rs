@@ -370,8 +370,11 @@ impl BatchWriter {
         loop {
             let started = Instant::now();
             match self.try_write(&batch).instrument(span.clone()).await {
-                Ok(outcome) => {
+                Ok((outcome, bad_readings)) => {
                     self.record(&batch, &outcome, started);
+                    if matches!(outcome, Outcome::Committed { .. }) {
+                        self.stored(batch, &bad_readings);
+                    }
                     return outcome;
                 }
                 Err(err) => {
@@ -612,7 +615,33 @@ impl BatchWriter {
         }
     }
 
-    async fn try_write(&self, batch: &Batch) -> Result<Outcome, TxError> {
+    /// After a commit: the partitions' coverage moves on (every reading below `next` is in
+    /// `device_latest` or pending), and when `device_latest` is written behind, the stored
+    /// readings (all but `bad_readings`, which went to the DLQ) wait for the next flush, moved
+    /// out of the batch rather than copied. With every batch writing `device_latest` only the
+    /// coverage moves, which lets a flush of replayed readings clear `latest_next_offset`.
+    fn stored(&self, batch: Batch, bad_readings: &HashSet<usize>) {
+        let covered: Vec<(i32, i64)> = batch
+            .partitions
+            .iter()
+            .map(|(&p, range)| (p, range.next))
+            .collect();
+        let pending: Vec<(i32, Telemetry)> = if self.latest.interval.is_zero() {
+            Vec::new()
+        } else {
+            batch
+                .rows
+                .into_iter()
+                .enumerate()
+                .filter(|(i, _)| !bad_readings.contains(i))
+                .map(|(_, r)| (r.partition, r.row))
+                .collect()
+        };
+        self.latest.add(pending, covered, false);
+    }
+
+    /// One attempt at `batch`; on a commit, also the readings that went to the DLQ instead.
+    async fn try_write(&self, batch: &Batch) -> Result<(Outcome, HashSet<usize>), TxError> {
         // Dead letters found while decoding are acknowledged before the offsets move past them.
         if !batch.dead_letters.is_empty() {
             self.dlq
@@ -634,12 +663,11 @@ impl BatchWriter {
         stage_done("offsets", offsets_started);
         if matched != batch.partitions.len() {
             tx.rollback().await?;
-            return Ok(Outcome::Fenced);
+            return Ok((Outcome::Fenced, HashSet::new()));
         }
         let mut account = Account::default();
         let mut rejected: Vec<DeadLetter> = Vec::new();
-        // Stored readings waiting for `device_latest` (when it is written behind).
-        let mut pending_latest: Vec<(i32, Telemetry)> = Vec::new();
+        let mut bad_readings: HashSet<usize> = HashSet::new();
         if !batch.rows.is_empty() {
             // Readings of one point are merged in memory first, so the COPY never meets a key
             // twice; it only meets keys stored by earlier batches.
@@ -679,7 +707,6 @@ impl BatchWriter {
                 .execute(&mut *tx)
                 .await?;
             let copy_started = Instant::now();
-            let mut bad_readings: HashSet<usize> = HashSet::new();
             match copy(&mut tx, COPY_TELEMETRY_SQL, &fast).await {
                 Ok(_) => {
                     sqlx::query("RELEASE SAVEPOINT copy_batch")
@@ -763,15 +790,9 @@ impl BatchWriter {
                 .filter(|(i, _)| !bad_readings.contains(i))
                 .map(|(_, r)| &r.row)
                 .collect();
-            if behind {
-                pending_latest = batch
-                    .rows
-                    .iter()
-                    .enumerate()
-                    .filter(|(i, _)| !bad_readings.contains(i))
-                    .map(|(_, r)| (r.partition, r.row.clone()))
-                    .collect();
-            } else {
+            // Written behind, the stored readings join the pending ones after the commit
+            // (`stored`).
+            if !behind {
                 upsert_latest(&mut tx, &stored).await?;
             }
             stage_done("latest", latest_started);
@@ -784,20 +805,13 @@ impl BatchWriter {
         let commit_started = Instant::now();
         tx.commit().await?;
         stage_done("commit", commit_started);
-        // Stored: the partitions' coverage moves on (every reading below `next` is in
-        // `device_latest` or pending). With every batch writing `device_latest` only the
-        // coverage moves, which lets a flush of replayed readings clear `latest_next_offset`.
-        self.latest.add(
-            pending_latest,
-            batch.partitions.iter().map(|(&p, range)| (p, range.next)),
-            false,
-        );
-        Ok(Outcome::Committed {
+        let outcome = Outcome::Committed {
             rows: account.new_points,
             merged: account.merged,
             duplicates: account.duplicates,
             dead_letters: batch.dead_letters.len() + rejected.len(),
-        })
+        };
+        Ok((outcome, bad_readings))
     }
 }
 
