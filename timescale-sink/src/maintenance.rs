@@ -3,9 +3,10 @@
 //! * plain-PostgreSQL partitions: daily partitions ahead, partitions past retention dropped.
 //!   A session advisory lock lets one sink instance at a time do it; in the TimescaleDB layout
 //!   the SQL function is a no-op (policies do this there);
-//! * the 1-minute rollups (`telemetry_1m`, migration 0009): a step every rollup interval,
-//!   repeated at once while it reports work left (catching up after downtime or a backlog of
-//!   late data). A step is one short transaction (at most two minutes of readings):
+//! * the 1-minute rollups (`telemetry_1m`, migration 0009): a step every rollup interval, or
+//!   sooner when the next minute becomes final before that ([`next_rollup_wait`]), repeated
+//!   at once while it reports work left (catching up after downtime or a backlog of late
+//!   data). A step is one short transaction (at most two minutes of readings):
 //!   `fleet_refresh_rollup_1m_plan()` (migration 0016) takes a transaction-level advisory
 //!   lock (with several sink instances one refreshes and the others return at once),
 //!   recomputes invalidated minutes and moves the watermark; the new minutes are then
@@ -263,12 +264,54 @@ pub async fn refresh_rollup_until_done(
     .await
 }
 
+/// Past the moment the database's cutoff reaches the end of the next minute, how long the
+/// step waits more (the cutoff is read a round trip before the step reads it again).
+const FINAL_MARGIN: Duration = Duration::from_millis(500);
+
+/// How long to wait before the next rollup step, after a step that left the rollups at
+/// `watermark` with nothing more to do, when the database's cutoff
+/// (`fleet_rollup_1m_cutoff()`: its clock minus the settle time) is `cutoff`: until the
+/// minute after the watermark becomes final (the cutoff reaches its end) plus
+/// [`FINAL_MARGIN`], at most `interval`. A minute that is final already and was not rolled up
+/// is held back by something else (a writer's open batch, another instance's step): then the
+/// whole interval, not a busy loop. A step on a fixed tick added up to a whole interval to
+/// the rollup lag (issue 18: settle + the minute + the interval + the step's own time).
+pub fn next_rollup_wait(
+    watermark: DateTime<Utc>,
+    cutoff: DateTime<Utc>,
+    interval: Duration,
+) -> Duration {
+    let due = watermark + chrono::Duration::minutes(1) - cutoff;
+    match due.to_std() {
+        Ok(until_final) if !until_final.is_zero() => (until_final + FINAL_MARGIN).min(interval),
+        _ => interval,
+    }
+}
+
+/// When the next rollup step is due after `refresh` (see [`next_rollup_wait`]); the interval
+/// when the cutoff cannot be read.
+async fn next_rollup_in(pool: &PgPool, refresh: Option<Refresh>, interval: Duration) -> Duration {
+    let Some(watermark) = refresh.filter(|r| !r.more).and_then(|r| r.watermark) else {
+        return interval;
+    };
+    match sqlx::query_scalar::<_, DateTime<Utc>>("SELECT fleet_rollup_1m_cutoff()")
+        .fetch_one(pool)
+        .await
+    {
+        Ok(cutoff) => next_rollup_wait(watermark, cutoff, interval),
+        Err(err) => {
+            debug!(error = %err, "rollup: cutoff not read; next step after the interval");
+            interval
+        }
+    }
+}
+
 /// Intervals of the background upkeep.
 #[derive(Debug, Clone, Copy)]
 pub struct Intervals {
     /// Partition upkeep (plain layout).
     pub partitions: Duration,
-    /// Rollup refresh.
+    /// Rollup refresh: the longest wait between steps (sooner when a minute becomes final).
     pub rollup: Duration,
     /// Niceness of the thread aggregating a rollup step's new minutes (0: normal priority;
     /// `SINK_ROLLUP_NICE`).
@@ -285,18 +328,23 @@ pub async fn run(
     shutdown: CancellationToken,
 ) {
     let mut partitions = tokio::time::interval(intervals.partitions);
-    let mut rollup = tokio::time::interval(intervals.rollup);
-    for timer in [&mut partitions, &mut rollup] {
-        timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    }
+    partitions.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let rollup = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(rollup);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = partitions.tick() => maintain_partitions(&pool, days_ahead).await,
-            _ = rollup.tick() => {
-                if let Err(err) = refresh_rollup_until_done(&pool, &stats, &shutdown, intervals.rollup_nice).await {
-                    warn!(error = %err, "rollup refresh failed");
-                }
+            _ = &mut rollup => {
+                let done = refresh_rollup_until_done(&pool, &stats, &shutdown, intervals.rollup_nice).await;
+                let wait = match done {
+                    Ok(refresh) => next_rollup_in(&pool, refresh, intervals.rollup).await,
+                    Err(err) => {
+                        warn!(error = %err, "rollup refresh failed");
+                        intervals.rollup
+                    }
+                };
+                rollup.as_mut().reset(tokio::time::Instant::now() + wait);
             }
         }
     }
@@ -313,5 +361,47 @@ async fn maintain_partitions(pool: &PgPool, days_ahead: u32) {
             Err(err) => warn!(error = %err, "partition maintenance failed"),
         },
         Err(err) => warn!(error = %err, "partition maintenance: no connection"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    #[test]
+    fn the_next_step_waits_until_the_next_minute_is_final_at_most_the_interval() {
+        let watermark = Utc.with_ymd_and_hms(2026, 12, 1, 6, 0, 0).single();
+        let watermark = watermark.expect("a valid time");
+        let interval = Duration::from_secs(10);
+        let cutoff = |seconds_after_watermark: i64, millis: i64| {
+            watermark
+                + chrono::Duration::seconds(seconds_after_watermark)
+                + chrono::Duration::milliseconds(millis)
+        };
+        // The minute [06:00, 06:01) is final when the cutoff reaches 06:01.
+        assert_eq!(
+            next_rollup_wait(watermark, cutoff(57, 0), interval),
+            Duration::from_millis(3_500)
+        );
+        assert_eq!(
+            next_rollup_wait(watermark, cutoff(59, 900), interval),
+            Duration::from_millis(600)
+        );
+        // Further away than the interval: the interval.
+        assert_eq!(
+            next_rollup_wait(watermark, cutoff(10, 0), interval),
+            interval
+        );
+        // Final already but not rolled up (held back by a writer or another instance), or
+        // exactly at the end: the interval, never a busy loop.
+        assert_eq!(
+            next_rollup_wait(watermark, cutoff(60, 0), interval),
+            interval
+        );
+        assert_eq!(
+            next_rollup_wait(watermark, cutoff(75, 0), interval),
+            interval
+        );
     }
 }
