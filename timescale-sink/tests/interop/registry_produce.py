@@ -15,6 +15,7 @@ import sys
 
 from confluent_kafka import Producer
 from confluent_kafka.schema_registry import SchemaRegistryClient
+from confluent_kafka.schema_registry.error import SchemaRegistryError
 from confluent_kafka.schema_registry.avro import AvroSerializer
 from confluent_kafka.serialization import MessageField, SerializationContext
 
@@ -43,9 +44,22 @@ def main() -> int:
         else:
             acked += 1
 
+    def serialize(record):
+        # The client retries a registration that timed out (`max.retries`) while the first
+        # attempt may still be creating the subject; the registry then answers the retry
+        # with 409 "already exists" (seen once in CI on a loaded machine). Registering again
+        # finds the subject and returns its id.
+        for attempt in range(3):
+            try:
+                return serializer(record, context)
+            except SchemaRegistryError as err:
+                if err.http_status_code != 409 or attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
     for line in sys.stdin:
         message = json.loads(line)
-        value = serializer(message["record"], context)
+        value = serialize(message["record"])
         schema_id = int.from_bytes(value[1:5], "big")
         producer.produce(topic, key=message["key"].encode(), value=value, on_delivery=delivered)
         producer.poll(0)
