@@ -313,6 +313,12 @@ pub fn commit_stored<C: ConsumerContext>(
 /// Messages a restart would have to read, per assigned partition: high watermark − the
 /// offset stored with the data ([`StoredOffsets`]). A partition with nothing stored yet counts
 /// from the consumer's position (where it started reading), or from the low watermark.
+///
+/// Runs on the consumer's poll thread, so it asks the broker once for every partition's end
+/// offset (`ListOffsets` for the latest offset, batched per broker by `offsets_for_times`),
+/// not once per partition: `fetch_watermarks` per partition is two requests each, and with 32
+/// partitions on a loaded machine its ~64 round trips held the poll loop for 0.7–1 s every
+/// report, seen as an ingest→commit spike every 10 s (BENCHMARKS.md).
 pub fn stored_lag<C: ConsumerContext>(
     consumer: &BaseConsumer<C>,
     stored: &StoredOffsets,
@@ -320,26 +326,81 @@ pub fn stored_lag<C: ConsumerContext>(
     let Ok(assignment) = consumer.assignment() else {
         return Vec::new();
     };
-    let positions = consumer.position().ok();
-    assignment
+    let partitions: Vec<(String, i32)> = assignment
         .elements()
         .iter()
-        .filter_map(|element| {
-            let partition = element.partition();
-            let (low, high) = consumer
-                .fetch_watermarks(element.topic(), partition, Duration::from_secs(1))
-                .ok()?;
-            let position = positions
-                .as_ref()
-                .and_then(|p| p.find_partition(element.topic(), partition))
-                .and_then(|e| match e.offset() {
-                    Offset::Offset(o) => Some(o),
-                    _ => None,
-                });
-            let from = stored.get(partition).or(position).unwrap_or(low);
-            Some((partition, (high - from).max(0) as u64))
+        .map(|e| (e.topic().to_owned(), e.partition()))
+        .collect();
+    if partitions.is_empty() {
+        return Vec::new();
+    }
+    let Some(high) = list_offsets(consumer, &partitions, Offset::End) else {
+        return Vec::new();
+    };
+    let positions = consumer.position().ok();
+    let position_of = |topic: &str, partition: i32| {
+        positions
+            .as_ref()
+            .and_then(|p| p.find_partition(topic, partition))
+            .and_then(|e| match e.offset() {
+                Offset::Offset(o) => Some(o),
+                _ => None,
+            })
+    };
+    // The low watermark only where neither a stored offset nor a position says where to count
+    // from (a partition assigned a moment ago).
+    let unplaced: Vec<(String, i32)> = partitions
+        .iter()
+        .filter(|(topic, partition)| {
+            stored.get(*partition).is_none() && position_of(topic, *partition).is_none()
+        })
+        .cloned()
+        .collect();
+    let low = if unplaced.is_empty() {
+        BTreeMap::new()
+    } else {
+        list_offsets(consumer, &unplaced, Offset::Beginning).unwrap_or_default()
+    };
+    partitions
+        .iter()
+        .filter_map(|(topic, partition)| {
+            let high = *high.get(&(topic.clone(), *partition))?;
+            let from = stored
+                .get(*partition)
+                .or_else(|| position_of(topic, *partition))
+                .or_else(|| low.get(&(topic.clone(), *partition)).copied())?;
+            Some((*partition, (high - from).max(0) as u64))
         })
         .collect()
+}
+
+/// The earliest (`Offset::Beginning`) or latest (`Offset::End`) offset of each partition, in
+/// one `ListOffsets` request per broker; `None` when the request failed. Partitions the
+/// broker answered with an error are left out.
+fn list_offsets<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    partitions: &[(String, i32)],
+    which: Offset,
+) -> Option<BTreeMap<(String, i32), i64>> {
+    let mut query = TopicPartitionList::new();
+    for (topic, partition) in partitions {
+        query.add_partition_offset(topic, *partition, which).ok()?;
+    }
+    // A "timestamp" of -1 (latest) or -2 (earliest) is what ListOffsets takes for those.
+    let answer = consumer
+        .offsets_for_times(query, Duration::from_secs(1))
+        .ok()?;
+    Some(
+        answer
+            .elements()
+            .iter()
+            .filter(|e| e.error().is_ok())
+            .filter_map(|e| match e.offset() {
+                Offset::Offset(o) => Some(((e.topic().to_owned(), e.partition()), o)),
+                _ => None,
+            })
+            .collect(),
+    )
 }
 
 /// The W3C `traceparent` header of a message, if it carries one (ingest sets it; the sink and

@@ -40,6 +40,37 @@ pub struct Sample {
     pub evaluator_lag: f64,
     /// Seconds: now − the 1-minute rollup's watermark (`None` before the first refresh).
     pub rollup_lag_s: Option<f64>,
+    /// Cores busy on the whole machine over the last interval (`/proc/stat`; `None` for the
+    /// first sample).
+    pub busy_cores: Option<f64>,
+    /// Devices the sink wrote to `device_latest` per second (timed flushes).
+    pub latest_devices_per_s: f64,
+    /// Readings the sink's rollup steps aggregated per second.
+    pub rollup_readings_per_s: f64,
+}
+
+impl Sample {
+    /// The columns of [`Sample::csv_row`].
+    pub const CSV_HEADER: &'static str = "t_s,accepted_per_s,commit_p99_ms,sink_lag,\
+        evaluator_lag,rollup_lag_s,busy_cores,latest_devices_per_s,rollup_readings_per_s";
+
+    /// One line of `samples.csv` (an empty field where a figure is `None`).
+    pub fn csv_row(&self) -> String {
+        let opt =
+            |v: Option<f64>, digits: usize| v.map_or(String::new(), |v| format!("{v:.digits$}"));
+        format!(
+            "{:.1},{:.0},{},{:.0},{:.0},{},{},{:.0},{:.0}",
+            self.t_s,
+            self.accepted_per_s,
+            opt(self.commit_p99_ms, 1),
+            self.sink_lag,
+            self.evaluator_lag,
+            opt(self.rollup_lag_s, 1),
+            opt(self.busy_cores, 2),
+            self.latest_devices_per_s,
+            self.rollup_readings_per_s,
+        )
+    }
 }
 
 /// A fault injected during the run, drawn as a labelled vertical line.
@@ -586,6 +617,26 @@ fn format_quantity(v: f64) -> String {
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_sample_is_one_csv_line_with_empty_fields_for_missing_figures() {
+        let sample = Sample {
+            t_s: 12.34,
+            accepted_per_s: 19_950.4,
+            commit_p99_ms: None,
+            sink_lag: 1_200.0,
+            evaluator_lag: 30.0,
+            rollup_lag_s: Some(71.26),
+            busy_cores: Some(1.876),
+            latest_devices_per_s: 6_650.0,
+            rollup_readings_per_s: 0.0,
+        };
+        assert_eq!(sample.csv_row(), "12.3,19950,,1200,30,71.3,1.88,6650,0");
+        assert_eq!(
+            Sample::CSV_HEADER.split(',').count(),
+            sample.csv_row().split(',').count()
+        );
+    }
+
     /// A fresh directory under the system's temp dir, removed on drop.
     struct TempDir(std::path::PathBuf);
 
@@ -646,6 +697,7 @@ mod tests {
                     sink_lag: 1_500.0 + wobble.abs(),
                     evaluator_lag: 800.0 + wobble.abs() / 2.0,
                     rollup_lag_s: Some(70.0 + (t % 10.0)),
+                    ..Sample::default()
                 };
                 if (120.0..128.0).contains(&t) {
                     sample.commit_p99_ms = None;

@@ -190,13 +190,17 @@ struct LatestPending {
 /// left: memory stays near one reading per device, for a little hashing per reading.
 const THIN_AT_LEAST: usize = 50_000;
 
-/// Devices per `device_latest` transaction of a flush (written behind): about 0.1 s of one
+/// Devices per `device_latest` transaction of a flush (written behind): about 50 ms of one
 /// core on the machine of BENCHMARKS.md, where 50,000 devices at once took over a second and
 /// showed as once-a-flush spikes in every batch's ingest-to-commit latency.
-pub const LATEST_SLICE: usize = 5_000;
+pub const LATEST_SLICE: usize = 2_500;
 
-/// The longest pause between two slices of a timed flush.
-const LATEST_SLICE_GAP: Duration = Duration::from_secs(1);
+/// The share of the interval a timed flush spreads its slices over: the flush's database
+/// work is then an even load, not a burst. Half the interval (the first version) made the
+/// flushes of both writers a burst of ~50 % of a core for half of every interval, seen as
+/// ingest-to-commit spikes every 15 s on a machine near its capacity (BENCHMARKS.md); the
+/// quarter left is slack, so that a flush slowed by load still ends before the next is due.
+const LATEST_SPREAD: f64 = 0.75;
 
 impl LatestPending {
     /// Drops the readings that cannot change what `device_latest` gets (each device's older
@@ -407,8 +411,8 @@ impl BatchWriter {
     ///
     /// The devices go in slices of at most [`LATEST_SLICE`], each its own transaction; the
     /// last one also clears `latest_next_offset`. With `pace` (a timed flush), the slices are
-    /// spread over at most half the interval (at most [`LATEST_SLICE_GAP`] apart) so that a
-    /// flush of the whole fleet never takes a core from the batches for a second or more;
+    /// spread evenly over [`LATEST_SPREAD`] of the interval so that a flush of the whole
+    /// fleet is a steady load beside the batches, never a core taken for a second or more;
     /// cancelling `pace` (a revoke, a shutdown) writes the remaining slices at once. A crash
     /// between slices is safe: the replay from `latest_next_offset` applies them again, and
     /// the newest-wins merge makes that harmless.
@@ -473,10 +477,12 @@ impl BatchWriter {
         } else {
             states.chunks(LATEST_SLICE).collect()
         };
-        let gap = (self.latest.interval / 2)
+        let gap = self
+            .latest
+            .interval
+            .mul_f64(LATEST_SPREAD)
             .checked_div(slices.len() as u32)
-            .unwrap_or_default()
-            .min(LATEST_SLICE_GAP);
+            .unwrap_or_default();
         let mut dropped = 0;
         for (i, slice) in slices.iter().enumerate() {
             if let Some(pace) = pace.filter(|_| i > 0 && !gap.is_zero()) {

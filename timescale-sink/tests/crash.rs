@@ -427,8 +427,8 @@ async fn device_latest_written_behind_is_exact_after_a_sigkill_and_its_timer() -
     assert_exactly_once(&db, &topics, &group, PARTITIONS, FIRST + DEVICES as i64).await
 }
 
-/// A timed flush of more devices than one slice (`writer::LATEST_SLICE`, 5,000) commits them
-/// slice by slice, a second apart at this interval: the test sees `device_latest` partly
+/// A timed flush of more devices than one slice (`writer::LATEST_SLICE`, 2,500) commits them
+/// slice by slice, 1.5 s apart at this interval: the test sees `device_latest` partly
 /// written, SIGKILLs the sink between two slices, and the next sink completes it exactly from
 /// `latest_next_offset` (the slices already written are applied again, harmlessly). A flush in
 /// one transaction would never show the partial state and the test would time out.
@@ -439,7 +439,7 @@ async fn device_latest_flush_goes_in_slices_and_a_sigkill_between_them_loses_not
     // One partition: one writer holds every device.
     let (db, topics, _producer) = seeded(1, 4, DEVICES, 1).await?;
     let group = format!("slices-{}", db.name);
-    // 10 s: three slices spread over 5 s at most, at most 1 s apart.
+    // 10 s: five slices spread over three quarters of it, 1.5 s apart.
     let mut victim = spawn_sink_with(
         &db,
         &topics,

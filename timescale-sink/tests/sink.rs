@@ -202,6 +202,44 @@ async fn every_message_sent_twice_is_stored_once() -> Result<()> {
     Ok(())
 }
 
+/// `plumbing::kafka::stored_lag` (the sink's and the evaluator's lag report, one batched
+/// `ListOffsets` for every partition's end): end − stored where an offset is stored, and from
+/// the low watermark for a partition with nothing stored and no fetch position yet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stored_lag_is_end_minus_stored_per_partition_or_end_minus_start() -> Result<()> {
+    use rdkafka::consumer::BaseConsumer;
+    use rdkafka::{Offset, TopicPartitionList};
+    let topics = TestTopics::new(3).await?;
+    let topic = topics.args.telemetry_topic.clone();
+    let producer = producer(&topics)?;
+    let messages = |partition: i32, n: usize| {
+        (0..n).map(move |i| (format!("k{i}"), vec![1u8], Some(partition)))
+    };
+    produce(&producer, &topic, messages(0, 5).chain(messages(1, 3))).await?;
+    let consumer: BaseConsumer = plumbing::kafka::consumer_config(
+        &topics.args,
+        "lag-test",
+        &plumbing::testing::unique_name("lag"),
+    )
+    .create()?;
+    let mut assignment = TopicPartitionList::new();
+    for partition in 0..3 {
+        assignment.add_partition_offset(&topic, partition, Offset::Beginning)?;
+    }
+    consumer.assign(&assignment)?;
+    let stored = plumbing::kafka::StoredOffsets::default();
+    stored.set(0, 2);
+    let lag = tokio::task::spawn_blocking(move || {
+        let mut lag = plumbing::kafka::stored_lag(&consumer, &stored);
+        lag.sort_unstable();
+        lag
+    })
+    .await?;
+    // Partition 0: 5 − 2; partition 1: 3 − 0 (nothing stored, not fetched); partition 2: empty.
+    assert_eq!(lag, vec![(0, 3), (1, 3), (2, 0)]);
+    Ok(())
+}
+
 /// The lag an SRE reads is end offset − the offset stored in PostgreSQL (what a restart
 /// resumes from), not − the consumer's fetch position: with the offsets table locked, the
 /// sink fetches a backlog it cannot commit, and its lag still counts every message of it.

@@ -739,6 +739,11 @@ pub async fn run(opts: Options) -> Result<Report> {
     let statements_on = reset_statements(&db.pool).await;
     let mut last_tick = Instant::now();
     let mut last_scrape = Instant::now();
+    let mut last_sink_scrape = Instant::now();
+    let mut latest_devices = prom::CounterTrack::default();
+    let mut rollup_readings = prom::CounterTrack::default();
+    let mut machine_cpu = procs::MachineCpu::default();
+    machine_cpu.busy_cores();
     let mut sink_lag_max: f64 = 0.0;
     let mut evaluator_lag_max: f64 = 0.0;
     let simulator_status = loop {
@@ -771,11 +776,18 @@ pub async fn run(opts: Options) -> Result<Report> {
                 ));
                 sample.accepted_per_s = delta / span.max(1e-3);
             }
-            let delta =
+            let (delta, sink_counters) =
                 scrape_latencies(admins["sink"], admins["evaluator"], &mut commit, &mut alert)
                     .await;
             sample.commit_p99_ms = delta.and_then(|d| d.quantile(0.99)).map(|s| s * 1000.0);
+            if let Some((latest, rollup)) = sink_counters {
+                let span = last_sink_scrape.elapsed().as_secs_f64().max(1e-3);
+                last_sink_scrape = Instant::now();
+                sample.latest_devices_per_s = latest_devices.update(latest) / span;
+                sample.rollup_readings_per_s = rollup_readings.update(rollup) / span;
+            }
         }
+        sample.busy_cores = machine_cpu.busy_cores();
         simulator_cpu.sample(simulator_pid, true);
         sample_postgres_cpu(&db.pool, postmaster, &mut postgres_cpu, false).await;
         sample_postgres_waits(&db.pool, &mut postgres_waits).await;
@@ -1069,19 +1081,28 @@ async fn scrape_latencies(
     evaluator: std::net::SocketAddr,
     commit: &mut prom::HistogramTrack,
     alert: &mut prom::HistogramTrack,
-) -> Option<prom::Histogram> {
+) -> (Option<prom::Histogram>, Option<(f64, f64)>) {
     let mut delta = None;
+    let mut counters = None;
     if let Ok((200, text)) = crate::http_get(sink, "/metrics").await {
         if let Some(h) = prom::histogram(&text, "fleetstream_sink_ingest_to_commit_seconds") {
             delta = Some(commit.update(h));
         }
+        counters = Some((
+            prom::sum(&text, "fleetstream_sink_latest_flushed_devices_total", &[]),
+            prom::sum(
+                &text,
+                "fleetstream_sink_rollup_readings_aggregated_total",
+                &[],
+            ),
+        ));
     }
     if let Ok((200, text)) = crate::http_get(evaluator, "/metrics").await {
         if let Some(h) = prom::histogram(&text, "fleetstream_evaluator_alert_latency_seconds") {
             alert.update(h);
         }
     }
-    delta
+    (delta, counters)
 }
 
 /// Carries out one fault.
@@ -1517,7 +1538,7 @@ fn ms(v: Option<f64>) -> String {
     v.map_or("–".to_owned(), |v| format!("{v:.1}"))
 }
 
-/// `report.md`, `report.json` and `chart.png` in `dir`.
+/// `report.md`, `report.json`, `samples.csv` (one line per sample) and `chart.png` in `dir`.
 fn write_report(report: &Report, samples: &[Sample], faults: &[Fault], dir: &Path) -> Result<()> {
     let a = &report.accounting;
     let mut md = String::new();
@@ -1752,6 +1773,11 @@ fn write_report(report: &Report, samples: &[Sample], faults: &[Fault], dir: &Pat
     let _ = writeln!(md, "\n![run](chart.png)");
     std::fs::write(dir.join("report.md"), md)?;
     std::fs::write(dir.join("report.json"), serde_json::to_vec_pretty(report)?)?;
+    let mut csv = format!("{}\n", Sample::CSV_HEADER);
+    for sample in samples {
+        let _ = writeln!(csv, "{}", sample.csv_row());
+    }
+    std::fs::write(dir.join("samples.csv"), csv)?;
     crate::report::write_chart(
         &dir.join("chart.png"),
         &format!(

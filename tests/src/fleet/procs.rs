@@ -42,6 +42,45 @@ pub fn children_of(parent: u32) -> Vec<u32> {
         .collect()
 }
 
+/// The whole machine's busy CPU time from `/proc/stat`, followed across calls.
+#[derive(Debug, Default, Clone)]
+pub struct MachineCpu {
+    /// (busy, total) ticks at the previous call.
+    last: Option<(u64, u64)>,
+}
+
+impl MachineCpu {
+    /// Cores busy on average since the previous call (`None` on the first, or when
+    /// `/proc/stat` cannot be read). Busy is every state but idle and iowait.
+    pub fn busy_cores(&mut self) -> Option<f64> {
+        let stat = std::fs::read_to_string("/proc/stat").ok()?;
+        let (busy, total) = parse_proc_stat_busy(&stat)?;
+        let cores = stat
+            .lines()
+            .filter(|l| l.starts_with("cpu") && !l.starts_with("cpu "))
+            .count();
+        let before = self.last.replace((busy, total));
+        let (busy0, total0) = before?;
+        let dt = total.checked_sub(total0).filter(|d| *d > 0)?;
+        Some(busy.saturating_sub(busy0) as f64 / dt as f64 * cores as f64)
+    }
+}
+
+/// (busy, total) ticks of the `cpu` line of `/proc/stat`: user nice system idle iowait irq
+/// softirq steal (guest time is already in user).
+pub fn parse_proc_stat_busy(stat: &str) -> Option<(u64, u64)> {
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let ticks: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .map(|v| v.parse().ok())
+        .collect::<Option<_>>()?;
+    let total: u64 = ticks.iter().sum();
+    let idle = ticks.get(3)? + ticks.get(4)?;
+    Some((total - idle, total))
+}
+
 /// CPU seconds accumulated by a changing set of processes: each pid's last reading counts,
 /// so a process that exits keeps what it used up to its last sample.
 #[derive(Debug, Default, Clone)]
@@ -245,5 +284,13 @@ mod tests {
         let parent = parent_pid(me).unwrap();
         assert!(children_of(parent).contains(&me));
         assert_eq!(cpu_seconds(u32::MAX - 1), None);
+    }
+
+    #[test]
+    fn busy_ticks_leave_out_idle_and_iowait() {
+        let stat = "cpu  100 5 20 800 50 3 2 0 0 0\ncpu0 50 2 10 400 25 1 1 0 0 0\n";
+        assert_eq!(parse_proc_stat_busy(stat), Some((130, 980)));
+        assert_eq!(parse_proc_stat_busy("cpu0 1 2 3\n"), None);
+        assert_eq!(parse_proc_stat_busy("cpu  1 x 3 4 5 6 7 8\n"), None);
     }
 }
